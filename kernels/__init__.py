@@ -1,0 +1,1 @@
+"""Triton kernels of melt_kernels (installed as ``melt_kernels.kernels``)."""

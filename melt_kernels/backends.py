@@ -1,0 +1,105 @@
+"""Backend discovery and dispatch (SPEC §2.5).
+
+A backend is a pair of launchers with the signatures of the reference's
+``gated_kv_attention_ref_fwd``/``_bwd``.  Kernel modules are imported lazily,
+on first use, so ``import melt_kernels`` never needs Triton or a built CUDA
+extension.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from melt_kernels.checks import Problem
+from melt_kernels.reference import gated_kv_attention_ref_bwd, gated_kv_attention_ref_fwd
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    fwd: Callable
+    bwd: Callable
+    # Why the backend cannot run a problem, or None when it can.
+    unsupported: Callable[[Problem], Optional[str]] = lambda problem: None
+
+
+REFERENCE = Backend("reference", gated_kv_attention_ref_fwd, gated_kv_attention_ref_bwd)
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _load(name: str) -> Backend:
+    """Imports a kernel backend; raises RuntimeError saying why it is unavailable."""
+    module = {"triton": "melt_kernels.triton_backend", "cuda": "melt_kernels.cuda_backend"}[name]
+    try:
+        return importlib.import_module(module).BACKEND
+    except ModuleNotFoundError as e:
+        raise RuntimeError(f"backend {name!r} is not available here: {e}") from e
+
+
+def _usable(name: str) -> Optional[str]:
+    """Why backend ``name`` cannot run on this machine, or None."""
+    if name == "reference":
+        return None
+    try:
+        _load(name)
+    except RuntimeError as e:
+        return str(e)
+    return _machine_reason(name)
+
+
+def _machine_reason(name: str) -> Optional[str]:
+    if name == "triton" and not (torch.cuda.is_available() or triton_interpreted()):
+        return "backend 'triton' needs a CUDA device, or TRITON_INTERPRET=1 to run on the CPU"
+    if name == "cuda" and not torch.cuda.is_available():
+        return "backend 'cuda' needs a CUDA device"
+    return None
+
+
+def available_backends() -> list[str]:
+    """The backends that can run on this machine, fastest first, "reference" last."""
+    return [name for name in ("cuda", "triton") if _usable(name) is None] + ["reference"]
+
+
+def _why_not(name: str, problem: Problem) -> Optional[str]:
+    reason = _usable(name)
+    if reason is not None:
+        return reason
+    if problem.q.dtype not in KERNEL_DTYPES:
+        return f"backend {name!r} supports float16, bfloat16 and float32, got {problem.q.dtype}"
+    device = problem.q.device.type
+    if name == "cuda" and device != "cuda":
+        return f"backend 'cuda' needs CUDA tensors, got tensors on {device}"
+    if name == "triton" and device != "cuda" and not (device == "cpu" and triton_interpreted()):
+        return f"backend 'triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}"
+    return _load(name).unsupported(problem)
+
+
+def select_backend(name: str, problem: Problem) -> Backend:
+    """The backend that runs ``problem``: ``name``, or the fastest that can when ``name`` is "auto"."""
+    if name == "reference":
+        return REFERENCE
+    if name != "auto":
+        reason = _why_not(name, problem)
+        if reason is not None:
+            raise RuntimeError(reason)
+        return _load(name)
+    if problem.q.device.type == "cpu" and not triton_interpreted():
+        return REFERENCE
+    for candidate in ("cuda", "triton"):
+        if _why_not(candidate, problem) is None:
+            return _load(candidate)
+    return REFERENCE
+
+
+def explain_backend(problem: Problem) -> dict[str, Optional[str]]:
+    """For each kernel backend, why it would not run ``problem`` (None: it would)."""
+    return {name: _why_not(name, problem) for name in ("cuda", "triton")}

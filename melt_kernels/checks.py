@@ -1,0 +1,208 @@
+"""Validation of ``gated_kv_attention``'s arguments (SPEC §2.4).
+
+Every backend goes through :func:`check_inputs`, and it runs before anything
+is written, so a rejected call leaves both caches bit-identical.  Checks that
+would need a device-to-host sync (the values of a CUDA ``cache_seqlens``) are
+skipped; the kernels mask every access instead.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SEQLEN_DTYPES = (torch.int32, torch.int64)
+BACKENDS = ("auto", "triton", "cuda", "reference")
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+
+Gate = Union[None, float, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A validated call: the tensors as given plus the derived sizes."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    cache_seqlens: torch.Tensor  # (B,) int32 on q.device
+    gate: Gate  # retention for keys, as given (tensor, float or None)
+    gate_v: Gate  # retention for values: gate_v if given, else gate
+    softmax_scale: float
+    causal: bool
+    # max_b(L_b) + M when the lengths are known on the host, else None.
+    max_seqlen_k: Optional[int]
+
+    @property
+    def batch(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def seqlen_q(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def heads_q(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def heads_kv(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.shape[3]
+
+    @property
+    def cache_len(self) -> int:
+        return self.k_cache.shape[1]
+
+    @property
+    def kv_shape(self) -> tuple:
+        """(B, M, Hkv, D): the shape every gate broadcasts to."""
+        return tuple(self.k.shape)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must have 4 dimensions (batch, seq, heads, head_dim), got shape {tuple(t.shape)}")
+    if t.stride(-1) != 1 and t.shape[-1] > 1:
+        raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got stride {t.stride(-1)}")
+
+
+def _check_gate(name: str, gate, kv_shape: tuple, device: torch.device) -> Gate:
+    if gate is None:
+        return None
+    if isinstance(gate, bool):
+        raise TypeError(f"{name} must be None, a float or a floating-point tensor, got bool")
+    if isinstance(gate, numbers.Real):
+        if not math.isfinite(float(gate)):
+            raise ValueError(f"{name} must be finite, got {gate}")
+        return float(gate)
+    if not isinstance(gate, torch.Tensor):
+        raise TypeError(f"{name} must be None, a float or a floating-point tensor, got {type(gate).__name__}")
+    if gate.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (float16/bfloat16/float32/float64), "
+                        f"got {_dtype_name(gate.dtype)}")
+    if gate.device != device:
+        raise ValueError(f"{name} must be on {device} like q, got {gate.device}")
+    try:
+        broadcast = torch.broadcast_shapes(tuple(gate.shape), kv_shape)
+    except RuntimeError:
+        broadcast = None
+    if broadcast != kv_shape:
+        raise ValueError(f"{name} of shape {tuple(gate.shape)} does not broadcast to (B, M, Hkv, D) = {kv_shape}")
+    return gate
+
+
+def _check_cache_writable(name: str, cache: torch.Tensor) -> None:
+    if any(st == 0 and sz > 1 for st, sz in zip(cache.stride(), cache.shape)):
+        raise ValueError(f"{name} has a stride-0 (expanded) dimension: it is updated in place, so its "
+                         f"elements must not alias; got strides {cache.stride()}")
+    if torch.is_grad_enabled() and cache.requires_grad:
+        base = cache._base if cache._is_view() else cache
+        if base.is_leaf:
+            raise ValueError(f"{name} is (a view of) a leaf tensor that requires grad and cannot be updated in "
+                             f"place; pass a non-leaf (e.g. {name}.clone()) to differentiate through its values")
+
+
+def _check_seqlens(cache_seqlens, batch: int, seqlen_q: int, cache_len: int,
+                   device: torch.device) -> tuple[torch.Tensor, Optional[int]]:
+    """Returns (lengths as an int32 (B,) tensor on ``device``, max L_b + M or None)."""
+    limit = cache_len - seqlen_q
+    if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, (numbers.Integral, torch.Tensor)):
+        raise TypeError(f"cache_seqlens must be a Python int or an int32/int64 tensor of shape ({batch},), "
+                        f"got {type(cache_seqlens).__name__}")
+    if isinstance(cache_seqlens, numbers.Integral):
+        length = int(cache_seqlens)
+        if not 0 <= length <= limit:
+            raise ValueError(f"cache_seqlens must be in [0, S - M] = [0, {limit}] (cache length S={cache_len}, "
+                             f"M={seqlen_q} active tokens), got {length}")
+        return torch.full((batch,), length, dtype=torch.int32, device=device), length + seqlen_q
+    if cache_seqlens.dtype not in SEQLEN_DTYPES:
+        raise TypeError(f"cache_seqlens must be int32 or int64, got {_dtype_name(cache_seqlens.dtype)}")
+    if tuple(cache_seqlens.shape) != (batch,):
+        raise ValueError(f"cache_seqlens must have shape ({batch},), got {tuple(cache_seqlens.shape)}")
+    if cache_seqlens.device.type != "cpu" and cache_seqlens.device != device:
+        raise ValueError(f"cache_seqlens must be on {device} like q (or on the CPU), got {cache_seqlens.device}")
+    max_seqlen_k = None
+    if cache_seqlens.device.type == "cpu":
+        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+        if lo < 0 or hi > limit:
+            bad = int(((cache_seqlens < 0) | (cache_seqlens > limit)).nonzero()[0, 0])
+            raise ValueError(f"cache_seqlens[{bad}] = {int(cache_seqlens[bad])} is outside [0, S - M] = "
+                             f"[0, {limit}] (cache length S={cache_len}, M={seqlen_q} active tokens)")
+        max_seqlen_k = hi + seqlen_q
+    lengths = cache_seqlens.to(device=device, dtype=torch.int32)
+    return lengths, max_seqlen_k
+
+
+def check_inputs(q, k, v, k_cache, v_cache, cache_seqlens, gate=None, gate_v=None, *,
+                 softmax_scale=None, causal=True, backend="auto") -> Problem:
+    """Validates a call of ``gated_kv_attention``; raises ValueError/TypeError naming the argument."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    for name, t in (("q", q), ("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_tensor(name, t)
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {_dtype_name(q.dtype)}")
+    for name, t in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {_dtype_name(q.dtype)}, got {_dtype_name(t.dtype)}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    heads_kv = k.shape[2]
+    if batch < 1 or seqlen_q < 1:
+        raise ValueError(f"q must have at least one row and one active token, got shape {tuple(q.shape)}")
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim (q.shape[3]) must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {head_dim}")
+    if heads_kv < 1 or heads_q % heads_kv != 0:
+        raise ValueError(f"the number of query heads (q.shape[2] = {heads_q}) must be a multiple of the number "
+                         f"of kv heads (k.shape[2] = {heads_kv})")
+    kv_shape = (batch, seqlen_q, heads_kv, head_dim)
+    for name, t in (("k", k), ("v", v)):
+        if tuple(t.shape) != kv_shape:
+            raise ValueError(f"{name} must have shape (B, M, Hkv, D) = {kv_shape} to match q, got {tuple(t.shape)}")
+    cache_len = k_cache.shape[1]
+    cache_shape = (batch, cache_len, heads_kv, head_dim)
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if tuple(t.shape) != cache_shape:
+            raise ValueError(f"{name} must have shape (B, S, Hkv, D) = (B={batch}, S, Hkv={heads_kv}, "
+                             f"D={head_dim}) with S shared by both caches, got {tuple(t.shape)}")
+        _check_cache_writable(name, t)
+    if k_cache.untyped_storage().data_ptr() == v_cache.untyped_storage().data_ptr() and \
+            k_cache.storage_offset() == v_cache.storage_offset():
+        raise ValueError("k_cache and v_cache must be distinct tensors, got the same memory for both")
+
+    lengths, max_seqlen_k = _check_seqlens(cache_seqlens, batch, seqlen_q, cache_len, q.device)
+
+    if gate is None and gate_v is not None:
+        raise ValueError("gate_v was given without gate: pass gate (the key retention) as well")
+    gate = _check_gate("gate", gate, kv_shape, q.device)
+    gate_v = gate if gate_v is None else _check_gate("gate_v", gate_v, kv_shape, q.device)
+
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(head_dim)
+    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
+        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    elif not math.isfinite(float(softmax_scale)):
+        raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+
+    return Problem(q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache, cache_seqlens=lengths, gate=gate,
+                   gate_v=gate_v, softmax_scale=float(softmax_scale), causal=causal, max_seqlen_k=max_seqlen_k)

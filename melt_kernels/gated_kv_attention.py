@@ -1,0 +1,60 @@
+"""The public op: checks first, then the backend's kernels."""
+from __future__ import annotations
+
+from melt_kernels.autograd import run
+from melt_kernels.backends import select_backend
+from melt_kernels.checks import check_inputs
+
+
+def gated_kv_attention(q, k, v, k_cache, v_cache, cache_seqlens, gate=None, gate_v=None, *,
+                       softmax_scale=None, causal=True, return_lse=False, backend="auto"):
+    """Blends the active tokens' keys/values into a shared KV cache in place, then attends over it.
+
+    This is the MELT step of a looped LM: at every loop iteration the fresh
+    k/v of the M active tokens of row b are blended into cache positions
+    L_b .. L_b+M-1 with a retention gate, and the queries attend over
+    positions 0 .. L_b+M-1 of the updated cache (SPEC §2).
+
+    Arguments (layout (batch, seq, heads, head_dim), as FlashAttention):
+        q: (B, M, Hq, D) queries of the M active tokens.
+        k, v: (B, M, Hkv, D) fresh keys/values of the active tokens.
+        k_cache, v_cache: (B, S, Hkv, D), **updated in place** at positions
+            L_b .. L_b+M-1 of each row b and nowhere else:
+            ``K[b, L_b+i] = alpha * K_old[b, L_b+i] + (1 - alpha) * k[b, i]``
+            computed in float32 (float64 for float64 tensors) and rounded
+            once to the cache dtype; with ``gate=None`` the slot is written
+            through (``K[b, L_b+i] = k[b, i]``, the old value is never read).
+            S >= L_b + M.  Their version counters move, like any in-place op.
+        cache_seqlens: L_b, the settled tokens of each row: a (B,) int32/int64
+            tensor (on q's device or the CPU) or a Python int for all rows.
+        gate: retention alpha of the keys (and of the values unless gate_v is
+            given): None, a float, or a floating tensor broadcastable to
+            (B, M, Hkv, D), e.g. (B, M, Hkv, 1) per head; broadcast by
+            strides, never copied.
+        gate_v: retention of the values, same forms as gate; needs gate.
+        softmax_scale: defaults to 1 / sqrt(D).
+        causal: active token i sees keys 0 .. L_b+i (bottom-right aligned);
+            otherwise all active tokens see keys 0 .. L_b+M-1.
+        return_lse: also return the log-sum-exp of the scaled scores.
+        backend: "auto", "triton", "cuda" or "reference" (see
+            ``melt_kernels.available_backends()``).
+
+    q, k, v and the caches share one dtype (float16, bfloat16, float32;
+    float64 on the reference backend) and one device; Hq is a multiple of
+    Hkv (query head h reads kv head h // (Hq // Hkv)); 16 <= D <= 256; every
+    tensor has a contiguous last dimension, other strides are honoured.
+
+    Returns:
+        out: (B, M, Hq, D) in q's dtype, and with ``return_lse`` also
+        lse: (B, Hq, M) float32 (float64 for float64 inputs).
+
+    Differentiable in q, k, v, gate, gate_v and the caches' values before the
+    call; the backward reads positions < L_b + M of the live caches, which
+    must not be rewritten (other than by this op's own later calls) before
+    it runs.  Bad input raises ValueError/TypeError before anything is
+    written.
+    """
+    problem = check_inputs(q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v, softmax_scale=softmax_scale,
+                           causal=causal, backend=backend)
+    out, lse = run(problem, select_backend(backend, problem))
+    return (out, lse) if return_lse else out

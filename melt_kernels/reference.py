@@ -1,0 +1,138 @@
+"""The pure-PyTorch reference of the fused op (SPEC §2.1-2.3): the definition
+every kernel is tested against.
+
+Vectorised over batch, tokens and heads (no Python loop over tokens), on any
+device and in any floating dtype.  Layout and signatures are those of the
+kernel launchers in ``melt_kernels.kernels``:
+
+* :func:`gated_kv_attention_ref_fwd` blends the active slots into the caches
+  in place and returns ``(out, lse)``;
+* :func:`gated_kv_attention_ref_bwd` is attention's backward given the
+  active slots' values as the forward read them; the gates' part of the chain
+  rule is shared by all backends and lives in ``melt_kernels.autograd``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from melt_kernels.checks import Gate
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def active_index(cache_seqlens: torch.Tensor, kv_shape: tuple) -> torch.Tensor:
+    """(B, M, Hkv, D) int64 index of the active slots L_b + i along dim 1 of a cache."""
+    batch, seqlen_q, heads_kv, head_dim = kv_shape
+    pos = cache_seqlens.long()[:, None] + torch.arange(seqlen_q, device=cache_seqlens.device)
+    return pos[:, :, None, None].expand(batch, seqlen_q, heads_kv, head_dim)
+
+
+def blend(old: Optional[torch.Tensor], fresh: torch.Tensor, alpha: Gate, dtype: torch.dtype) -> torch.Tensor:
+    """alpha * old + (1 - alpha) * fresh in the compute dtype, rounded once to ``dtype``.
+
+    With ``alpha`` None the slot is written through and ``old`` is not read.
+    """
+    if alpha is None:
+        return fresh.to(dtype)
+    ct = compute_dtype(dtype)
+    if isinstance(alpha, torch.Tensor):
+        alpha = alpha.to(ct)
+    return (alpha * old.to(ct) + (1 - alpha) * fresh.to(ct)).to(dtype)
+
+
+def splice(cache: torch.Tensor, active: torch.Tensor, cache_seqlens: torch.Tensor) -> torch.Tensor:
+    """``cache`` (B, W, Hkv, D) with positions L_b .. L_b+M-1 taken from ``active`` (B, M, Hkv, D).
+
+    Out of place and differentiable in both arguments.
+    """
+    window, seqlen_q = cache.shape[1], active.shape[1]
+    offset = torch.arange(window, device=cache.device)[None, :] - cache_seqlens.long()[:, None]  # [B, W]
+    is_active = (offset >= 0) & (offset < seqlen_q)
+    index = offset.clamp(0, seqlen_q - 1)[:, :, None, None].expand_as(cache)
+    return torch.where(is_active[:, :, None, None], active.gather(1, index), cache)
+
+
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+              softmax_scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """SPEC §2.2 over caches already holding the active tokens; differentiable.
+
+    Returns out (B, M, Hq, D) in q.dtype and lse (B, Hq, M) in the compute dtype.
+    The caches may be cut to any window that covers max_b(L_b) + M positions.
+    """
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    window, heads_kv = k_cache.shape[1], k_cache.shape[2]
+    groups = heads_q // heads_kv
+    ct = compute_dtype(q.dtype)
+    q_g = q.to(ct).reshape(batch, seqlen_q, heads_kv, groups, head_dim)
+    scores = torch.einsum("bmhgd,bshd->bhgms", q_g, k_cache.to(ct)) * softmax_scale  # [B, Hkv, G, M, W]
+    # Active token i of row b sees keys [0, L_b + i] (causal) or [0, L_b + M - 1].
+    rows = torch.arange(seqlen_q, device=q.device) if causal else torch.full((seqlen_q,), seqlen_q - 1,
+                                                                               device=q.device)
+    last = cache_seqlens.long()[:, None] + rows[None, :]  # [B, M]
+    visible = torch.arange(window, device=q.device)[None, None, :] <= last[:, :, None]  # [B, M, W]
+    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G, M]
+    probs = torch.exp(scores - lse[..., None])
+    out = torch.einsum("bhgms,bshd->bmhgd", probs, v_cache.to(ct))
+    return out.reshape(batch, seqlen_q, heads_q, head_dim).to(q.dtype), lse.reshape(batch, heads_q, seqlen_q)
+
+
+def _window(max_seqlen_k: Optional[int], cache_len: int) -> int:
+    return cache_len if max_seqlen_k is None else max_seqlen_k
+
+
+def gated_kv_attention_ref_fwd(q, k, v, k_cache, v_cache, cache_seqlens, gate: Gate, gate_v: Gate,
+                               softmax_scale: float, causal: bool, max_seqlen_k: Optional[int] = None):
+    """In-place gated update of the active slots (SPEC §2.1), then attention (§2.2).
+
+    ``cache_seqlens`` is a (B,) integer tensor on q's device; ``gate``/``gate_v``
+    are None, floats or tensors broadcastable to (B, M, Hkv, D).
+    Returns (out, lse); lse is float32 (float64 for float64 inputs).
+    """
+    index = active_index(cache_seqlens, tuple(k.shape))
+    for cache, fresh, alpha in ((k_cache, k, gate), (v_cache, v, gate_v)):
+        old = None if alpha is None else cache.gather(1, index)
+        cache.scatter_(1, index, blend(old, fresh, alpha, cache.dtype))
+    window = _window(max_seqlen_k, k_cache.shape[1])
+    return attention(q, k_cache[:, :window], v_cache[:, :window], cache_seqlens, softmax_scale, causal)
+
+
+def gated_kv_attention_ref_bwd(q, k_cache, v_cache, k_new, v_new, cache_seqlens, out, lse, dout,
+                               dlse: Optional[torch.Tensor], softmax_scale: float, causal: bool,
+                               need_cache_grad: bool, max_seqlen_k: Optional[int] = None):
+    """Attention's backward by recomputation.
+
+    Positions < L_b are read from the live caches; the active slots from
+    ``k_new``/``v_new`` (B, M, Hkv, D), the values the forward attended to.
+    Returns (dq, dk_new, dv_new, dk_cache, dv_cache): the cache gradients are
+    (B, S, Hkv, D), zero outside positions < L_b, or None unless
+    ``need_cache_grad``.  ``out`` and ``lse`` are not needed here (kernels use
+    them); they are accepted to keep one signature for every backend.
+    """
+    del out, lse
+    window = _window(max_seqlen_k, k_cache.shape[1])
+    with torch.enable_grad():
+        q_ = q.detach().requires_grad_()
+        new = [t.detach().requires_grad_() for t in (k_new, v_new)]
+        prefix = [c[:, :window].detach().requires_grad_(need_cache_grad) for c in (k_cache, v_cache)]
+        keys, values = (splice(c, n, cache_seqlens) for c, n in zip(prefix, new))
+        o, lse_ = attention(q_, keys, values, cache_seqlens, softmax_scale, causal)
+        outputs, cotangents = [o], [dout]
+        if dlse is not None:
+            outputs.append(lse_)
+            cotangents.append(dlse.to(lse_.dtype))
+        inputs = [q_, *new] + (prefix if need_cache_grad else [])
+        grads = torch.autograd.grad(outputs, inputs, cotangents, allow_unused=True)
+    dq, dk_new, dv_new = (torch.zeros_like(t) if g is None else g for g, t in zip(grads[:3], inputs[:3]))
+    dk_cache = dv_cache = None
+    if need_cache_grad:
+        dk_cache, dv_cache = (torch.zeros_like(c) for c in (k_cache, v_cache))
+        for full, g in ((dk_cache, grads[3]), (dv_cache, grads[4])):
+            if g is not None:
+                full[:, :window] = g
+    return dq, dk_new, dv_new, dk_cache, dv_cache
