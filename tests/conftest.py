@@ -1,0 +1,46 @@
+"""Shared test set-up: hypothesis profiles, NaN-poisoned allocations, GPU marker."""
+import math
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+# `ci`: few examples, for the 2-core CI machine; `dev`: the default elsewhere;
+# `nightly`: many.  Pick one with HYPOTHESIS_PROFILE.
+_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+               derandomize=False, print_blob=True)
+settings.register_profile("ci", max_examples=8, **_COMMON)
+settings.register_profile("dev", max_examples=30, **_COMMON)
+settings.register_profile("nightly", max_examples=500, **_COMMON)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+_EMPTY_FACTORIES = ("empty", "empty_like", "empty_strided")
+
+
+def _poisoned(factory):
+    def make(*args, **kwargs):
+        t = factory(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(math.nan)
+        elif not t.is_complex() and t.dtype != torch.bool:
+            t.fill_(torch.iinfo(t.dtype).min if t.dtype.is_signed else torch.iinfo(t.dtype).max)
+        return t
+    return make
+
+
+@pytest.fixture(autouse=True)
+def poison_empty(monkeypatch):
+    """Every torch.empty* allocation starts as NaN (floats) or an extreme integer, so unwritten elements show."""
+    for name in _EMPTY_FACTORIES:
+        monkeypatch.setattr(torch, name, _poisoned(getattr(torch, name)))

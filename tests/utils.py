@@ -1,0 +1,150 @@
+"""Random problems for the tests, drawn from a seeded torch.Generator.
+
+Hypothesis draws the sizes and flags (:func:`case_params`); :func:`make_case`
+turns them into tensors, so a failing example replays exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Optional
+
+import torch
+from hypothesis import strategies as st
+
+GATE_KINDS = ("none", "float", "head", "element", "broadcast", "separate")
+LAYOUTS = ("contiguous", "padded", "heads_first")
+
+
+@dataclass
+class Case:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    cache_seqlens: object  # (B,) tensor or int
+    gate: object = None
+    gate_v: object = None
+
+    def args(self) -> tuple:
+        return (self.q, self.k, self.v, self.k_cache, self.v_cache, self.cache_seqlens, self.gate, self.gate_v)
+
+    def clone(self, dtype: Optional[torch.dtype] = None, device=None) -> "Case":
+        """A deep copy (layouts kept), optionally cast; floats and ints are kept as they are."""
+        def copy(x):
+            if not isinstance(x, torch.Tensor):
+                return x
+            y = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype if (dtype is None or not x.is_floating_point())
+                                    else dtype, device=device or x.device)
+            # Write the whole underlying span so strided copies hold the same padding bits.
+            y.copy_(x)
+            return y.requires_grad_(x.requires_grad) if y.is_floating_point() else y
+        return replace(self, **{f.name: copy(getattr(self, f.name)) for f in fields(self)})
+
+
+def _layout(shape: tuple, layout: str, dtype, device, gen: torch.Generator) -> torch.Tensor:
+    """A random (B, S, H, D) tensor in the given memory layout (last dimension always contiguous)."""
+    b, s, h, d = shape
+    if layout == "contiguous":
+        base = torch.randn(shape, generator=gen)
+        return base.to(dtype=dtype, device=device)
+    if layout == "padded":  # a slice of a wider buffer: row/head strides larger than D
+        base = torch.randn((b, s + 3, h, d + 8), generator=gen).to(dtype=dtype, device=device)
+        return base[:, 1:s + 1, :, :d]
+    if layout == "heads_first":  # (B, H, S, D) storage seen as (B, S, H, D)
+        base = torch.randn((b, h, s, d), generator=gen).to(dtype=dtype, device=device)
+        return base.transpose(1, 2)
+    raise ValueError(layout)
+
+
+def make_case(seed: int, *, batch: int, seqlen_q: int, heads_q: int, heads_kv: int, head_dim: int, cache_len: int,
+              dtype=torch.float32, device="cpu", gate_kind: str = "head", layout: str = "contiguous",
+              int_seqlens: bool = False, full_rows: bool = False) -> Case:
+    """A random problem; row lengths L_b are drawn in [0, cache_len - seqlen_q] (all max with full_rows)."""
+    gen = torch.Generator().manual_seed(seed)
+    limit = cache_len - seqlen_q
+    assert limit >= 0
+    kv = (batch, seqlen_q, heads_kv, head_dim)
+    q = _layout((batch, seqlen_q, heads_q, head_dim), layout, dtype, device, gen)
+    k = _layout(kv, layout, dtype, device, gen)
+    v = _layout(kv, layout, dtype, device, gen)
+    k_cache = _layout((batch, cache_len, heads_kv, head_dim), layout, dtype, device, gen)
+    v_cache = _layout((batch, cache_len, heads_kv, head_dim), layout, dtype, device, gen)
+    if int_seqlens or full_rows:
+        lengths = limit if full_rows else int(torch.randint(0, limit + 1, (1,), generator=gen))
+        cache_seqlens = lengths
+    else:
+        cache_seqlens = torch.randint(0, limit + 1, (batch,), generator=gen, dtype=torch.int32).to(device)
+
+    def rand_gate(shape):
+        return torch.rand(shape, generator=gen).to(dtype=dtype if dtype == torch.float64 else torch.float32,
+                                                   device=device)
+
+    gate = gate_v = None
+    if gate_kind == "float":
+        gate = float(torch.rand((), generator=gen))
+    elif gate_kind == "head":
+        gate = rand_gate((batch, seqlen_q, heads_kv, 1))
+    elif gate_kind == "element":
+        gate = rand_gate(kv)
+    elif gate_kind == "broadcast":  # fewer dims than (B, M, Hkv, D): one gate per kv head for every token
+        gate = rand_gate((heads_kv, 1))
+    elif gate_kind == "separate":
+        gate, gate_v = rand_gate((batch, seqlen_q, heads_kv, 1)), rand_gate(kv)
+    elif gate_kind != "none":
+        raise ValueError(gate_kind)
+    return Case(q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v)
+
+
+@st.composite
+def case_params(draw, max_batch=3, max_seqlen_q=5, max_extra=12, head_dims=(16, 32), max_groups=3,
+                max_heads_kv=2, dtypes=(torch.float64,), layouts=LAYOUTS, gate_kinds=GATE_KINDS):
+    """Hypothesis strategy for the keyword arguments of :func:`make_case` (plus ``seed`` and ``causal``)."""
+    seqlen_q = draw(st.integers(1, max_seqlen_q))
+    heads_kv = draw(st.integers(1, max_heads_kv))
+    return dict(
+        seed=draw(st.integers(0, 2**31 - 1)),
+        batch=draw(st.integers(1, max_batch)),
+        seqlen_q=seqlen_q,
+        heads_kv=heads_kv,
+        heads_q=heads_kv * draw(st.integers(1, max_groups)),
+        head_dim=draw(st.sampled_from(head_dims)),
+        cache_len=seqlen_q + draw(st.integers(0, max_extra)),
+        dtype=draw(st.sampled_from(dtypes)),
+        gate_kind=draw(st.sampled_from(gate_kinds)),
+        layout=draw(st.sampled_from(layouts)),
+        int_seqlens=draw(st.booleans()),
+        causal=draw(st.booleans()),
+    )
+
+
+def active_mask(cache_seqlens, batch: int, seqlen_q: int, cache_len: int) -> torch.Tensor:
+    """(B, S) bool: True at the active positions L_b .. L_b+M-1 of each row."""
+    lengths = torch.as_tensor(cache_seqlens).reshape(-1).expand(batch).long().cpu()
+    pos = torch.arange(cache_len)[None, :]
+    return (pos >= lengths[:, None]) & (pos < lengths[:, None] + seqlen_q)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of ``t`` as an integer tensor (on the CPU), so NaN payloads and -0.0 compare exactly."""
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return t.detach().cpu().contiguous().view(ints[t.element_size()])
+
+
+def assert_untouched(before: torch.Tensor, after: torch.Tensor, mask: torch.Tensor) -> None:
+    """Positions where ``mask`` (B, S) is False are bit-identical in ``before`` and ``after``."""
+    keep = ~mask
+    assert torch.equal(bits(before)[keep], bits(after)[keep]), "the cache changed outside the active slots"
+
+
+def max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return (x.detach().double().cpu() - ref.detach().double().cpu()).abs().max().item()
+
+
+def assert_within_rule(kernel: torch.Tensor, exact: torch.Tensor, low_precision: torch.Tensor, factor: float = 2.0,
+                       floor: float = 1e-5) -> None:
+    """FlashAttention's rule: the kernel's error against a float64 result is at most ``factor`` times the
+    error of the same math done by PyTorch in the low precision (plus a tiny floor for exact cases)."""
+    kernel_err, torch_err = max_err(kernel, exact), max_err(low_precision, exact)
+    assert kernel_err <= factor * torch_err + floor, \
+        f"kernel error {kernel_err:.3g} > {factor} x PyTorch low-precision error {torch_err:.3g} + {floor:g}"
