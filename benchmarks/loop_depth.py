@@ -1,0 +1,404 @@
+"""Loop-depth benchmark: MELT's one shared KV cache against the LoopLM's cache per loop.
+
+For every loop depth T and method it reports the cache's exact size, the
+measured peak memory, the latency of one generated token after a prefill,
+and on a GPU the largest batch that fits a memory budget at a context length
+with the tokens/s it reaches. Methods (same random weights, one model):
+
+* melt: MELT cache, gated, melt_kernels.gated_kv_attention(backend="auto"),
+  the fastest backend available (on a CPU that is the PyTorch reference,
+  unless TRITON_INTERPRET=1 runs the Triton kernels in the interpreter);
+* melt-unfused: the same with backend="reference" (unfused PyTorch);
+* looplm: the Ouro-style LoopLM cache, one per loop, written through, on
+  backend="auto".
+
+    python benchmarks/loop_depth.py                     # CPU: tiny model; GPU: Ouro-1.4B shape, bf16
+    python benchmarks/loop_depth.py --quick --json out.json
+    python benchmarks/loop_depth.py --loops 1 4 16 --json out.json --plot out.png
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from melt_kernels.backends import select_backend
+from melt_kernels.checks import check_inputs
+from melt_kernels.nn import LoopedLM, LoopedLMConfig
+
+PRESETS = {
+    "quick": LoopedLMConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
+                            intermediate_size=64),
+    "tiny": LoopedLMConfig(vocab_size=512, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
+                           intermediate_size=256),
+    # Ouro-1.4B's shape: 24 layers, hidden 2048, 16 heads of 128 (MHA), SwiGLU 5632, vocabulary 49152.
+    "ouro-1.4b": LoopedLMConfig(vocab_size=49152, hidden_size=2048, num_layers=24, num_heads=16, num_kv_heads=16,
+                                head_dim=128, intermediate_size=5632),
+}
+# method -> (cache kind, backend)
+METHODS = {"melt": ("melt", "auto"), "melt-unfused": ("melt", "reference"), "looplm": ("looplm", "auto")}
+# Defaults that depend on the mode; an explicit flag wins.
+MODES = {
+    "cpu": dict(config="tiny", dtype="float32", loops=[1, 2, 4, 8, 16], prompt=128, chunk=32, new_tokens=16,
+                warmup=2, context=None, budget_gb=None, threads=1),
+    "cuda": dict(config="ouro-1.4b", dtype="bfloat16", loops=[1, 2, 4, 8, 16], prompt=1024, chunk=256,
+                 new_tokens=32, warmup=3, context=4096, budget_gb=40.0),
+    "quick": dict(config="quick", dtype=None, loops=[1, 2], prompt=8, chunk=4, new_tokens=3, warmup=1, context=64,
+                  budget_gb=0.25, threads=1),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+PROBE_STEPS = 2  # decode steps run where only memory is measured: every step has the same shapes
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--loops", type=int, nargs="+", help="loop depths T (default 1 2 4 8 16; 1 2 with --quick)")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--config", help=f"a preset ({', '.join(PRESETS)}), or a JSON file of LoopedLMConfig fields "
+                                    "replacing those of the preset its \"preset\" key names (default tiny); "
+                                    "default: tiny on a CPU, ouro-1.4b on a GPU, quick with --quick")
+    p.add_argument("--dtype", choices=list(DTYPES), help="default float32 on CPU, bfloat16 on a GPU")
+    p.add_argument("--batch", type=int, default=1, help="rows for the latency run (default 1)")
+    p.add_argument("--prompt", type=int, help="prompt length prefilled before generating")
+    p.add_argument("--chunk", type=int, help="prefill chunk size")
+    p.add_argument("--new-tokens", type=int, help="generated tokens timed")
+    p.add_argument("--warmup", type=int, help="decode steps run before timing")
+    p.add_argument("--context", type=int, help="GPU: context length for the largest-batch search (default 4096)")
+    p.add_argument("--budget-gb", type=float, help="GPU: memory budget in GiB, weights included (default 40)")
+    p.add_argument("--threads", type=int,
+                   help="CPU intra-op threads (default 1 on a CPU: the small CPU model gains nothing from more, and "
+                        "spinning OpenMP threads on a shared machine make the timings erratic)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="FILE", help="write the records as a JSON list")
+    p.add_argument("--plot", metavar="FILE.png", help="plot memory and time against T (needs matplotlib)")
+    p.add_argument("--quick", action="store_true", help="smallest sizes and T in {1, 2}: seconds, for CI")
+    args = p.parse_args(argv)
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    defaults = MODES["quick" if args.quick else args.device.type]
+    for name, value in defaults.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    args.dtype = args.dtype or MODES[args.device.type]["dtype"]
+    for name in ("batch", "prompt", "chunk", "new_tokens", "warmup"):
+        if getattr(args, name) < (0 if name == "warmup" else 1):
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    if min(args.loops) < 1:
+        p.error("--loops must be positive")
+    return args
+
+
+def load_config(name: str) -> LoopedLMConfig:
+    if name in PRESETS:
+        return PRESETS[name]
+    if not os.path.isfile(name):
+        raise SystemExit(f"--config {name!r} is neither a preset ({', '.join(PRESETS)}) nor a JSON file")
+    with open(name) as f:
+        fields = json.load(f)
+    base = PRESETS[fields.pop("preset", "tiny")]
+    return dataclasses.replace(base, **fields)
+
+
+# ---------------------------------------------------------------- measurement
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silences file descriptor 2 (the profiler's C++ start/stop log lines)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+class PeakMemory:
+    """The most bytes held by tensors at once inside the block, above what was held when it was entered.
+
+    CUDA: the caching allocator's counters. CPU: torch has no CPU allocator
+    statistics and tracemalloc does not see torch's allocations, so the
+    profiler's memory events (every CPU tensor allocation and free, with its
+    size) are replayed in time order.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, None
+
+    @staticmethod
+    def describe(device: torch.device) -> str:
+        if device.type == "cuda":
+            return "torch.cuda.max_memory_allocated() minus the bytes allocated before (tensors only)"
+        return "torch.profiler CPU memory events (every tensor allocation/free), replayed in time order"
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                   profile_memory=True)
+            with quiet_stderr():
+                self.profiler.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            sync(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+            return
+        with quiet_stderr():
+            self.profiler.stop()
+        events = sorted((e.start_ns(), e.nbytes()) for e in self.profiler.profiler.kineto_results.events()
+                        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+        held = peak = 0
+        for _, nbytes in events:
+            held += nbytes
+            peak = max(peak, held)
+        self.peak = peak
+
+
+def resolved_backend(model: LoopedLM, backend: str, device: torch.device) -> str:
+    """The backend ``backend`` picks for a decode step of ``model``."""
+    c, dtype = model.config, model.embed.weight.dtype
+    q = torch.zeros(1, 1, c.num_heads, c.head_dim, dtype=dtype, device=device)
+    kv = torch.zeros(1, 1, c.num_kv_heads, c.head_dim, dtype=dtype, device=device)
+    caches = [torch.zeros(1, 2, c.num_kv_heads, c.head_dim, dtype=dtype, device=device) for _ in range(2)]
+    return select_backend(backend, check_inputs(q, kv, kv, *caches, 0, backend=backend)).name
+
+
+def random_ids(model: LoopedLM, batch: int, length: int, device: torch.device, gen: torch.Generator):
+    return torch.randint(0, model.config.vocab_size, (batch, length), generator=gen).to(device)
+
+
+@torch.no_grad()
+def decode_step_seconds(model: LoopedLM, cache, token: torch.Tensor, warmup: int, steps: int,
+                        device: torch.device) -> float:
+    """Median seconds of one greedy decode step (one new token per row), over ``steps`` after ``warmup``.
+
+    The median, not the mean: the CPU may be shared, and one preempted step must not move the figure.
+    """
+    times = []
+    for step in range(warmup + steps):
+        sync(device)
+        start = time.perf_counter()
+        token = model(token, cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+        sync(device)
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def latency(model: LoopedLM, kind: str, args, gen: torch.Generator) -> dict:
+    """cache_bytes, peak_bytes and ms_per_token for a prefill of --prompt tokens then --new-tokens steps."""
+    ids = random_ids(model, args.batch, args.prompt, args.device, gen)
+    length = args.prompt + max(args.warmup + args.new_tokens, PROBE_STEPS)
+    with PeakMemory(args.device) as memory:
+        cache = model.new_cache(kind, args.batch, length)
+        model.generate(ids, cache, PROBE_STEPS, chunk_size=args.chunk)
+        cache_bytes = cache.nbytes
+        del cache
+    cache = model.new_cache(kind, args.batch, length)
+    with torch.no_grad():
+        token = model.prefill(ids, cache, args.chunk, last_only=True).argmax(-1)
+    seconds = decode_step_seconds(model, cache, token, args.warmup, args.new_tokens, args.device)
+    return dict(cache_bytes=cache_bytes, peak_bytes=memory.peak, ms_per_token=1e3 * seconds)
+
+
+def free_cuda():
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def largest_batch(model: LoopedLM, kind: str, args, gen: torch.Generator) -> dict:
+    """GPU: the most rows whose decode at --context tokens keeps the peak within --budget-gb, and its tokens/s.
+
+    The context is not prefilled: the (zero) cache is marked as holding
+    --context tokens, as a decode step's cost does not depend on the values.
+    """
+    budget = int(args.budget_gb * 2**30)
+    length = args.context + max(args.warmup + args.new_tokens, PROBE_STEPS)
+
+    def peak_of(batch):  # absolute peak of a few decode steps, or None when out of memory
+        free_cuda()
+        torch.cuda.reset_peak_memory_stats(args.device)
+        try:
+            cache = model.new_cache(kind, batch, length)
+            cache.advance(args.context)
+            decode_step_seconds(model, cache, random_ids(model, batch, 1, args.device, gen), 0, PROBE_STEPS,
+                                args.device)
+        except torch.cuda.OutOfMemoryError:
+            return None
+        finally:
+            cache = None
+        return torch.cuda.max_memory_allocated(args.device)
+
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    one_row = model.new_cache(kind, 1, length).nbytes
+    free_cuda()
+    lo, hi = 0, max(0, (budget - weights) // one_row)  # the caches alone bound the batch
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        peak = peak_of(mid)
+        if peak is not None and peak <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo == 0:
+        return dict(max_batch=0, tokens_per_s=None)
+    free_cuda()
+    cache = model.new_cache(kind, lo, length)
+    cache.advance(args.context)
+    seconds = decode_step_seconds(model, cache, random_ids(model, lo, 1, args.device, gen), args.warmup,
+                                  args.new_tokens, args.device)
+    del cache
+    free_cuda()
+    return dict(max_batch=lo, tokens_per_s=lo / seconds)
+
+
+# ---------------------------------------------------------------- output
+
+
+def human(nbytes) -> str:
+    if nbytes is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(nbytes) < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+
+
+def progress(text: str) -> None:
+    if sys.stderr.isatty():
+        sys.stderr.write(f"\r\033[K{text}")
+    else:
+        sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def print_table(records, on_gpu: bool) -> None:
+    header = ["method", "backend", "T", "cache", "peak", "ms/token"] + (["max batch", "tokens/s"] if on_gpu else [])
+    rows = [[r["method"], r["backend"], str(r["loops"]), human(r["cache_bytes"]), human(r["peak_bytes"]),
+             f"{r['ms_per_token']:.2f}"] +
+            ([str(r["max_batch"]), "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.0f}"] if on_gpu else [])
+            for r in records]
+    widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
+    for row in [header] + rows:
+        print("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+
+
+def plot(records, path: str, on_gpu: bool) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("memory (bytes)", ("cache_bytes", "peak_bytes")), ("ms per token", ("ms_per_token",))]
+    if on_gpu:
+        panels.append(("largest batch in budget", ("max_batch",)))
+        panels.append(("tokens/s at that batch", ("tokens_per_s",)))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    for ax, (title, keys) in zip(axes, panels):
+        # One colour and marker per method (MELT's two paths overlap in memory), one line style per quantity.
+        for j, method in enumerate(methods):
+            mine = [r for r in records if r["method"] == method]
+            for key, line in zip(keys, ("-", "--")):
+                points = [(r["loops"], r[key]) for r in mine if r[key]]
+                if points:
+                    ax.plot(*zip(*points), line, color=f"C{j}", marker="osd^v"[j % 5], markersize=8 - 2 * j,
+                            label=f"{method} {key}" if len(keys) > 1 else method)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("loop depth T")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv=None) -> list[dict]:
+    """Runs the benchmark; returns the records (also printed, and written with --json)."""
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.device.type == "cpu" and args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args) -> list[dict]:
+    device, on_gpu = args.device, args.device.type == "cuda"
+    config = load_config(args.config)
+    torch.manual_seed(args.seed)
+    model = LoopedLM(config, device=device, dtype=DTYPES[args.dtype]).eval()
+    gen = torch.Generator().manual_seed(args.seed)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    backends = {m: resolved_backend(model, METHODS[m][1], device) for m in args.methods}
+
+    where = torch.cuda.get_device_name(device) if on_gpu else f"cpu, {torch.get_num_threads()} thread(s)"
+    print(f"# loop-depth benchmark on {where}, torch {torch.__version__}")
+    print(f"# model {args.config}: {config.num_layers} layers, hidden {config.hidden_size}, {config.num_heads} heads "
+          f"({config.num_kv_heads} kv) x {config.head_dim}, vocab {config.vocab_size}, {args.dtype}, "
+          f"weights {human(weights)} (random)")
+    print(f"# latency run: batch {args.batch}, prompt {args.prompt} prefilled in chunks of {args.chunk}, "
+          f"{args.warmup} warm-up + {args.new_tokens} timed decode steps; ms/token = median decode step")
+    print(f"# peak = {PeakMemory.describe(device)}, over cache allocation, prefill and {PROBE_STEPS} decode "
+          f"steps, weights excluded")
+    if on_gpu:
+        print(f"# max batch: largest batch whose decode at context {args.context} peaks within "
+              f"{args.budget_gb:g} GiB (weights included); tokens/s = batch / median decode step")
+    for method, name in backends.items():
+        if device.type == "cpu" and METHODS[method][1] == "auto":
+            note = " (the Triton interpreter: not kernel speed)" if name == "triton" else \
+                " (no kernel backend on a CPU: the unfused path)"
+            print(f"# {method}: backend 'auto' runs {name!r}{note}")
+
+    records, todo = [], [(m, t) for m in args.methods for t in args.loops]
+    for i, (method, loops) in enumerate(todo):
+        kind, backend = METHODS[method]
+        model.num_loops, model.backend = loops, backend
+        progress(f"[{i + 1}/{len(todo)}] {method} T={loops}")
+        record = dict(method=method, loops=loops, backend=backends[method], device=device.type, dtype=args.dtype,
+                      **latency(model, kind, args, gen))
+        if on_gpu:
+            progress(f"[{i + 1}/{len(todo)}] {method} T={loops}: largest batch")
+            record.update(largest_batch(model, kind, args, gen))
+        records.append(record)
+    progress(f"done: {len(todo)} runs")
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
+
+    print_table(records, on_gpu)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+    if args.plot:
+        plot(records, args.plot, on_gpu)
+    return records
+
+
+if __name__ == "__main__":
+    main()

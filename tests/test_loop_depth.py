@@ -1,0 +1,81 @@
+"""benchmarks/loop_depth.py in --quick mode: the records it writes and the cache sizes they show."""
+import io
+import json
+import os
+import runpy
+import subprocess
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "loop_depth.py"
+KEYS = {"method", "loops", "cache_bytes", "peak_bytes", "ms_per_token"}
+GPU_KEYS = {"max_batch", "tokens_per_s"}
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return runpy.run_path(str(SCRIPT))
+
+
+@pytest.fixture(scope="module")
+def quick_run(bench, tmp_path_factory):
+    """(records returned, records written, stdout, stderr) of one --quick run with T in {1, 2, 3}."""
+    out = tmp_path_factory.mktemp("bench") / "quick.json"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, redirect_stdout(stdout), redirect_stderr(stderr):
+        # The records' contract does not depend on the backend: keep "auto" off the Triton interpreter (the
+        # kernel tests exercise it), so this stays a few seconds; CI runs the script the same way.
+        mp.delenv("TRITON_INTERPRET", raising=False)
+        records = bench["main"](["--quick", "--loops", "1", "2", "3", "--json", str(out)])
+    return records, json.loads(out.read_text()), stdout.getvalue(), stderr.getvalue()
+
+
+def test_quick_records_have_the_documented_keys(quick_run):
+    records, written, stdout, stderr = quick_run
+    assert written == records
+    assert {(r["method"], r["loops"]) for r in records} == \
+        {(m, t) for m in ("melt", "melt-unfused", "looplm") for t in (1, 2, 3)}
+    on_gpu = torch.cuda.is_available()
+    for r in records:
+        assert KEYS | (GPU_KEYS if on_gpu else set()) <= r.keys()
+        assert GPU_KEYS.isdisjoint(r) or on_gpu
+        assert r["ms_per_token"] > 0
+        # The cache is allocated inside the measured block, so the peak holds at least the cache.
+        assert r["peak_bytes"] >= r["cache_bytes"] > 0
+    assert "method" in stdout and "peak = " in stdout
+    assert "[9/9]" in stderr
+
+
+def test_melt_cache_is_constant_in_loop_depth_and_looplm_linear(quick_run):
+    records = quick_run[0]
+    size = {(r["method"], r["loops"]): r["cache_bytes"] for r in records}
+    for method in ("melt", "melt-unfused"):
+        assert size[method, 1] == size[method, 2] == size[method, 3]
+    per_loop = size["looplm", 2] - size["looplm", 1]
+    assert per_loop > 0
+    assert size["looplm", 3] == size["looplm", 1] + 2 * per_loop
+    # One loop: the LoopLM cache is MELT's.
+    assert size["looplm", 1] == size["melt", 1]
+
+
+def test_plot_is_written(bench, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    out = tmp_path / "loops.png"
+    bench["main"](["--quick", "--methods", "melt", "looplm", "--plot", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_command_line_runs_without_matplotlib(tmp_path):
+    """As CI runs it: a fresh interpreter, exit status 0, matplotlib never imported without --plot."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    check = ("import runpy, sys; sys.argv = [sys.argv[1], '--quick', '--methods', 'melt', '--loops', '1']; "
+             "runpy.run_path(sys.argv[0], run_name='__main__'); assert 'matplotlib' not in sys.modules")
+    done = subprocess.run([sys.executable, "-c", check, str(SCRIPT)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "melt" in done.stdout
