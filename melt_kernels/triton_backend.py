@@ -1,0 +1,23 @@
+"""The Triton backend: the kernels of ``melt_kernels.kernels`` behind the shared validation and autograd."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from melt_kernels.backends import Backend
+from melt_kernels.checks import Problem
+from melt_kernels.kernels.gated_kv_attention_bwd import gated_kv_attention_bwd
+from melt_kernels.kernels.gated_kv_attention_fwd import gated_kv_attention_fwd
+
+
+def unsupported(problem: Problem) -> Optional[str]:
+    """Why the Triton kernels cannot run ``problem`` (None when they can)."""
+    device = problem.q.device
+    if device.type == "cuda" and problem.q.dtype == torch.bfloat16 and \
+            torch.cuda.get_device_capability(device) < (8, 0):
+        return "backend 'triton' needs compute capability >= 8.0 for bfloat16"
+    return None
+
+
+BACKEND = Backend("triton", gated_kv_attention_fwd, gated_kv_attention_bwd, unsupported)
