@@ -122,6 +122,8 @@ def _check_seqlens(cache_seqlens, batch: int, seqlen_q: int, cache_len: int,
                    device: torch.device) -> tuple[torch.Tensor, Optional[int]]:
     """Returns (lengths as an int32 (B,) tensor on ``device``, max L_b + M or None)."""
     limit = cache_len - seqlen_q
+    if limit < 0:
+        raise ValueError(f"k_cache/v_cache hold S={cache_len} positions, fewer than the M={seqlen_q} active tokens")
     if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, (numbers.Integral, torch.Tensor)):
         raise TypeError(f"cache_seqlens must be a Python int or an int32/int64 tensor of shape ({batch},), "
                         f"got {type(cache_seqlens).__name__}")

@@ -70,6 +70,8 @@ BAD = [
     ("seqlens overflow", _set(cache_seqlens=torch.tensor([6, 0])), ValueError,
      "cache_seqlens[0] = 6 is outside [0, S - M] = [0, 5]"),
     ("int seqlens overflow", _set(cache_seqlens=6), ValueError, "cache_seqlens must be in [0, S - M] = [0, 5]"),
+    ("cache shorter than M", lambda a: {**a, "k_cache": a["k_cache"][:, :2], "v_cache": a["v_cache"][:, :2]},
+     ValueError, "fewer than the M=3 active tokens"),
     ("int seqlens negative", _set(cache_seqlens=-1), ValueError, "cache_seqlens must be in [0, S - M]"),
     ("gate does not broadcast", _set(gate=torch.rand(B, M, 3, 1)), ValueError,
      "gate of shape (2, 3, 3, 1) does not broadcast to (B, M, Hkv, D) = (2, 3, 2, 16)"),
