@@ -1,0 +1,95 @@
+// Host-side interface of the CUDA backend (plain C++: the pybind11 binding
+// includes it without any CUDA header).  Python passes raw pointers, element
+// strides and the current stream; nothing here depends on torch's C++ API.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace melt {
+
+// Tile sizes of the attention kernel: kBlockM packed query rows (token, head)
+// by kBlockN keys, 4 warps of 16 rows each.
+constexpr int kBlockM = 64;
+constexpr int kBlockN = 64;
+
+// The chunk's packed query rows (token, query head of one kv head) fit one
+// row tile: then a single block per (row, kv head, split) reads the active
+// slots, and it blends them itself (the decode path).  Otherwise the blend runs
+// as its own launch before the attention (the chunk path).
+inline bool fused_update(int seqlen_q, int heads_q, int heads_kv) {
+    return seqlen_q * (heads_q / heads_kv) <= kBlockM;
+}
+
+enum GateKind : int { kGateNone = 0, kGateScalar = 1, kGateF16 = 2, kGateBF16 = 3, kGateF32 = 4, kGateF64 = 5 };
+
+// A retention gate broadcast to (B, M, Hkv, D) by strides (stride 0 on the
+// broadcast dimensions); a scalar gate carries alpha and 1 - alpha, both
+// rounded to float32 from the full-precision Python float.
+struct Gate {
+    const void* ptr = nullptr;
+    int64_t stride[4] = {0, 0, 0, 0};
+    int kind = kGateNone;
+    float alpha = 0.f;
+    float one_minus_alpha = 1.f;
+};
+
+// A (B, N, H, D) tensor with a contiguous last dimension: strides in elements.
+struct Tensor4 {
+    void* ptr = nullptr;
+    int64_t stride[3] = {0, 0, 0};  // batch, seq, head
+};
+
+struct FwdArgs {
+    Tensor4 q, k, v, k_cache, v_cache, out;
+    const int32_t* seqlens = nullptr;  // (B,) L_b on the device; clamped to [0, S - M] in the kernels
+    float* lse = nullptr;              // (B, Hq, M) contiguous
+    float* o_part = nullptr;           // (num_splits, B*Hq*M, D) float32, only when num_splits > 1
+    float* lse_part = nullptr;         // (num_splits, B*Hq*M) float32, only when num_splits > 1
+    int batch = 0, seqlen_q = 0, heads_q = 0, heads_kv = 0, head_dim = 0, cache_len = 0;
+    Gate gate_k, gate_v;
+    float softmax_scale = 1.f;
+    bool causal = true;
+    int num_splits = 1;
+};
+
+enum DType : int { kFloat16 = 0, kBFloat16 = 1 };
+
+// Launches the fused op on `stream`; throws std::invalid_argument for bad
+// arguments and std::runtime_error for CUDA errors (no device included).
+void gated_kv_attention_fwd(const FwdArgs& args, int dtype, void* stream);
+
+// Throws std::invalid_argument unless the kernels can take `args` (sizes, 16-byte rows, gates, workspaces).
+void check_fwd_args(const FwdArgs& args);
+
+// The CUDA architectures this build holds machine code (sm_XY) or PTX (compute_XY) for.
+std::vector<std::string> built_archs();
+
+// ---------------------------------------------------------------------------
+// Host mirrors for CPU tests: the very __host__ __device__ functions the
+// kernels call, run over host memory.
+
+// One attention block's work: the key tiles it reads and the slots it writes.
+struct BlockPlan {
+    int batch = 0, row_tile = 0, split = 0;
+    std::vector<std::pair<int, int>> tiles;   // (first key position, number of keys)
+    std::vector<std::pair<int, int>> writes;  // active slots this block blends and stores
+    std::vector<std::vector<int>> visible;    // per packed row of the tile: the key positions it attends to
+};
+
+// The blocks of one launch for rows of lengths `seqlens` (raw values, clamped
+// as the kernel clamps them).  With `fused` false the attention blocks write
+// nothing (the blend ran as its own launch).
+std::vector<BlockPlan> plan_fwd(const std::vector<int>& seqlens, int cache_len, int seqlen_q, int heads_q,
+                                int heads_kv, bool causal, int num_splits);
+
+// The cache update of the chunk path's blend kernel, over host memory.
+void blend_host(const FwdArgs& args, int dtype);
+
+// The whole launch sequence of gated_kv_attention_fwd with the kernels' own
+// source run by the host emulator (emulate.h) over host memory.
+void gated_kv_attention_fwd_emulated(const FwdArgs& args, int dtype);
+
+}  // namespace melt
