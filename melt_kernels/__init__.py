@@ -2,7 +2,7 @@
 from melt_kernels.backends import available_backends
 from melt_kernels.cache import LoopLMCache, MeltCache
 from melt_kernels.gated_kv_attention import gated_kv_attention
-from melt_kernels import nn
+from melt_kernels import nn, train
 
 __version__ = "0.1.0"
-__all__ = ["gated_kv_attention", "available_backends", "MeltCache", "LoopLMCache", "nn"]
+__all__ = ["gated_kv_attention", "available_backends", "MeltCache", "LoopLMCache", "nn", "train"]

@@ -30,6 +30,14 @@ settled cache of the earlier tokens, then settles the chunk
   sees exactly what decoding would see after the earlier chunks (chunk size 1
   is token-by-token decoding), which is how MELT is trained.  With T = 1 both
   caches give the same model.
+
+For MELT's post-training from a LoopLM (:mod:`melt_kernels.train`), a chunk
+can also run the *interpolated transition*: with a MELT cache and
+``transition=(looplm_cache, lam)`` every attention layer runs both the
+teacher-style attention (this loop's own pair of ``looplm_cache``, written
+through) and the MELT attention (the shared cache, gated) from the same
+q/k/v, and outputs ``(1 - lam) * teacher-style + lam * MELT``; both caches
+settle the chunk.  ``lam = 0`` gives the LoopLM's logits, ``lam = 1`` MELT's.
 """
 from __future__ import annotations
 
@@ -114,7 +122,8 @@ class MeltAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 cache_seqlens: Union[torch.Tensor, int], loop: int, *, shared: bool = True,
-                rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None, backend: str = "auto") -> torch.Tensor:
+                rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None, backend: str = "auto",
+                transition: Optional[tuple[torch.Tensor, torch.Tensor, float]] = None) -> torch.Tensor:
         """One loop iteration of the layer for the M active tokens of x (B, M, hidden).
 
         k_cache, v_cache (B, S, Hkv, D) are updated in place at positions
@@ -123,7 +132,14 @@ class MeltAttention(nn.Module):
         through; without it (one cache per loop) every loop writes through.
         ``rope`` is (cos, sin) for the active positions, as
         :class:`RotaryEmbedding` returns; computed here when not given.
+
+        ``transition=(k_loop, v_loop, lam)`` (shared only) also writes the
+        same k/v through into this loop's own cache pair (B, S, Hkv, D) at
+        the same positions, attends there (the LoopLM teacher's attention)
+        and returns ``(1 - lam) * that + lam * the MELT attention``.
         """
+        if transition is not None and not shared:
+            raise ValueError("transition interpolates towards the shared (MELT) cache: it needs shared=True")
         if rope is None:
             lengths = torch.as_tensor(cache_seqlens, device=x.device).long().reshape(-1, 1)
             rope = self.rotary(lengths + torch.arange(x.shape[1], device=x.device), compute_dtype(x.dtype))
@@ -132,6 +148,11 @@ class MeltAttention(nn.Module):
         v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
         gate = self.retention(x) if shared and loop > 0 else None
         out = gated_kv_attention(q, k, v, k_cache, v_cache, cache_seqlens, gate, causal=True, backend=backend)
+        if transition is not None:
+            k_loop, v_loop, lam = transition
+            looplm = gated_kv_attention(q, k, v, k_loop, v_loop, cache_seqlens, causal=True, backend=backend)
+            # Blending before o_proj is blending the layer's outputs: o_proj is linear without bias.
+            out = torch.lerp(looplm, out, lam)
         return self.o_proj(out.flatten(-2))
 
 
@@ -176,9 +197,9 @@ class LoopedBlock(nn.Module):
         self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps, **factory)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, **factory)
 
-    def forward(self, x, k_cache, v_cache, cache_seqlens, loop, *, shared, rope, backend):
+    def forward(self, x, k_cache, v_cache, cache_seqlens, loop, *, shared, rope, backend, transition=None):
         x = x + self.attn(self.attn_norm(x), k_cache, v_cache, cache_seqlens, loop, shared=shared, rope=rope,
-                          backend=backend)
+                          backend=backend, transition=transition)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -225,13 +246,31 @@ class LoopedLM(nn.Module):
         if num_tokens > cache.room():
             raise ValueError(f"{num_tokens} more tokens do not fit: the cache has room for {cache.room()}")
 
-    def forward(self, input_ids: torch.Tensor, cache: Cache, *, last_only: bool = False) -> torch.Tensor:
+    def _check_transition(self, cache: Cache, transition: tuple[LoopLMCache, float], batch: int,
+                          num_tokens: int) -> None:
+        looplm_cache, lam = transition
+        if not isinstance(cache, MeltCache) or not isinstance(looplm_cache, LoopLMCache):
+            raise TypeError(f"the transition runs a MeltCache with transition=(LoopLMCache, lam), got a "
+                            f"{type(cache).__name__} with a {type(looplm_cache).__name__}")
+        self._check_cache(looplm_cache, batch, num_tokens)
+        if not torch.equal(looplm_cache.seqlens_host, cache.seqlens_host):
+            raise ValueError(f"the transition's LoopLM cache holds lengths {looplm_cache.seqlens_host.tolist()}, "
+                             f"the MELT cache {cache.seqlens_host.tolist()}")
+        if not 0 <= lam <= 1:
+            raise ValueError(f"the transition's lam must be in [0, 1], got {lam}")
+
+    def forward(self, input_ids: torch.Tensor, cache: Cache, *, last_only: bool = False,
+                transition: Optional[tuple[LoopLMCache, float]] = None) -> torch.Tensor:
         """Runs one chunk input_ids (B, M) through all T loops, then settles it in the cache.
 
         Returns logits (B, M, vocab), or (B, 1, vocab) for the last token with ``last_only``.
+        ``transition=(looplm_cache, lam)``, with a MELT ``cache``, runs the interpolated
+        transition (module docstring) and settles the chunk in both caches.
         """
         batch, seqlen = input_ids.shape
         self._check_cache(cache, batch, seqlen)
+        if transition is not None:
+            self._check_transition(cache, transition, batch, seqlen)
         shared = isinstance(cache, MeltCache)
         x = self.embed(input_ids)
         # A copy: advance() rewrites cache.seqlens in place, and a backward needs the lengths its chunk ran at.
@@ -242,18 +281,23 @@ class LoopedLM(nn.Module):
         for loop in range(self.num_loops):
             for i, block in enumerate(self.layers):
                 k_cache, v_cache = cache.layer(i, loop)
-                x = block(x, k_cache, v_cache, lengths, loop, shared=shared, rope=rope, backend=self.backend)
+                mix = None if transition is None else (*transition[0].layer(i, loop), transition[1])
+                x = block(x, k_cache, v_cache, lengths, loop, shared=shared, rope=rope, backend=self.backend,
+                          transition=mix)
         cache.advance(seqlen)
+        if transition is not None:
+            transition[0].advance(seqlen)
         if last_only:
             x = x[:, -1:]
         return F.linear(self.norm(x), self.embed.weight)
 
     def prefill(self, input_ids: torch.Tensor, cache: Cache, chunk_size: Optional[int] = None, *,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, transition: Optional[tuple[LoopLMCache, float]] = None) -> torch.Tensor:
         """Chunk-wise prefill: input_ids (B, P) cut into chunks of ``chunk_size`` (default: one chunk).
 
         Each chunk runs all T loops against the settled cache of the earlier
         chunks. Returns logits (B, P, vocab), or (B, 1, vocab) with ``last_only``.
+        ``transition`` is passed to every chunk (see :meth:`forward`).
         """
         batch, length = input_ids.shape
         chunk_size = length if chunk_size is None else chunk_size
@@ -261,7 +305,10 @@ class LoopedLM(nn.Module):
             raise ValueError(f"need at least one token and a positive chunk_size, got {length} tokens and "
                              f"chunk_size={chunk_size}")
         self._check_cache(cache, batch, length)
-        logits = [self(chunk, cache, last_only=last_only) for chunk in input_ids.split(chunk_size, dim=1)]
+        if transition is not None:
+            self._check_transition(cache, transition, batch, length)
+        logits = [self(chunk, cache, last_only=last_only, transition=transition)
+                  for chunk in input_ids.split(chunk_size, dim=1)]
         return logits[-1] if last_only else torch.cat(logits, dim=1)
 
     @torch.no_grad()

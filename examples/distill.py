@@ -1,0 +1,209 @@
+"""MELT post-training from a LoopLM teacher, chunk-wise, on a synthetic copying task (arXiv 2605.07721).
+
+1. Pre-trains a tiny LoopLM teacher (Ouro-style: one KV cache per loop and layer) on copying
+   ``x1 .. xn SEP x1 .. xn`` (melt_kernels.train.CopyTask, drawn from a seeded torch.Generator).
+2. Copies it into a MELT student (one gated KV cache per layer shared by the T loops): the
+   teacher's weights plus its gate parameters.
+3. Phase 1, interpolated transition: every attention output is (1 - lam) * teacher-style attention
+   (per-loop caches) + lam * MELT attention (shared gated cache), lam ramped 0 -> 1; loss: task
+   cross-entropy + KL(teacher || student).
+4. Phase 2, attention-aligned distillation: MSE between the student's and the teacher's per-layer,
+   per-loop attention outputs + KL(teacher || student) of the logits.
+
+Training is chunk-wise: each chunk of a sequence runs all T loops against the settled cache of the
+earlier chunks (what decoding sees), one backward per sequence batch.  The report compares teacher
+and student (task loss and accuracy on held-out sequences, cache bytes); the student is evaluated
+in training chunks and token by token.  Every attention call goes through
+melt_kernels.gated_kv_attention(backend=--backend): "auto" runs the fused kernels on a GPU and the
+PyTorch reference on a CPU.
+
+    python examples/distill.py                                  # CPU: about a minute
+    python examples/distill.py --plot losses.png --json results.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from melt_kernels.backends import select_backend
+from melt_kernels.checks import check_inputs
+from melt_kernels.nn import LoopedLM, LoopedLMConfig
+from melt_kernels.train import (CopyTask, DistillConfig, LossWeights, evaluate, make_student, make_teacher,
+                                post_train, pretrain)
+
+
+def parse_args(argv):
+    d = DistillConfig()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--backend", default="auto", choices=["auto", "triton", "cuda", "reference"],
+                   help="gated_kv_attention backend (default auto: the fused kernels on a GPU)")
+    p.add_argument("--loops", type=int, default=3, help="loop depth T (default 3)")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=16)
+    p.add_argument("--gate", choices=["head", "element"], default="head", help="one retention per kv head or "
+                   "per channel (default head)")
+    p.add_argument("--symbols", type=int, default=16, help="copying alphabet (default 16)")
+    p.add_argument("--length", type=int, default=8, help="tokens copied; sequences are twice as long (default 8)")
+    p.add_argument("--chunk", type=int, default=d.chunk_size, help=f"training chunk size (default {d.chunk_size})")
+    p.add_argument("--batch", type=int, default=d.batch_size, help=f"sequences per step (default {d.batch_size})")
+    p.add_argument("--pretrain-steps", type=int, default=d.pretrain_steps)
+    p.add_argument("--transition-steps", type=int, default=d.transition_steps)
+    p.add_argument("--distill-steps", type=int, default=d.distill_steps)
+    p.add_argument("--pretrain-lr", type=float, default=d.pretrain_lr,
+                   help=f"AdamW learning rate of the teacher's pre-training (default {d.pretrain_lr:g})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate of both post-training phases "
+                                                          f"(default {d.lr:g})")
+    p.add_argument("--eval-batch", type=int, default=256, help="held-out sequences (default 256)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU intra-op threads (default 1: the tiny model gains nothing from more)")
+    p.add_argument("--log-every", type=int, default=25, help="progress line every N steps (stderr)")
+    p.add_argument("--json", metavar="FILE", help="write the results and the loss history as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="plot the losses through both phases (needs matplotlib)")
+    args = p.parse_args(argv)
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return args
+
+
+def resolved_backend(model: LoopedLM, backend: str) -> str:
+    """The backend ``backend`` picks for the model's attention calls."""
+    c, weight = model.config, model.embed.weight
+    q = weight.new_zeros(1, 1, c.num_heads, c.head_dim)
+    kv = weight.new_zeros(1, 1, c.num_kv_heads, c.head_dim)
+    caches = [weight.new_zeros(1, 2, c.num_kv_heads, c.head_dim) for _ in range(2)]
+    return select_backend(backend, check_inputs(q, kv, kv, *caches, 0, backend=backend)).name
+
+
+def progress_logger(every: int, total: dict[str, int]):
+    def log(record: dict) -> None:
+        step, phase = record["step"], record["phase"]
+        if step % every and step + 1 != total[phase]:
+            return
+        terms = "  ".join(f"{k} {record[k]:.4f}" for k in ("loss", "ce", "kl", "attn", "acc", "lam") if k in record)
+        print(f"[{phase} {step + 1}/{total[phase]}] {terms}", file=sys.stderr, flush=True)
+    return log
+
+
+def write_plot(history: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    post = [r for r in history if r["phase"] != "pretrain"]
+    steps = range(len(post))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for key, label in (("loss", "weighted total (the loss trained)"), ("ce", "task cross-entropy"),
+                       ("kl", "KL(teacher || student)"), ("attn", "attention MSE")):
+        # A floor for the log axis: at lam = 0 the student is the teacher and the KL is 0 up to rounding.
+        ax.plot(steps, [max(r[key], 1e-4) for r in post], label=label, lw=1)
+    boundary = sum(r["phase"] == "transition" for r in post)
+    ax.axvline(boundary - 0.5, color="gray", ls="--", lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("post-training step (phase 1: interpolated transition | phase 2: attention-aligned distillation)")
+    ax.set_ylabel("loss")
+    lam = ax.twinx()
+    lam.plot(steps, [r.get("lam", 1.0) for r in post], color="black", ls=":", lw=1, label="lambda (MELT weight)")
+    lam.set_ylabel("lambda")
+    lam.set_ylim(-0.02, 1.02)
+    handles = ax.get_legend_handles_labels()
+    extra = lam.get_legend_handles_labels()
+    ax.legend(handles[0] + extra[0], handles[1] + extra[1], fontsize=8, loc="upper center",
+              bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
+    ax.set_title("MELT post-training from a LoopLM teacher")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    """Runs the example; returns the results (also printed, and written with --json)."""
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.device.type == "cpu" and args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args) -> dict:
+    task = CopyTask(args.symbols, args.length)
+    config = LoopedLMConfig(vocab_size=task.vocab_size, hidden_size=args.hidden, num_layers=args.layers,
+                            num_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.head_dim,
+                            intermediate_size=2 * args.hidden, num_loops=args.loops, gate=args.gate)
+    schedule = DistillConfig(batch_size=args.batch, chunk_size=args.chunk, pretrain_steps=args.pretrain_steps,
+                             transition_steps=args.transition_steps, distill_steps=args.distill_steps,
+                             pretrain_lr=args.pretrain_lr, lr=args.lr)
+    teacher = make_teacher(config, args.seed, args.backend, args.device)
+    data = torch.Generator().manual_seed(args.seed)
+    held_out = task.sample(args.eval_batch, torch.Generator().manual_seed(args.seed + 1), args.device)
+    where = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else \
+        f"cpu, {torch.get_num_threads()} thread(s)"
+    print(f"# MELT post-training on {where}, torch {torch.__version__}, backend {args.backend!r} -> "
+          f"{resolved_backend(teacher, args.backend)!r}")
+    print(f"# model: {config.num_layers} layers x T={config.num_loops} loops, hidden {config.hidden_size}, "
+          f"{config.num_heads} heads ({config.num_kv_heads} kv) x {config.head_dim}, gate per {config.gate}, "
+          f"{sum(p.numel() for p in teacher.parameters())} parameters, float32")
+    print(f"# task: copy {task.length} of {task.num_symbols} symbols (sequences of {task.seqlen}); batch "
+          f"{schedule.batch_size}, chunks of {schedule.chunk_size}; steps: pre-train {schedule.pretrain_steps}, "
+          f"transition {schedule.transition_steps}, distillation {schedule.distill_steps}; AdamW lr "
+          f"{schedule.pretrain_lr:g} (pre-train), {schedule.lr:g} (post-train)")
+    print(f"# losses: transition {_weights(schedule.transition)}, distillation {_weights(schedule.distill)}; "
+          f"evaluated on {args.eval_batch} held-out sequences, answers only")
+
+    total = {"pretrain": schedule.pretrain_steps, "transition": schedule.transition_steps,
+             "distill": schedule.distill_steps}
+    log = progress_logger(args.log_every, total)
+    seconds = {}
+    start = time.perf_counter()
+    history = pretrain(teacher, task, schedule, data, log)
+    seconds["pretrain"] = time.perf_counter() - start
+    student = make_student(teacher)
+    results = {"teacher": evaluate(teacher, "looplm", held_out),
+               "student_before": evaluate(student, "melt", held_out, schedule.chunk_size)}
+    start = time.perf_counter()
+    history += post_train(student, teacher, task, schedule, data, log)
+    seconds["post_train"] = time.perf_counter() - start
+    results["student"] = evaluate(student, "melt", held_out, schedule.chunk_size)
+    results["student_decode"] = evaluate(student, "melt", held_out, 1)
+
+    rows = (("teacher", f"LoopLM, {config.num_loops} caches per layer", "one chunk", results["teacher"]),
+            ("student, before", "MELT, 1 cache per layer", f"chunks of {schedule.chunk_size}",
+             results["student_before"]),
+            ("student", "MELT, 1 cache per layer", f"chunks of {schedule.chunk_size}", results["student"]),
+            ("student", "MELT, 1 cache per layer", "token by token", results["student_decode"]))
+    print(f"{'model':<16} {'cache':<28} {'run':<15} {'cache bytes':>12} {'loss':>8} {'acc':>7}")
+    for name, cache, chunks, r in rows:
+        print(f"{name:<16} {cache:<28} {chunks:<15} {r['cache_bytes']:>12,} {r['loss']:>8.4f} {r['acc']:>7.4f}")
+    ratio = results["teacher"]["cache_bytes"] / results["student"]["cache_bytes"]
+    print(f"# cache bytes for {args.eval_batch} x {task.seqlen} tokens: the teacher's is {ratio:.2f}x the "
+          f"student's; wall time: pre-train {seconds['pretrain']:.1f} s, post-train {seconds['post_train']:.1f} s")
+
+    results.update(seconds=seconds, history=history)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": {k: str(v) if k == "device" else v for k, v in vars(args).items()}, **results}, f,
+                      indent=1)
+    if args.plot:
+        write_plot(history, args.plot)
+        print(f"# plot written to {args.plot}")
+    return results
+
+
+def _weights(w: LossWeights) -> str:
+    names = {"ce": "cross-entropy", "kl": "KL", "attn": "attention MSE"}
+    return " + ".join(f"{getattr(w, k):g} {name}" for k, name in names.items() if getattr(w, k))
+
+
+if __name__ == "__main__":
+    main()
