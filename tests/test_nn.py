@@ -13,7 +13,7 @@ from hypothesis import given, strategies as st
 from loop_model import loop_model
 from melt_kernels import LoopLMCache, MeltCache, available_backends
 from melt_kernels.nn import LoopedLM, LoopedLMConfig, MeltAttention
-from utils import active_mask, assert_untouched
+from utils import active_mask, assert_untouched, reseed
 
 TOL = dict(atol=1e-10, rtol=1e-10)
 
@@ -85,16 +85,6 @@ def model_by_hand(model, ids, kind, chunk_size):
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def reseed(module, seed):
-    """Draws every parameter from a seeded generator: matrices ~ N(0, 1/fan_in), vectors ~ 1 + N(0, 0.2^2)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            noise = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
-            p.copy_(noise / math.sqrt(p.shape[-1]) if p.dim() == 2 else 1 + 0.2 * noise)
-    return module
 
 
 def tiny_model(seed=0, loops=2, dtype=torch.float64, **sizes):

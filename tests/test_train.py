@@ -22,7 +22,7 @@ from melt_kernels.nn import LoopedLM, LoopedLMConfig, MeltAttention
 from melt_kernels.train import (IGNORE, CopyTask, DistillConfig, LossWeights, evaluate, logit_kl, make_student,
                                 make_teacher, post_train, pretrain, recorded_attention, stack_attention,
                                 task_metrics, teacher_outputs, train_step)
-from utils import active_mask, assert_untouched
+from utils import active_mask, assert_untouched, reseed
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "distill.py"
 TOL = dict(atol=1e-10, rtol=1e-10)
@@ -38,20 +38,10 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def reseeded(module, seed):
-    """Every parameter drawn from a seeded generator: matrices ~ N(0, 1/fan_in), vectors ~ 1 + N(0, 0.2^2)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            noise = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
-            p.copy_(noise / math.sqrt(p.shape[-1]) if p.dim() == 2 else 1 + 0.2 * noise)
-    return module
-
-
 def float64_model(seed, loops=2, **sizes):
     config = LoopedLMConfig(**{**dict(vocab_size=24, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                                       head_dim=16, intermediate_size=48, num_loops=loops), **sizes})
-    return reseeded(LoopedLM(config, backend="reference", dtype=torch.float64), seed)
+    return reseed(LoopedLM(config, backend="reference", dtype=torch.float64), seed)
 
 
 def token_ids(seed, batch, length, vocab=24):
@@ -91,7 +81,7 @@ def test_transition_attention_blends_the_looplm_and_melt_layers(seed, batch, seq
     own cache + lam * the gated layer on the shared cache, and leaves each cache as that layer alone would."""
     hidden, length, head_dim = 24, seqlen + extra, 16
     gen = torch.Generator().manual_seed(seed)
-    attn = reseeded(MeltAttention(hidden, heads_kv * groups, heads_kv, head_dim, gate=gate, dtype=torch.float64),
+    attn = reseed(MeltAttention(hidden, heads_kv * groups, heads_kv, head_dim, gate=gate, dtype=torch.float64),
                     seed)
     lengths = torch.randint(0, extra + 1, (batch,), generator=gen, dtype=torch.int32)
 

@@ -5,6 +5,7 @@ turns them into tensors, so a failing example replays exactly.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 from typing import Optional
 
@@ -148,3 +149,13 @@ def assert_within_rule(kernel: torch.Tensor, exact: torch.Tensor, low_precision:
     kernel_err, torch_err = max_err(kernel, exact), max_err(low_precision, exact)
     assert kernel_err <= factor * torch_err + floor, \
         f"kernel error {kernel_err:.3g} > {factor} x PyTorch low-precision error {torch_err:.3g} + {floor:g}"
+
+
+def reseed(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Draws every parameter from a seeded generator: matrices ~ N(0, 1/fan_in), vectors ~ 1 + N(0, 0.2^2)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
+            p.copy_(noise / math.sqrt(p.shape[-1]) if p.dim() == 2 else 1 + 0.2 * noise)
+    return module
