@@ -27,7 +27,8 @@ import melt_kernels
 from melt_kernels import backends
 from melt_kernels.checks import check_inputs
 from melt_kernels.reference import attention, gated_kv_attention_ref_fwd
-from utils import active_mask, assert_untouched, assert_within_rule, bits, case_params, make_case
+from utils import (active_mask, assert_deterministic, assert_untouched, assert_within_rule, bits, case_params,
+                   make_case)
 
 try:
     from melt_kernels import _cuda
@@ -307,13 +308,7 @@ def test_gpu_realistic_sizes(seqlen_q, heads_q, heads_kv, cache_len, dtype):
 def test_gpu_deterministic(seqlen_q):
     case = make_case(6, batch=2, seqlen_q=seqlen_q, heads_q=8, heads_kv=2, head_dim=128, cache_len=2048,
                      dtype=torch.bfloat16, device="cuda", gate_kind="element")
-    results = []
-    for _ in range(20):
-        c = case.clone()
-        out, lse = on_gpu()(c, True)
-        results.append([bits(t) for t in (out, lse, c.k_cache, c.v_cache)])
-    for other in results[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+    assert_deterministic(lambda c: on_gpu()(c, True), case)
 
 
 @pytest.mark.gpu

@@ -23,7 +23,8 @@ import melt_kernels
 from melt_kernels.backends import triton_interpreted
 from melt_kernels.checks import check_inputs
 from melt_kernels.reference import gated_kv_attention_ref_fwd
-from utils import GATE_KINDS, LAYOUTS, active_mask, assert_untouched, assert_within_rule, bits, case_params, make_case
+from utils import (GATE_KINDS, LAYOUTS, active_mask, assert_deterministic, assert_untouched, assert_within_rule, bits,
+                   case_params, make_case)
 
 if not (triton_interpreted() or torch.cuda.is_available()):
     pytest.skip("the Triton kernels need a CUDA device, or TRITON_INTERPRET=1 to run on the CPU",
@@ -290,14 +291,7 @@ def test_gpu_deterministic(seqlen_q):
     """20 runs from the same caches give identical bits: no race between the programs of a launch."""
     case = make_case(21, batch=2, seqlen_q=seqlen_q, heads_q=32, heads_kv=8, head_dim=128, cache_len=4096,
                      dtype=torch.bfloat16, device="cuda", gate_kind="element")
-    first = None
-    for _ in range(20):
-        run = case.clone()
-        out, lse = _launch(gated_kv_attention_fwd, run, True)
-        result = [bits(t) for t in (out, lse, run.k_cache, run.v_cache)]
-        if first is None:
-            first = result
-        assert all(torch.equal(a, b) for a, b in zip(first, result))
+    assert_deterministic(lambda c: _launch(gated_kv_attention_fwd, c, True), case)
 
 
 @pytest.mark.gpu

@@ -138,6 +138,18 @@ def assert_untouched(before: torch.Tensor, after: torch.Tensor, mask: torch.Tens
     assert torch.equal(bits(before)[keep], bits(after)[keep]), "the cache changed outside the active slots"
 
 
+def assert_deterministic(run, case: Case, repeats: int = 20) -> None:
+    """``run(case) -> (out, lse)`` on fresh copies of ``case`` gives identical bits, caches included, every time:
+    a difference between identical runs is a race between the programs of a launch."""
+    first = None
+    for _ in range(repeats):
+        copy = case.clone()
+        out, lse = run(copy)
+        result = [bits(t) for t in (out, lse, copy.k_cache, copy.v_cache)]
+        first = first or result
+        assert all(torch.equal(a, b) for a, b in zip(first, result)), "identical runs gave different bits"
+
+
 def max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return (x.detach().double().cpu() - ref.detach().double().cpu()).abs().max().item()
 
