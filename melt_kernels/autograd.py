@@ -1,19 +1,36 @@
 """Autograd for the fused op, shared by every backend (SPEC §2.3).
 
 The functional definition is ``(out, K_new, V_new) = f(q, k, v, K_old, V_old,
-alpha_k, alpha_v)``; the op computes it in place.  The forward keeps
-O(B*M*Hkv*D) per call: the active slots' values before (only when a gate
-needs its gradient) and after the update, plus ``out``/``lse`` and the
-inputs.  Positions < L_b are read from the live caches at backward time, so
-they must not be rewritten between the forward and the backward.  Writes by
-this op itself are fine (the T loops of a chunk rewrite only their active
-slots); any other write into a cache after a call is detected through the
-cache's version counter and makes the backward raise instead of returning
-wrong gradients.
+alpha_k, alpha_v)``; the op computes it in place.  Two autograd nodes express
+it:
+
+* :class:`GatedKVAttentionFunction` runs the backend's forward (which writes
+  the caches) and returns ``out``, ``lse`` and the active slots' new values
+  (B, M, Hkv, D).  Its backward is attention's backward plus the blend's
+  chain rule, giving the gradients of q, k, v, the gates and the caches'
+  values before the call (positions < L_b: attention's dK/dV; active slots:
+  ``alpha`` times the gradient of the new slot values).
+* :class:`_CommitFunction`, one per cache, declares the write: it marks the
+  cache dirty (its version counter moves and its history is rebased onto
+  this node) and routes the cache's incoming gradient to the active slots'
+  new values and, for every other position, to the cache before the call.
+  Splitting the declaration off keeps each dirty tensor the single output of
+  its node, which autograd requires when a cache is a view (a slice of a
+  bigger buffer, or k and v cut from one packed tensor).
+
+Saved per call: O(B*M*Hkv*D) (the active slots' values after the update,
+before it only when a gate needs its gradient, out, lse) plus inputs the
+forward was given.  Positions < L_b are read from the live caches at backward
+time, so they must not change before the backward runs.  This op's own later
+calls may write (the T loops of a chunk rewrite their active slots, later
+chunks write further right), provided no later call writes below an earlier
+call's L_b, as chunk-wise MELT never does.  Any other in-place write into a
+cache after a call, even between two calls of this op, is detected through
+the cache's version counter and makes that call's backward raise instead of
+returning wrong gradients.
 
 Backends supply two launchers with the signatures of
-``melt_kernels.reference.gated_kv_attention_ref_fwd`` and ``..._bwd``; the
-blend's part of the chain rule is computed here, once for all of them.
+``melt_kernels.reference.gated_kv_attention_ref_fwd`` and ``..._bwd``.
 """
 from __future__ import annotations
 
@@ -26,7 +43,7 @@ from torch.autograd.graph import increment_version
 from melt_kernels.checks import Gate, Problem
 from melt_kernels.reference import active_index, compute_dtype
 
-_WRITTEN_VERSION = "_melt_written_version"
+_WRITE_LOG = "_melt_write_log"
 
 
 def _root(t: torch.Tensor) -> torch.Tensor:
@@ -34,31 +51,59 @@ def _root(t: torch.Tensor) -> torch.Tensor:
     return t._base if t._is_view() else t
 
 
-def record_write(cache: torch.Tensor) -> None:
-    """Remembers the version this op left ``cache`` at, to tell its own writes from others."""
+class _WriteLog:
+    """The version a cache's storage was left at by this op's last write.
+
+    One log lives on each cache's root tensor while this op's own writes
+    follow each other; a write by anything else ends it, and the next call
+    starts a new log, so every call saved under the old one can tell.
+    """
+
+    __slots__ = ("version",)
+
+    def __init__(self, version: int):
+        self.version = version
+
+
+def begin_write(cache: torch.Tensor) -> Optional[_WriteLog]:
+    """The write log this call extends: the current one, or a new one after an outside write.
+
+    None for inference tensors: they have no version counter and cannot be saved for backward.
+    """
     root = _root(cache)
-    setattr(root, _WRITTEN_VERSION, root._version)
+    if root.is_inference():
+        return None
+    log = getattr(root, _WRITE_LOG, None)
+    if log is None or log.version != root._version:
+        log = _WriteLog(root._version)
+        setattr(root, _WRITE_LOG, log)
+    return log
 
 
-def _check_not_rewritten(name: str, ref: Optional[weakref.ref]) -> None:
-    root = ref() if ref is not None else None
-    if root is not None and root._version != getattr(root, _WRITTEN_VERSION, root._version):
+def end_write(cache: torch.Tensor, log: Optional[_WriteLog]) -> None:
+    if log is not None:
+        log.version = _root(cache)._version
+
+
+def _check_not_rewritten(name: str, root_ref: weakref.ref, log: _WriteLog) -> None:
+    root = root_ref()
+    if root is not None and (getattr(root, _WRITE_LOG, None) is not log or root._version != log.version):
         raise RuntimeError(
             f"{name} was modified in place by something other than gated_kv_attention after a call that saved "
-            f"it for backward; its positions < L_b + M are read by that backward. Run backward before writing "
+            f"it for backward; that backward reads the cache's positions < L_b. Run backward before writing "
             f"into the cache, or write through gated_kv_attention only.")
 
 
-def _gate_tensor(gate: Gate) -> Optional[torch.Tensor]:
+def _gate_tensor(gate: Gate):
     return gate if isinstance(gate, torch.Tensor) else None
 
 
-def _through_blend(d_new: torch.Tensor, fresh: torch.Tensor, old: Optional[torch.Tensor], alpha: Gate,
-                   need_alpha_grad: bool):
+def _through_blend(d_new: torch.Tensor, fresh, old, alpha: Gate, need_alpha_grad: bool):
     """Backward of ``new = alpha * old + (1 - alpha) * fresh`` at the active slots.
 
     ``d_new`` is the total gradient reaching the new slot values (compute dtype).
-    Returns (d_fresh, d_old, d_alpha); d_old is None for write-through.
+    Returns (d_fresh, d_old, d_alpha); d_old is None for write-through.  d_alpha
+    is reduced to the gate's own shape (gates broadcast by strides).
     """
     if alpha is None:
         return d_new, None, None
@@ -71,35 +116,46 @@ def _through_blend(d_new: torch.Tensor, fresh: torch.Tensor, old: Optional[torch
 
 
 class GatedKVAttentionFunction(torch.autograd.Function):
-    """In-place fused update + attention; ``impl`` is the backend's (fwd, bwd) pair."""
+    """Fused update + attention through ``impl`` (the backend's (fwd, bwd) pair).
+
+    Returns (out, lse, k_new, v_new), k_new/v_new the active slots after the
+    update; the write itself is declared by :class:`_CommitFunction`.
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v, softmax_scale, causal,
-                max_seqlen_k, impl):
+                max_seqlen_k, impl, logs):
+        ctx.set_materialize_grads(False)
         index = active_index(cache_seqlens, tuple(k.shape))
-        need_old = (isinstance(gate, torch.Tensor) and ctx.needs_input_grad[6],
-                    isinstance(gate_v, torch.Tensor) and ctx.needs_input_grad[7])
-        k_old = k_cache.gather(1, index) if need_old[0] else None
-        v_old = v_cache.gather(1, index) if need_old[1] else None
+        # The old slot values and the fresh ones only enter a gate's gradient.
+        need_alpha = (isinstance(gate, torch.Tensor) and ctx.needs_input_grad[6],
+                      isinstance(gate_v, torch.Tensor) and ctx.needs_input_grad[7])
+        k_old = k_cache.gather(1, index) if need_alpha[0] else None
+        v_old = v_cache.gather(1, index) if need_alpha[1] else None
         out, lse = impl.fwd(q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v, softmax_scale, causal,
                             max_seqlen_k)
         k_new, v_new = k_cache.gather(1, index), v_cache.gather(1, index)
-        ctx.mark_dirty(k_cache, v_cache)
-        # ``.data`` aliases the live caches under a fresh version counter: later
-        # loops legitimately rewrite the active slots, and the prefix is guarded
-        # by _check_not_rewritten instead of autograd's saved-tensor check.
-        ctx.save_for_backward(q, k, v, cache_seqlens, _gate_tensor(gate), _gate_tensor(gate_v), k_old, v_old,
-                              k_new, v_new, out, lse, k_cache.data, v_cache.data)
+        # No gradient reaches k/v/gate/old cache through k_new unless one of them wants it.
+        for new, needs in ((k_new, (1, 3, 6)), (v_new, (2, 4, 7))):
+            if not any(ctx.needs_input_grad[i] for i in needs):
+                ctx.mark_non_differentiable(new)
+        # ``.data`` aliases the live caches under a fresh version counter:
+        # later loops legitimately rewrite the active slots, and the prefix is
+        # guarded by _check_not_rewritten instead of autograd's saved-tensor check.
+        ctx.save_for_backward(q, k if need_alpha[0] else None, v if need_alpha[1] else None, cache_seqlens,
+                              _gate_tensor(gate), _gate_tensor(gate_v), k_old, v_old, k_new, v_new, out, lse,
+                              k_cache.data, v_cache.data)
         ctx.gates = (None if isinstance(gate, torch.Tensor) else gate,
                      None if isinstance(gate_v, torch.Tensor) else gate_v)
         ctx.cache_roots = (weakref.ref(_root(k_cache)), weakref.ref(_root(v_cache)))
+        ctx.logs = logs
         ctx.softmax_scale, ctx.causal, ctx.max_seqlen_k, ctx.impl = softmax_scale, causal, max_seqlen_k, impl
-        return out, lse, k_cache, v_cache
+        return out, lse, k_new, v_new
 
     @staticmethod
-    def backward(ctx, dout, dlse, dk_cache_in, dv_cache_in):
-        for name, ref in zip(("k_cache", "v_cache"), ctx.cache_roots):
-            _check_not_rewritten(name, ref)
+    def backward(ctx, dout, dlse, dk_new_in, dv_new_in):
+        for name, root_ref, log in zip(("k_cache", "v_cache"), ctx.cache_roots, ctx.logs):
+            _check_not_rewritten(name, root_ref, log)
         (q, k, v, cache_seqlens, gate_t, gate_v_t, k_old, v_old, k_new, v_new, out, lse, k_live,
          v_live) = ctx.saved_tensors
         gate = gate_t if gate_t is not None else ctx.gates[0]
@@ -111,24 +167,46 @@ class GatedKVAttentionFunction(torch.autograd.Function):
             q, k_live, v_live, k_new, v_new, cache_seqlens, out, lse, dout, dlse, ctx.softmax_scale, ctx.causal,
             need_cache_grad, ctx.max_seqlen_k)
 
-        index = active_index(cache_seqlens, tuple(k.shape))
+        index = active_index(cache_seqlens, tuple(k_new.shape))
         ct = compute_dtype(q.dtype)
         grads = []
-        for d_attn, d_in, d_prefix, fresh, old, alpha, need_alpha in (
-                (dk_attn, dk_cache_in, dk_prefix, k, k_old, gate, ctx.needs_input_grad[6]),
-                (dv_attn, dv_cache_in, dv_prefix, v, v_old, gate_v, ctx.needs_input_grad[7])):
+        for d_attn, d_in, d_cache, fresh, old, alpha, need_alpha in (
+                (dk_attn, dk_new_in, dk_prefix, k, k_old, gate, ctx.needs_input_grad[6]),
+                (dv_attn, dv_new_in, dv_prefix, v, v_old, gate_v, ctx.needs_input_grad[7])):
             d_new = d_attn.to(ct)
             if d_in is not None:
-                d_new = d_new + d_in.gather(1, index).to(ct)
+                d_new = d_new + d_in.to(ct)
             d_fresh, d_old_active, d_alpha = _through_blend(d_new, fresh, old, alpha, need_alpha)
-            d_cache = None
-            if need_cache_grad:
-                d_cache = d_prefix if d_in is None else d_prefix + d_in
-                d_active = torch.zeros_like(d_fresh) if d_old_active is None else d_old_active
-                d_cache = d_cache.scatter(1, index, d_active.to(d_cache.dtype))
-            grads.append((d_fresh.to(fresh.dtype), d_cache, d_alpha))
+            # The backend's cache gradient is fresh and zero at the active slots; with a gate the
+            # old slot values get their share in place.
+            if d_cache is not None and d_old_active is not None:
+                d_cache.scatter_(1, index, d_old_active.to(d_cache.dtype))
+            grads.append((d_fresh.to(k_new.dtype), d_cache, d_alpha))
         (dk, dk_cache, dgate), (dv, dv_cache, dgate_v) = grads
-        return dq, dk, dv, dk_cache, dv_cache, None, dgate, dgate_v, None, None, None, None
+        return dq, dk, dv, dk_cache, dv_cache, None, dgate, dgate_v, None, None, None, None, None
+
+
+class _CommitFunction(torch.autograd.Function):
+    """Declares the in-place write of the active slots' new values ``new`` (B, M, Hkv, D) into ``cache``."""
+
+    @staticmethod
+    def forward(ctx, cache, new, cache_seqlens):
+        ctx.set_materialize_grads(False)
+        ctx.mark_dirty(cache)
+        ctx.save_for_backward(cache_seqlens)
+        ctx.kv_shape = tuple(new.shape)
+        return cache
+
+    @staticmethod
+    def backward(ctx, d_cache):
+        if d_cache is None:
+            return None, None, None
+        cache_seqlens, = ctx.saved_tensors
+        index = active_index(cache_seqlens, ctx.kv_shape)
+        d_new = d_cache.gather(1, index) if ctx.needs_input_grad[1] else None
+        # The old values at the active slots were overwritten: their gradient comes only through the blend.
+        d_old = d_cache.scatter(1, index, 0.) if ctx.needs_input_grad[0] else None
+        return d_old, d_new, None
 
 
 def run(problem: Problem, impl) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,14 +214,17 @@ def run(problem: Problem, impl) -> tuple[torch.Tensor, torch.Tensor]:
     p = problem
     args = (p.q, p.k, p.v, p.k_cache, p.v_cache, p.cache_seqlens, p.gate, p.gate_v, p.softmax_scale, p.causal,
             p.max_seqlen_k)
+    logs = (begin_write(p.k_cache), begin_write(p.v_cache))
     differentiable = [p.q, p.k, p.v, p.k_cache, p.v_cache, _gate_tensor(p.gate), _gate_tensor(p.gate_v)]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable):
-        out, lse, _, _ = GatedKVAttentionFunction.apply(*args, impl)
+        out, lse, k_new, v_new = GatedKVAttentionFunction.apply(*args, impl, logs)
+        _CommitFunction.apply(p.k_cache, k_new, p.cache_seqlens)
+        _CommitFunction.apply(p.v_cache, v_new, p.cache_seqlens)
     else:
         out, lse = impl.fwd(*args)
         # Kernel writes do not move the version counter; declare the mutation.
         increment_version(p.k_cache)
         increment_version(p.v_cache)
-    record_write(p.k_cache)
-    record_write(p.v_cache)
+    end_write(p.k_cache, logs[0])
+    end_write(p.v_cache, logs[1])
     return out, lse

@@ -1,9 +1,12 @@
 """The public op: checks first, then the backend's kernels."""
 from __future__ import annotations
 
+import torch
+
 from melt_kernels.autograd import run
 from melt_kernels.backends import select_backend
 from melt_kernels.checks import check_inputs
+from melt_kernels.library import compiled_call
 
 
 def gated_kv_attention(q, k, v, k_cache, v_cache, cache_seqlens, gate=None, gate_v=None, *,
@@ -49,12 +52,20 @@ def gated_kv_attention(q, k, v, k_cache, v_cache, cache_seqlens, gate=None, gate
         lse: (B, Hq, M) float32 (float64 for float64 inputs).
 
     Differentiable in q, k, v, gate, gate_v and the caches' values before the
-    call; the backward reads positions < L_b + M of the live caches, which
-    must not be rewritten (other than by this op's own later calls) before
-    it runs.  Bad input raises ValueError/TypeError before anything is
-    written.
+    call; the backward reads positions < L_b of the live caches, which must
+    not be rewritten before it runs other than by this op's own later calls
+    at or after L_b (the next loops and chunks); any other in-place write is
+    detected and makes the backward raise RuntimeError.  Under
+    torch.compile the call is the custom op melt::gated_kv_attention
+    (inference; with gradients it runs eagerly behind a graph break).  Bad
+    input raises ValueError/TypeError before anything is written.
     """
-    problem = check_inputs(q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v, softmax_scale=softmax_scale,
-                           causal=causal, backend=backend)
-    out, lse = run(problem, select_backend(backend, problem))
+    if torch.compiler.is_compiling():
+        # Traced as the registered custom op melt::gated_kv_attention (melt_kernels.library).
+        out, lse = compiled_call(q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v, softmax_scale, causal,
+                                 backend)
+    else:
+        problem = check_inputs(q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v,
+                               softmax_scale=softmax_scale, causal=causal, backend=backend)
+        out, lse = run(problem, select_backend(backend, problem))
     return (out, lse) if return_lse else out

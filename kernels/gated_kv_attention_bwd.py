@@ -1,0 +1,372 @@
+"""Attention's backward for the fused gated KV op (SPEC §2.3), FlashAttention-2 style.
+
+The probabilities are recomputed from the forward's log-sum-exp; the (M x N)
+attention matrix is never materialised.  Three kernels:
+
+* ``_bwd_preprocess_kernel``: delta = rowsum(dout * out) - dlse.  With lse an
+  output, ds = p * (dp - rowsum(dout * out)) + p * dlse, so folding dlse into
+  delta leaves one formula for both kernels below.
+* ``_bwd_dkdv_kernel``: one program per key block per (b, kv head); it walks
+  the query blocks of every query head of the GQA group, so dK/dV accumulate
+  in registers without atomics.
+* ``_bwd_dq_kernel``: one program per query block per (b, query head) and
+  per split of the prefix; the splits' partial dQ (float32) are summed
+  afterwards, which keeps the pass atomics-free and deterministic while a
+  short chunk over a long cache still fills the GPU.
+
+The keys of row b are its settled prefix, positions 0 .. L_b - 1 of the live
+caches, and its M active slots, read from ``k_new`` / ``v_new`` (B, M, Hkv, D):
+the values the forward attended to, which later loops may since have
+overwritten in the caches.  Both kernels treat the two apart, as the forward
+does: key blocks never straddle them, every active token sees the whole
+prefix (no mask there), and the causal mask (bottom-right aligned) only
+compares active slot j with active token i (j <= i).  Prefix blocks only
+feed the cache gradient and are skipped without ``need_cache_grad``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from melt_kernels.backends import triton_interpreted
+
+LOG2E = math.log2(math.e)
+
+
+@triton.jit
+def _tile(p, o_r, stride, o_d, WIDE: tl.constexpr):
+    """Pointers to rows ``o_r`` of a (rows, D) slice starting at ``p`` with row stride ``stride``: [BR, BD].
+
+    ``p`` carries the 64-bit (batch, head) offset; offsets inside the slice are 32-bit unless WIDE (a
+    slice spanning 2**31 elements), as 64-bit offsets per element cost registers enough to spill."""
+    if WIDE:
+        o_r = o_r.to(tl.int64)
+    return p + (o_r[:, None] * stride + o_d[None, :])
+
+
+@triton.jit
+def _load_rows(p, o_r, r_hi, stride, o_d, m_d, WIDE: tl.constexpr):
+    """Rows ``o_r`` of a (rows, D) slice, zero at rows >= r_hi: [BR, BD]."""
+    return tl.load(_tile(p, o_r, stride, o_d, WIDE), mask=(o_r < r_hi)[:, None] & m_d[None, :], other=0.)
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr):
+    """a @ b accumulated in float32.  The interpreter multiplies bfloat16 blocks as their raw uint16 bits, so
+    there they are widened first: bf16 x bf16 products are exact in float32, as on tensor cores."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _bwd_preprocess_kernel(out, dout, dlse, delta,
+                           stride_ob, stride_om, stride_oh, stride_dob, stride_dom, stride_doh,
+                           M, Hq,
+                           D: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, HAS_DLSE: tl.constexpr,
+                           WIDE: tl.constexpr):
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // Hq, i_bh % Hq
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_d = tl.arange(0, BD)
+    m_m, m_d = o_m < M, o_d < D
+    b_o = _load_rows(out + i_b.to(tl.int64) * stride_ob + i_h * stride_oh, o_m, M, stride_om, o_d, m_d,
+                     WIDE).to(tl.float32)  # [BM, BD]
+    b_do = _load_rows(dout + i_b.to(tl.int64) * stride_dob + i_h * stride_doh, o_m, M, stride_dom, o_d, m_d,
+                      WIDE).to(tl.float32)  # [BM, BD]
+    b_delta = tl.sum(b_o * b_do, axis=1)  # [BM]
+    # dlse and delta are contiguous (B, Hq, M).
+    o_row = i_bh.to(tl.int64) * M + o_m
+    if HAS_DLSE:
+        b_delta -= tl.load(dlse + o_row, mask=m_m, other=0.)
+    tl.store(delta + o_row, b_delta, mask=m_m)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(q, k_cache, v_cache, k_new, v_new, cache_seqlens, dout, lse, delta,
+                     dk_cache, dv_cache, dk_new, dv_new,
+                     stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh,
+                     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                     stride_knb, stride_kns, stride_knh, stride_vnb, stride_vns, stride_vnh,
+                     stride_dcb, stride_dcs, stride_dch, stride_dnb, stride_dns, stride_dnh,
+                     softmax_scale, qk_scale, S, M, Hq, Hkv, G, prefix_blocks,
+                     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                     IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr, WIDE: tl.constexpr):
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_hk = i_bh // Hkv, i_bh % Hkv
+    i_b64 = i_b.to(tl.int64)
+    # Clamped like the forward: a bad CUDA cache_seqlens (not checked on the host) never leads outside [0, S).
+    L = tl.minimum(tl.maximum(tl.load(cache_seqlens + i_b), 0), S - M)
+    # Programs [0, prefix_blocks) take a block of the settled prefix (rows of the live cache), the others a
+    # block of the active slots (rows of k_new / v_new).  The prefix only feeds the cache gradient: without
+    # it the launcher gives no prefix programs.
+    is_prefix = i_n < prefix_blocks
+    n0 = tl.where(is_prefix, i_n, i_n - prefix_blocks) * BN
+    n_hi = tl.where(is_prefix, L, M)
+    if n0 >= n_hi:
+        return
+    p_k = tl.where(is_prefix, k_cache + i_b64 * stride_kcb + i_hk * stride_kch,
+                   k_new + i_b64 * stride_knb + i_hk * stride_knh)
+    p_v = tl.where(is_prefix, v_cache + i_b64 * stride_vcb + i_hk * stride_vch,
+                   v_new + i_b64 * stride_vnb + i_hk * stride_vnh)
+    o_n = n0 + tl.arange(0, BN)
+    o_d = tl.arange(0, BD)
+    m_n, m_d = o_n < n_hi, o_d < D
+    b_k = _load_rows(p_k, o_n, n_hi, tl.where(is_prefix, stride_kcs, stride_kns), o_d, m_d, WIDE)  # [BN, BD]
+    b_v = _load_rows(p_v, o_n, n_hi, tl.where(is_prefix, stride_vcs, stride_vns), o_d, m_d, WIDE)  # [BN, BD]
+    b_dk = tl.zeros([BN, BD], dtype=tl.float32)
+    b_dv = tl.zeros([BN, BD], dtype=tl.float32)
+
+    # Every active token sees the prefix; with IS_CAUSAL active slot j is seen by active tokens i >= j.
+    m_lo = 0
+    if IS_CAUSAL:
+        m_lo = tl.where(is_prefix, 0, n0 // BM * BM)
+    for i_g in range(G):
+        i_hq = i_hk * G + i_g
+        p_q = q + i_b64 * stride_qb + i_hq * stride_qh
+        p_do = dout + i_b64 * stride_dob + i_hq * stride_doh
+        p_row = (i_b64 * Hq + i_hq) * M
+        for m0 in range(m_lo, M, BM):
+            o_m = m0 + tl.arange(0, BM)
+            m_m = o_m < M
+            b_q = _load_rows(p_q, o_m, M, stride_qm, o_d, m_d, WIDE)  # [BM, BD]
+            b_do = _load_rows(p_do, o_m, M, stride_dom, o_d, m_d, WIDE)  # [BM, BD]
+            b_lse = tl.load(lse + p_row + o_m, mask=m_m, other=0.)  # [BM]
+            b_delta = tl.load(delta + p_row + o_m, mask=m_m, other=0.)  # [BM]
+
+            b_sT = _dot(b_k, tl.trans(b_q), UPCAST)  # [BN, BM]
+            b_pT = tl.exp2(b_sT * qk_scale - b_lse[None, :] * 1.4426950408889634)
+            m_vis = m_n[:, None] & m_m[None, :]
+            if IS_CAUSAL:
+                m_vis = m_vis & (is_prefix | (o_n[:, None] <= o_m[None, :]))
+            # where, not a product: masked lanes may hold inf.
+            b_pT = tl.where(m_vis, b_pT, 0.)
+            b_dv += _dot(b_pT.to(b_do.dtype), b_do, UPCAST)
+            b_dpT = _dot(b_v, tl.trans(b_do), UPCAST)  # [BN, BM]
+            b_dsT = b_pT * (b_dpT - b_delta[None, :])
+            b_dk += _dot(b_dsT.to(b_q.dtype), b_q, UPCAST)
+    b_dk *= softmax_scale
+
+    m_nd = m_n[:, None] & m_d[None, :]
+    if is_prefix:
+        o_c = _tile(i_b64 * stride_dcb + i_hk * stride_dch, o_n, stride_dcs, o_d, WIDE)
+        tl.store(dk_cache + o_c, b_dk.to(dk_cache.dtype.element_ty), mask=m_nd)
+        tl.store(dv_cache + o_c, b_dv.to(dv_cache.dtype.element_ty), mask=m_nd)
+    else:
+        o_a = _tile(i_b64 * stride_dnb + i_hk * stride_dnh, o_n, stride_dns, o_d, WIDE)
+        tl.store(dk_new + o_a, b_dk.to(dk_new.dtype.element_ty), mask=m_nd)
+        tl.store(dv_new + o_a, b_dv.to(dv_new.dtype.element_ty), mask=m_nd)
+
+
+@triton.jit
+def _dq_over(b_dq, b_q, b_do, b_lse2, b_delta, o_m, p_k, p_v, stride_k, stride_v, lo, hi, qk_scale, o_d, m_d,
+             MASK_CAUSAL: tl.constexpr, BN: tl.constexpr, UPCAST: tl.constexpr, WIDE: tl.constexpr):
+    """Adds to dq [BM, BD] the keys/values at rows [lo, hi) of one source; with MASK_CAUSAL (the active
+    slots) row j is seen by active tokens i >= j only."""
+    for n0 in range(lo, hi, BN):
+        o_n = n0 + tl.arange(0, BN)
+        m_n = o_n < hi
+        b_k = _load_rows(p_k, o_n, hi, stride_k, o_d, m_d, WIDE)  # [BN, BD]
+        b_v = _load_rows(p_v, o_n, hi, stride_v, o_d, m_d, WIDE)  # [BN, BD]
+        b_s = _dot(b_q, tl.trans(b_k), UPCAST)  # [BM, BN]
+        b_p = tl.exp2(b_s * qk_scale - b_lse2[:, None])
+        m_vis = m_n[None, :]
+        if MASK_CAUSAL:
+            m_vis = m_vis & (o_n[None, :] <= o_m[:, None])
+        b_p = tl.where(m_vis, b_p, 0.)
+        b_dp = _dot(b_do, tl.trans(b_v), UPCAST)  # [BM, BN]
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq += _dot(b_ds.to(b_k.dtype), b_k, UPCAST)
+    return b_dq
+
+
+@triton.jit
+def _bwd_dq_kernel(q, k_cache, v_cache, k_new, v_new, cache_seqlens, dout, lse, delta, dq,
+                   stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh,
+                   stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                   stride_knb, stride_kns, stride_knh, stride_vnb, stride_vns, stride_vnh,
+                   stride_dqs, stride_dqb, stride_dqm, stride_dqh,
+                   softmax_scale, qk_scale, S, M, Hq, G, split_len,
+                   D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                   UPCAST: tl.constexpr, WIDE: tl.constexpr):
+    i_m, i_bh, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_hq = i_bh // Hq, i_bh % Hq
+    i_hk = i_hq // G
+    i_b64 = i_b.to(tl.int64)
+    L = tl.minimum(tl.maximum(tl.load(cache_seqlens + i_b), 0), S - M)
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_d = tl.arange(0, BD)
+    m_m, m_d = o_m < M, o_d < D
+    b_q = _load_rows(q + i_b64 * stride_qb + i_hq * stride_qh, o_m, M, stride_qm, o_d, m_d, WIDE)  # [BM, BD]
+    b_do = _load_rows(dout + i_b64 * stride_dob + i_hq * stride_doh, o_m, M, stride_dom, o_d, m_d, WIDE)
+    p_row = (i_b64 * Hq + i_hq) * M
+    b_lse2 = tl.load(lse + p_row + o_m, mask=m_m, other=0.) * 1.4426950408889634  # [BM]
+    b_delta = tl.load(delta + p_row + o_m, mask=m_m, other=0.)  # [BM]
+
+    b_dq = tl.zeros([BM, BD], dtype=tl.float32)
+    # Split i_s takes its slice of the prefix; split 0 also takes the active slots.
+    p_lo = i_s * split_len
+    b_dq = _dq_over(b_dq, b_q, b_do, b_lse2, b_delta, o_m,
+                    k_cache + i_b64 * stride_kcb + i_hk * stride_kch, v_cache + i_b64 * stride_vcb + i_hk * stride_vch,
+                    stride_kcs, stride_vcs, p_lo, tl.minimum(p_lo + split_len, L), qk_scale, o_d, m_d,
+                    False, BN, UPCAST, WIDE)
+    a_hi = M
+    if IS_CAUSAL:
+        a_hi = tl.minimum((i_m + 1) * BM, M)
+    b_dq = _dq_over(b_dq, b_q, b_do, b_lse2, b_delta, o_m,
+                    k_new + i_b64 * stride_knb + i_hk * stride_knh, v_new + i_b64 * stride_vnb + i_hk * stride_vnh,
+                    stride_kns, stride_vns, 0, tl.where(i_s == 0, a_hi, 0), qk_scale, o_d, m_d,
+                    IS_CAUSAL, BN, UPCAST, WIDE)
+    b_dq *= softmax_scale
+    p_dq = dq + i_s.to(tl.int64) * stride_dqs + i_b64 * stride_dqb + i_hq * stride_dqh
+    tl.store(_tile(p_dq, o_m, stride_dqm, o_d, WIDE), b_dq.to(dq.dtype.element_ty),
+             mask=m_m[:, None] & m_d[None, :])
+
+
+_NUM_SMS = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _NUM_SMS:
+        _NUM_SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _NUM_SMS[index]
+
+
+# (head_dim padded) -> (BM, BN, warps, stages) of the dK/dV kernel and of the dQ kernel, for 16-bit and
+# float32 inputs.  Chosen without a GPU: the largest tiles that ptxas (CUDA 13, sm_90a, Triton 3.9) compiles
+# without spilling registers, given the 16-divisible pointers and strides a launch specializes on, and the
+# tiles of Triton's fused-attention tutorial where those fit.  float32 dots run in IEEE float32 on FMA units:
+# small tiles.  Not tuned on a GPU yet.
+_TILES_16BIT = {64: ((32, 128, 8, 3), (128, 64, 8, 3)),
+                128: ((32, 64, 8, 3), (128, 32, 8, 3)),
+                256: ((16, 32, 8, 2), (128, 32, 8, 2))}
+_TILES_FP32 = {64: ((16, 64, 8, 2), (32, 64, 8, 2)),
+               128: ((16, 32, 8, 2), (32, 64, 8, 2)),
+               256: ((16, 32, 8, 2), (16, 16, 4, 2))}
+
+
+def _tiles(head_dim_p2: int, seqlen_q: int, dtype: torch.dtype) -> dict:
+    """Tile sizes, warps and pipeline stages of the two main kernels.  The interpreter takes the smallest
+    tiles so that tiny test shapes run every loop more than once."""
+    if triton_interpreted():
+        return dict(BM_KV=16, BN_KV=16, BM_Q=16, BN_Q=16, BM_PRE=16, warps_kv=1, warps_q=1, stages_kv=1, stages_q=1)
+    table = _TILES_FP32 if dtype == torch.float32 else _TILES_16BIT
+    (bm_kv, bn_kv, warps_kv, stages_kv), (bm_q, bn_q, warps_q, stages_q) = table[max(64, head_dim_p2)]
+    # Query tiles no taller than the chunk (tl.dot needs 16 rows).
+    m_cap = max(16, triton.next_power_of_2(seqlen_q))
+    return dict(BM_KV=min(bm_kv, m_cap), BN_KV=bn_kv, BM_Q=min(bm_q, m_cap), BN_Q=bn_q, BM_PRE=min(32, m_cap),
+                warps_kv=warps_kv, warps_q=warps_q, stages_kv=stages_kv, stages_q=stages_q)
+
+
+def _key_splits(max_prefix: int, block_n: int, q_programs: int, device: torch.device) -> int:
+    """How many slices the dQ pass cuts the prefix into: enough programs for about two waves."""
+    key_blocks = max(1, triton.cdiv(max_prefix, block_n))
+    if triton_interpreted():
+        # Two slices whenever possible, so the tests cover the partial-sum path.
+        return min(2, key_blocks)
+    wanted = triton.cdiv(2 * _num_sms(device), q_programs)
+    # Each slice keeps at least four key blocks, or the reduction costs more than it saves.
+    return max(1, min(wanted, triton.cdiv(key_blocks, 4)))
+
+
+def _needs_wide_offsets(tensors, block: int) -> bool:
+    """Whether a row offset inside some (b, h) slice, up to a block past its end, can reach 2**31 (dq and
+    its partial sums are no larger than q's contiguous copy, which never comes near)."""
+    return max((t.shape[1] + block) * t.stride(1) for t in tensors) >= 2**31
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or a copy when its last dimension is not contiguous (autograd may hand an expanded
+    gradient); gradients are O(B*M*H*D), never a cache."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def gated_kv_attention_bwd(q, k_cache, v_cache, k_new, v_new, cache_seqlens, out, lse, dout,
+                           dlse: Optional[torch.Tensor], softmax_scale: float, causal: bool,
+                           need_cache_grad: bool, max_seqlen_k: Optional[int] = None):
+    """Attention's backward by recomputation from ``lse``; signature of ``gated_kv_attention_ref_bwd``.
+
+    Keys/values at positions < L_b come from the live ``k_cache``/``v_cache``
+    (B, S, Hkv, D), those at L_b .. L_b+M-1 from ``k_new``/``v_new``
+    (B, M, Hkv, D).  Returns (dq, dk_new, dv_new, dk_cache, dv_cache): dq in
+    q's dtype; dk_new/dv_new in float32 (they are blended in float32 next);
+    dk_cache/dv_cache (B, S, Hkv, D) in the caches' dtype, attention's
+    gradient at positions < L_b and zero elsewhere, or None unless
+    ``need_cache_grad``.
+    """
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    cache_len, heads_kv = k_cache.shape[1], k_cache.shape[2]
+    groups = heads_q // heads_kv
+    # The longest prefix: max_b(L_b) when the lengths were on the host, else the most the cache allows.
+    max_prefix = (cache_len if max_seqlen_k is None else max_seqlen_k) - seqlen_q
+    device = q.device
+    head_dim_p2 = max(16, triton.next_power_of_2(head_dim))
+    tiles = _tiles(head_dim_p2, seqlen_q, q.dtype)
+    cache_seqlens = cache_seqlens.to(device=device, dtype=torch.int32)
+    dout = _unit_last(dout)
+    # (B, Hq, M) float32 rows, read by flat index: tiny, so made contiguous here.
+    lse = lse.float().contiguous()
+
+    dk_new = torch.empty(tuple(k_new.shape), dtype=torch.float32, device=device)
+    dv_new = torch.empty(tuple(v_new.shape), dtype=torch.float32, device=device)
+    dk_cache = dv_cache = None
+    if need_cache_grad:
+        # Positions >= L_b are not written by the kernel: zeros from the start.
+        dk_cache = torch.zeros(tuple(k_cache.shape), dtype=k_cache.dtype, device=device)
+        dv_cache = torch.zeros(tuple(v_cache.shape), dtype=v_cache.dtype, device=device)
+    qk_scale = softmax_scale * LOG2E
+    upcast = triton_interpreted() and q.dtype == torch.bfloat16
+    blocks = max(tiles[name] for name in ("BM_KV", "BN_KV", "BM_Q", "BN_Q"))
+    sliced = [t for t in (q, dout, out, k_cache, v_cache, k_new, v_new, dk_cache) if t is not None]
+    wide = _needs_wide_offsets(sliced, blocks)
+
+    delta = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=device)
+    has_dlse = dlse is not None
+    dlse = dlse.float().contiguous() if has_dlse else delta
+    _bwd_preprocess_kernel[(triton.cdiv(seqlen_q, tiles["BM_PRE"]), batch * heads_q)](
+        out, dout, dlse, delta, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
+        dout.stride(2), seqlen_q, heads_q, D=head_dim, BM=tiles["BM_PRE"], BD=head_dim_p2, HAS_DLSE=has_dlse,
+        WIDE=wide, num_warps=4)
+
+    kv_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                  v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+                  k_new.stride(0), k_new.stride(1), k_new.stride(2),
+                  v_new.stride(0), v_new.stride(1), v_new.stride(2))
+    qdo_strides = (q.stride(0), q.stride(1), q.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
+
+    dc = dk_cache if need_cache_grad else dk_new  # a never-written stand-in when no cache gradient is wanted
+    # Key blocks: those of the prefix first (only with need_cache_grad), then those of the active slots.
+    prefix_blocks = triton.cdiv(max_prefix, tiles["BN_KV"]) if need_cache_grad else 0
+    grid = (prefix_blocks + triton.cdiv(seqlen_q, tiles["BN_KV"]), batch * heads_kv)
+    _bwd_dkdv_kernel[grid](
+        q, k_cache, v_cache, k_new, v_new, cache_seqlens, dout, lse, delta,
+        dc, dv_cache if need_cache_grad else dv_new, dk_new, dv_new,
+        *qdo_strides, *kv_strides, dc.stride(0), dc.stride(1), dc.stride(2),
+        dk_new.stride(0), dk_new.stride(1), dk_new.stride(2),
+        softmax_scale, qk_scale, cache_len, seqlen_q, heads_q, heads_kv, groups, prefix_blocks,
+        D=head_dim, BM=tiles["BM_KV"], BN=tiles["BN_KV"], BD=head_dim_p2, IS_CAUSAL=causal, UPCAST=upcast,
+        WIDE=wide, num_warps=tiles["warps_kv"], num_stages=tiles["stages_kv"])
+
+    q_blocks = triton.cdiv(seqlen_q, tiles["BM_Q"])
+    splits = _key_splits(max_prefix, tiles["BN_Q"], q_blocks * batch * heads_q, device)
+    split_len = triton.cdiv(triton.cdiv(max_prefix, tiles["BN_Q"]), splits) * tiles["BN_Q"]
+    dq = torch.empty((batch, seqlen_q, heads_q, head_dim), dtype=q.dtype, device=device)
+    partial = dq if splits == 1 else torch.empty((splits,) + tuple(dq.shape), dtype=torch.float32, device=device)
+    split_stride = 0 if splits == 1 else partial.stride(0)
+    dq_strides = partial.stride()[-4:-1]
+    _bwd_dq_kernel[(q_blocks, batch * heads_q, splits)](
+        q, k_cache, v_cache, k_new, v_new, cache_seqlens, dout, lse, delta, partial,
+        *qdo_strides, *kv_strides, split_stride, *dq_strides,
+        softmax_scale, qk_scale, cache_len, seqlen_q, heads_q, groups, split_len,
+        D=head_dim, BM=tiles["BM_Q"], BN=tiles["BN_Q"], BD=head_dim_p2, IS_CAUSAL=causal, UPCAST=upcast,
+        WIDE=wide, num_warps=tiles["warps_q"], num_stages=tiles["stages_q"])
+    if splits > 1:
+        dq = partial.sum(0).to(q.dtype)
+    return dq, dk_new, dv_new, dk_cache, dv_cache

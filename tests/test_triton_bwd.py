@@ -1,0 +1,296 @@
+"""The Triton backward (kernels/gated_kv_attention_bwd.py) against the reference.
+
+Without a GPU the kernels run under the Triton interpreter on CPU tensors (TRITON_INTERPRET=1); there the
+launcher takes 16-wide tiles and cuts the dQ pass's prefix in two, so the tiny shapes below run several
+key and query blocks of the prefix and of the active slots, partial blocks, and the split-dQ reduction.  With
+a GPU (and no interpreter) the same tests run compiled on CUDA tensors; the `gpu` tests add realistic sizes,
+64-bit offsets and a determinism check.  Without a GPU, the kernels are still compiled for sm_90 in the
+configurations the launcher picks there.
+
+* The launcher alone, against ``gated_kv_attention_ref_bwd`` (float64): dq, dk/dv of the active slots and
+  the cache gradients, with and without dlse, with and without the cache gradient, with host-known and
+  device-only lengths, every layout, head_dim from 16 to 256 (padded ones included), GQA/MQA, both masks.
+* Through the op (backend="triton", forward kernels included): T loops x C chunks on one cache, every
+  gradient (q, k, v and gates of each step, the caches' values before the first call) against the
+  out-of-place functional definition in float64.
+
+Tolerances.  float32: |err| <= 1e-5 + 1e-5 |ref| (IEEE float32 dots, no TF32; measured errors are about
+1e-6 here).  float16/bfloat16 follow FlashAttention's rule (tests/utils.assert_within_rule): the error
+against float64 is at most 2x that of PyTorch doing the same math in the low precision (attention in the
+low dtype, no upcast, as FlashAttention's tests build their baseline), plus one unit in the last place of
+the low dtype at the gradient's largest magnitude (and 1e-5): the gradients are stored in that dtype, so
+rounding alone costs half of it, and on tensors this small the max error of both sides is a noisy statistic.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from grad_utils import (attention_low_precision, chain_grads, grad_names, loss_weights, make_chain,
+                        run_functional, run_in_place)
+from melt_kernels.backends import triton_interpreted
+from melt_kernels.checks import check_inputs
+from melt_kernels.reference import active_index, gated_kv_attention_ref_bwd, gated_kv_attention_ref_fwd, splice
+from utils import GATE_KINDS, LAYOUTS, Case, assert_within_rule, make_case
+
+if not (triton_interpreted() or torch.cuda.is_available()):
+    pytest.skip("the Triton kernels need a CUDA device, or TRITON_INTERPRET=1 to run on the CPU",
+                allow_module_level=True)
+
+from melt_kernels.kernels.gated_kv_attention_bwd import gated_kv_attention_bwd  # noqa: E402
+
+DEVICE = "cpu" if triton_interpreted() else "cuda"
+FP32_TOL = dict(atol=1e-5, rtol=1e-5)
+HEAD_DIMS = (16, 24, 40, 64, 72, 128, 256)
+NAMES = ("dq", "dk_new", "dv_new", "dk_cache", "dv_cache")
+
+
+def _ulp_floor(exact: torch.Tensor, dtype: torch.dtype) -> float:
+    """One unit in the last place of ``dtype`` at the largest magnitude of ``exact``, plus the rule's default
+    floor for exactly-zero gradients (a single visible key gives dq = 0 up to float32 rounding)."""
+    return torch.finfo(dtype).eps * exact.abs().max().item() + 1e-5
+
+
+def _assert_rule(got, exact, low, dtype, name):
+    try:
+        assert_within_rule(got, exact, low, floor=_ulp_floor(exact, dtype))
+    except AssertionError as e:
+        raise AssertionError(f"{name}: {e}") from None
+
+
+def _bwd_problem(case, causal, seed, with_dlse, host_lengths):
+    """The launcher's arguments for ``case``: the forward by the reference (caches updated in place), the
+    active slots as it read them, random cotangents.  Returns (args, prefix mask (B, S))."""
+    p = check_inputs(*case.args(), causal=causal)
+    out, lse = gated_kv_attention_ref_fwd(p.q, p.k, p.v, p.k_cache, p.v_cache, p.cache_seqlens, p.gate, p.gate_v,
+                                          p.softmax_scale, causal, p.max_seqlen_k)
+    index = active_index(p.cache_seqlens, tuple(p.k.shape))
+    k_new, v_new = p.k_cache.gather(1, index), p.v_cache.gather(1, index)
+    gen = torch.Generator().manual_seed(seed)
+    dout = torch.randn(out.shape, generator=gen).to(out.dtype).to(DEVICE)
+    dlse = torch.randn(lse.shape, generator=gen).to(DEVICE) if with_dlse else None
+    prefix = torch.arange(p.cache_len, device=DEVICE)[None, :] < p.cache_seqlens.long()[:, None]
+    return [p.q, p.k_cache, p.v_cache, k_new, v_new, p.cache_seqlens, out, lse, dout, dlse, p.softmax_scale,
+            causal, None, p.max_seqlen_k if host_lengths else None], prefix
+
+
+def _exact_args(args):
+    """The same problem in float64 (the reference recomputes from q, the caches and the active slots)."""
+    return [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+
+
+def _low_precision_bwd(args):
+    """Attention's backward by PyTorch autograd through attention_low_precision, in the inputs' dtype."""
+    q, k_cache, v_cache, k_new, v_new, cache_seqlens, out, lse, dout, dlse, scale, causal, need_cache_grad, _ = args
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (q, k_new, v_new, k_cache, v_cache)]
+        keys, values = (splice(c, n, cache_seqlens) for c, n in zip(leaves[3:], leaves[1:3]))
+        o, lse_ = attention_low_precision(leaves[0], keys, values, cache_seqlens, scale, causal)
+        outputs, cotangents = [o], [dout]
+        if dlse is not None:
+            outputs.append(lse_)
+            cotangents.append(dlse)
+        grads = torch.autograd.grad(outputs, leaves, cotangents, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
+
+
+problem_params = st.fixed_dictionaries(dict(
+    seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 3), seqlen_q=st.integers(1, 20),
+    heads_kv=st.integers(1, 2), groups=st.integers(1, 3), head_dim=st.sampled_from(HEAD_DIMS),
+    extra=st.integers(0, 24), gate_kind=st.sampled_from(GATE_KINDS), layout=st.sampled_from(LAYOUTS),
+    int_seqlens=st.booleans()))
+
+
+def _case(params, dtype):
+    params = dict(params)
+    params["heads_q"] = params["heads_kv"] * params.pop("groups")
+    params["cache_len"] = params["seqlen_q"] + params.pop("extra")
+    return make_case(dtype=dtype, device=DEVICE, **params)
+
+
+@given(params=problem_params, causal=st.booleans(), with_dlse=st.booleans(), need_cache_grad=st.booleans(),
+       host_lengths=st.booleans())
+def test_launcher_matches_reference(params, causal, with_dlse, need_cache_grad, host_lengths):
+    case = _case(params, torch.float32)
+    args, prefix = _bwd_problem(case, causal, params["seed"], with_dlse, host_lengths)
+    args[12] = need_cache_grad
+    got = gated_kv_attention_bwd(*args)
+    want = gated_kv_attention_ref_bwd(*_exact_args(args))
+    for name, g, w in zip(NAMES, got, want):
+        if w is None:
+            assert g is None, f"{name} returned without need_cache_grad"
+            continue
+        torch.testing.assert_close(g.double(), w, **FP32_TOL, msg=lambda m: f"{name}: {m}")
+    if need_cache_grad:
+        for name, g in zip(NAMES[3:], got[3:]):
+            assert g.shape == case.k_cache.shape and g.dtype == case.k_cache.dtype
+            assert (g[~prefix] == 0).all(), f"{name} is not zero at positions >= L_b"
+
+
+@given(params=problem_params, causal=st.booleans(), with_dlse=st.booleans(),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16]))
+def test_launcher_low_precision(params, causal, with_dlse, dtype):
+    case = _case(params, dtype)
+    args, _ = _bwd_problem(case, causal, params["seed"], with_dlse, host_lengths=True)
+    args[12] = True
+    got = gated_kv_attention_bwd(*args)
+    exact = gated_kv_attention_ref_bwd(*_exact_args(args))
+    dq, dk_new, dv_new, dk_cache, dv_cache = _low_precision_bwd(args)
+    for name, g, w, low in zip(NAMES, got, exact, (dq, dk_new, dv_new, dk_cache, dv_cache)):
+        _assert_rule(g, w, low, dtype, name)
+
+
+@pytest.mark.parametrize("head_dim", [16, 40, 128, 256])
+def test_launcher_head_dims(head_dim):
+    """The extremes of head_dim and a padded one, on a problem spanning several blocks each way."""
+    case = make_case(head_dim, batch=2, seqlen_q=18, heads_q=4, heads_kv=2, head_dim=head_dim, cache_len=40,
+                     device=DEVICE)
+    args, _ = _bwd_problem(case, True, head_dim, with_dlse=True, host_lengths=True)
+    args[12] = True
+    for name, g, w in zip(NAMES, gated_kv_attention_bwd(*args), gated_kv_attention_ref_bwd(*_exact_args(args))):
+        torch.testing.assert_close(g.double(), w, **FP32_TOL, msg=lambda m: f"{name}: {m}")
+
+
+def test_launcher_wide_offsets(monkeypatch):
+    """The 64-bit in-slice offsets taken for slices spanning 2**31 elements (forced here on a small problem;
+    test_gpu_int64_offsets runs them for real)."""
+    import melt_kernels.kernels.gated_kv_attention_bwd as module
+    monkeypatch.setattr(module, "_needs_wide_offsets", lambda tensors, block: True)
+    case = make_case(3, batch=2, seqlen_q=18, heads_q=2, heads_kv=1, head_dim=24, cache_len=40, device=DEVICE,
+                     layout="padded")
+    args, _ = _bwd_problem(case, True, 3, with_dlse=True, host_lengths=False)
+    args[12] = True
+    for name, g, w in zip(NAMES, gated_kv_attention_bwd(*args), gated_kv_attention_ref_bwd(*_exact_args(args))):
+        torch.testing.assert_close(g.double(), w, **FP32_TOL, msg=lambda m: f"{name}: {m}")
+
+
+chain_params = st.fixed_dictionaries(dict(
+    seed=st.integers(0, 2**31 - 1), loops=st.integers(1, 3), chunks=st.integers(1, 2), batch=st.integers(1, 2),
+    seqlen_q=st.integers(1, 6), heads_kv=st.integers(1, 2), groups=st.integers(1, 2),
+    head_dim=st.sampled_from([16, 24]), extra=st.integers(0, 20), gate_kind=st.sampled_from(GATE_KINDS),
+    layout=st.sampled_from(LAYOUTS), int_seqlens=st.booleans()))
+
+
+def _chain(params, dtype):
+    params = dict(params)
+    params["heads_q"] = params["heads_kv"] * params.pop("groups")
+    return make_chain(dtype=dtype, device=DEVICE, **params)
+
+
+@given(params=chain_params, causal=st.booleans(), cache_requires_grad=st.booleans(),
+       use=st.tuples(st.booleans(), st.booleans(), st.booleans()).filter(any))
+def test_chained_matches_reference(params, causal, cache_requires_grad, use):
+    """T loops x C chunks through backend="triton", float32, every gradient vs the float64 functional chain."""
+    chain = _chain(params, torch.float32)
+    weights = loss_weights(chain, params["seed"], use)
+    kernel = chain.clone(cache_requires_grad=cache_requires_grad)
+    got = chain_grads(kernel, weights, lambda c: run_in_place(c, causal, "triton"))
+    want = chain_grads(chain.clone(torch.float64, cache_requires_grad=cache_requires_grad), weights,
+                       lambda c: run_functional(c, causal))
+    for name, g, w in zip(grad_names(kernel), got, want):
+        torch.testing.assert_close(g.double(), w, **FP32_TOL, msg=lambda m: f"{name}: {m}")
+
+
+@given(params=chain_params, causal=st.booleans(), dtype=st.sampled_from([torch.float16, torch.bfloat16]))
+def test_chained_low_precision(params, causal, dtype):
+    chain = _chain(params, dtype)
+    weights = loss_weights(chain, params["seed"], (True, True, True))
+    kernel = chain.clone()
+    got = chain_grads(kernel, weights, lambda c: run_in_place(c, causal, "triton"))
+    exact = chain_grads(chain.clone(torch.float64), weights, lambda c: run_functional(c, causal))
+    low = chain_grads(chain.clone(), weights, lambda c: run_functional(c, causal, attention_low_precision))
+    for name, g, w, lo in zip(grad_names(kernel), got, exact, low):
+        _assert_rule(g, w, lo, dtype, name)
+
+
+# Compiles the kernels for sm_90 with this machine's Triton, no GPU needed, in the configurations the launcher
+# picks on a GPU: the interpreter runs Python, so only a real compile catches what the compiler rejects.
+_COMPILE_SM90 = r"""
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from melt_kernels.kernels import gated_kv_attention_bwd as m
+
+TENSORS = ("q", "k_cache", "v_cache", "k_new", "v_new", "dout", "out", "dk_cache", "dv_cache")
+FP32 = ("lse", "delta", "dlse", "dk_new", "dv_new", "dq")
+NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def compile_sm90(fn, dtype, consts, **options):
+    def kind(n):
+        if n in consts:
+            return "constexpr"
+        if n in TENSORS:
+            return "*" + NAMES[dtype]
+        return "*fp32" if n in FP32 else "*i32" if n == "cache_seqlens" else \
+            "fp32" if n in ("softmax_scale", "qk_scale") else "i32"
+    kernel = triton.compile(ASTSource(fn, {n: kind(n) for n in fn.arg_names}, consts),
+                            target=GPUTarget("cuda", 90, 32), options=options)
+    assert ".entry" in kernel.asm["ptx"]
+
+
+for dtype, head_dim, causal, wide in [(torch.bfloat16, 128, True, True), (torch.float16, 256, False, False),
+                                     (torch.float32, 48, True, False)]:
+    block_d = triton.next_power_of_2(head_dim)
+    t = m._tiles(block_d, 256, dtype)
+    common = dict(D=head_dim, BD=block_d, IS_CAUSAL=causal, UPCAST=False, WIDE=wide)
+    compile_sm90(m._bwd_dkdv_kernel, dtype, dict(common, BM=t["BM_KV"], BN=t["BN_KV"]), num_warps=t["warps_kv"],
+                 num_stages=t["stages_kv"])
+    compile_sm90(m._bwd_dq_kernel, dtype, dict(common, BM=t["BM_Q"], BN=t["BN_Q"]), num_warps=t["warps_q"],
+                 num_stages=t["stages_q"])
+    compile_sm90(m._bwd_preprocess_kernel, dtype, dict(D=head_dim, BD=block_d, BM=t["BM_PRE"], HAS_DLSE=causal,
+                                                       WIDE=False), num_warps=4)
+"""
+
+
+def test_kernels_compile_for_sm90():
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton without its NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_SM90], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_realistic_sizes_and_determinism(dtype):
+    """A training chunk over a long prefix (M = 128, L up to 1000, D = 128, GQA 4): the 2x rule for every
+    gradient, and bit-identical results on a rerun (no atomics)."""
+    case = make_case(7, batch=2, seqlen_q=128, heads_q=8, heads_kv=2, head_dim=128, cache_len=1200, dtype=dtype,
+                     device="cuda")
+    args, _ = _bwd_problem(case, True, 7, with_dlse=True, host_lengths=False)
+    args[12] = True
+    got = gated_kv_attention_bwd(*args)
+    again = gated_kv_attention_bwd(*args)
+    exact = gated_kv_attention_ref_bwd(*_exact_args(args))
+    low = _low_precision_bwd(args)
+    for name, g, g2, w, lo in zip(NAMES, got, again, exact, low):
+        assert torch.equal(g, g2), f"{name} differs between two runs"
+        _assert_rule(g, w, lo, dtype, name)
+
+
+@pytest.mark.gpu
+def test_gpu_int64_offsets():
+    """Cache positions more than 2**31 elements from the cache's start (caches seen through a huge sequence
+    stride into one 5 GiB buffer): offsets must be 64-bit."""
+    cache_len, head_dim, stride_s = 80, 16, 2**25
+    buffer = torch.zeros(cache_len * stride_s, dtype=torch.bfloat16, device="cuda")
+    k_cache, v_cache = (buffer.as_strided((1, cache_len, 1, head_dim), (cache_len * stride_s, stride_s,
+                                                                          head_dim, 1), offset)
+                        for offset in (0, 2 * head_dim))
+    gen = torch.Generator().manual_seed(0)
+    for cache in (k_cache, v_cache):
+        cache.copy_(torch.randn(cache.shape, generator=gen))
+    q, k, v = (torch.randn(1, 8, 1, head_dim, generator=gen).to("cuda", torch.bfloat16) for _ in range(3))
+    case = Case(q, k, v, k_cache, v_cache, cache_len - 8, 0.5, None)
+    args, prefix = _bwd_problem(case, True, 0, with_dlse=True, host_lengths=True)
+    args[12] = True
+    got = gated_kv_attention_bwd(*args)
+    exact = gated_kv_attention_ref_bwd(*_exact_args(args))
+    low = _low_precision_bwd(args)
+    for name, g, w, lo in zip(NAMES, got, exact, low):
+        _assert_rule(g, w, lo, torch.bfloat16, name)
