@@ -5,10 +5,10 @@
 #    with the environment), from the local tree only, keeping the ptxas resource report;
 # 2. runs the whole test suite on the GPU (both kernel backends compiled; no TRITON_INTERPRET);
 # 3. runs compute-sanitizer memcheck and racecheck over the GPU tests (`pytest -m gpu`, ci hypothesis profile);
-# 4. runs the attention and loop-depth benchmarks.
+# 4. runs the attention (forward, forward + backward) and loop-depth benchmarks.
 # Each step logs to LOG_DIR/<step>.log; a failed step is reported and the others still run; the exit status is
 # non-zero when any step failed.  Naming steps runs only those (environment install import tests memcheck
-# racecheck bench-attention bench-loop-depth), e.g. to fit a time limit per command.  PYTHON picks the
+# racecheck bench-attention bench-attention-bwd bench-loop-depth), e.g. to fit a time limit per command.  PYTHON picks the
 # interpreter (default python3: the one holding CUDA torch).
 set -uo pipefail
 
@@ -48,6 +48,7 @@ step memcheck env PYTORCH_NO_CUDA_MEMORY_CACHING=1 HYPOTHESIS_PROFILE=ci compute
 step racecheck env HYPOTHESIS_PROFILE=ci compute-sanitizer --tool racecheck --error-exitcode 1 \
     "$PY" -m pytest -q -x -m gpu tests
 step bench-attention "$PY" benchmarks/attention.py --out "$LOG/attention.json"
+step bench-attention-bwd "$PY" benchmarks/attention_bwd.py --out "$LOG/attention_bwd.json"
 step bench-loop-depth "$PY" benchmarks/loop_depth.py --json "$LOG/loop_depth.json" --plot "$LOG/loop_depth.png"
 
 if [ ${#failed[@]} -eq 0 ]; then

@@ -217,9 +217,12 @@ def run(problem: Problem, impl) -> tuple[torch.Tensor, torch.Tensor]:
     logs = (begin_write(p.k_cache), begin_write(p.v_cache))
     differentiable = [p.q, p.k, p.v, p.k_cache, p.v_cache, _gate_tensor(p.gate), _gate_tensor(p.gate_v)]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable):
-        out, lse, k_new, v_new = GatedKVAttentionFunction.apply(*args, impl, logs)
-        _CommitFunction.apply(p.k_cache, k_new, p.cache_seqlens)
-        _CommitFunction.apply(p.v_cache, v_new, p.cache_seqlens)
+        # The backward keeps its own copy of the (B,) lengths: callers advance theirs in place
+        # (MeltCache.advance) before the backward runs.
+        lengths = p.cache_seqlens.clone()
+        out, lse, k_new, v_new = GatedKVAttentionFunction.apply(*args[:5], lengths, *args[6:], impl, logs)
+        _CommitFunction.apply(p.k_cache, k_new, lengths)
+        _CommitFunction.apply(p.v_cache, v_new, lengths)
     else:
         out, lse = impl.fwd(*args)
         # Kernel writes do not move the version counter; declare the mutation.

@@ -273,8 +273,7 @@ class LoopedLM(nn.Module):
             self._check_transition(cache, transition, batch, seqlen)
         shared = isinstance(cache, MeltCache)
         x = self.embed(input_ids)
-        # A copy: advance() rewrites cache.seqlens in place, and a backward needs the lengths its chunk ran at.
-        lengths = cache.seqlens.clone()
+        lengths = cache.seqlens
         positions = lengths.long()[:, None] + torch.arange(seqlen, device=x.device)  # [B, M]
         # Every layer and loop of the chunk rotates at the same positions.
         rope = self.rotary(positions, compute_dtype(x.dtype))

@@ -67,3 +67,20 @@ def test_loops_of_a_step_stay_in_the_active_slots_until_advance():
     assert changed.tolist() == [[p in range(2, 5) for p in range(8)], [p in range(4, 7) for p in range(8)]]
     cache.advance(3)
     assert cache.seqlens_host.tolist() == [5, 7]
+
+
+def test_advance_before_backward_keeps_gradients():
+    """The op keeps its own copy of the lengths: advancing the cache (in place) before backward is fine."""
+    torch.manual_seed(1)
+    cache = MeltCache(1, 2, 8, 1, 16, dtype=torch.float64)
+    k_cache, v_cache = (t.clone() for t in cache.layer(0))
+    q = torch.randn(2, 2, 1, 16, dtype=torch.float64, requires_grad=True)
+    kv = [torch.randn(2, 2, 1, 16, dtype=torch.float64) for _ in range(2)]
+    grads = []
+    for advance_first in (False, True):
+        out = melt_kernels.gated_kv_attention(q, *kv, k_cache.clone(), v_cache.clone(), cache.seqlens,
+                                              backend="reference")
+        if advance_first:
+            cache.advance(2)
+        grads.append(torch.autograd.grad(out.square().sum(), q)[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
