@@ -17,20 +17,15 @@ inputs so that they do not sit in L2 between replays.  Results go to JSON and a 
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
 import math
-import os
-import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
 import melt_kernels
+from common import median_ms, run_meta, setup, write_results
 
 TARGETS = {
     "decode (cache >= 8k)": ">= 80% of copy bandwidth, <= 1.1x SDPA's time, >= 1.5x faster than unfused",
@@ -152,14 +147,9 @@ def unfused(inputs: Inputs):
     return run
 
 
-def median_ms(fn, cuda: bool) -> float:
-    if not cuda:  # the smoke test: one run, not a timing
-        start = time.perf_counter()
-        fn()
-        return 1e3 * (time.perf_counter() - start)
+def graph_median(fn) -> float:
+    """Median of CUDA-graph replays, so that launch overhead, which would dominate decode, does not count."""
     import triton.testing
-    fn()  # compile and warm up outside the graph
-    torch.cuda.synchronize()
     try:
         return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
     except RuntimeError:  # a path that cannot be captured: time with events instead
@@ -171,7 +161,7 @@ def copy_bandwidth(device, cuda: bool) -> float:
     numel = (1 << 30) // 4 if cuda else (1 << 24)
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), cuda)
+    ms = median_ms(lambda: dst.copy_(src), cuda, graph_median)
     return 2 * src.numel() * src.element_size() / (ms * 1e-3)
 
 
@@ -195,14 +185,6 @@ def agree(inputs: Inputs, backend: str) -> float:
     return (outs[0].float() - outs[1].float()).abs().max().item()
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def run_shape(s: Shape, backends: list[str], dtype, device, cuda: bool, copy_bps: float, l2_bytes: int) -> dict:
     elem = torch.finfo(dtype).bits // 8
     nbytes = essential_bytes(s, elem)
@@ -211,11 +193,11 @@ def run_shape(s: Shape, backends: list[str], dtype, device, cuda: bool, copy_bps
     row = dict(shape=asdict(s), label=s.label, bytes=nbytes, flops=flops(s), copies=copies)
     for name, fn in [("sdpa", sdpa(inputs)), ("unfused", unfused(inputs))]:
         try:
-            row[f"{name}_ms"] = median_ms(fn, cuda) / copies
+            row[f"{name}_ms"] = median_ms(fn, cuda, graph_median) / copies
         except (RuntimeError, NotImplementedError) as e:
             row[f"{name}_ms"], row[f"{name}_error"] = None, (str(e).splitlines() or [type(e).__name__])[0]
     for b in backends:
-        ms = median_ms(fused(inputs, b), cuda) / copies
+        ms = median_ms(fused(inputs, b), cuda, graph_median) / copies
         row[b] = dict(ms=ms, gbps=nbytes / (ms * 1e-3) / 1e9, pct_copy=100 * nbytes / (ms * 1e-3) / copy_bps,
                       tflops=flops(s) / (ms * 1e-3) / 1e12, max_diff_vs_unfused=agree(inputs, b))
         for base in ("sdpa", "unfused"):
@@ -258,47 +240,23 @@ def markdown(meta: dict, rows: list[dict], backends: list[str]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test of the script)")
-    parser.add_argument("--out", help="JSON path (a .md table is written beside it); default "
-                        "benchmarks/results/attention-<device>-<date>.json")
-    args = parser.parse_args(argv)
-
-    cuda = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
-    if not cuda and not (args.quick and os.environ.get("TRITON_INTERPRET", "0") == "1"):
-        print("benchmarks/attention.py times GPU kernels and no CUDA device is available: nothing to do. "
-              "(TRITON_INTERPRET=1 ... --quick runs the script on tiny CPU shapes as a smoke test.)")
+    env = setup(__doc__, "attention", argv)
+    if env is None:
         return 0
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    backends = [b for b in melt_kernels.available_backends() if b != "reference"]
-    props = torch.cuda.get_device_properties(device) if cuda else None
-    device_name = props.name if cuda else "cpu-interpreter"
-    l2_bytes = props.L2_cache_size if cuda else 0
-    now = datetime.datetime.now(datetime.timezone.utc)
+    cuda, device, dtype, backends = env.cuda, env.device, env.dtype, env.backends
+    l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size if cuda else 0
     copy_bps = copy_bandwidth(device, cuda)
-    meta = dict(device=device_name, date=now.isoformat(timespec="seconds"), commit=git_commit(),
-                torch=torch.__version__, copy_gbps=copy_bps / 1e9, dtype=str(dtype), backends=backends,
-                targets=TARGETS, timing="median of CUDA-graph replays" if cuda else "CPU smoke test: not timings")
-    print(f"{device_name}: copy bandwidth {copy_bps / 1e9:.0f} GB/s; backends {backends}", flush=True)
+    meta = run_meta(env.device_name, copy_gbps=copy_bps / 1e9, dtype=str(dtype), backends=backends, targets=TARGETS,
+                    timing="median of CUDA-graph replays" if cuda else "CPU smoke test: not timings")
+    print(f"{env.device_name}: copy bandwidth {copy_bps / 1e9:.0f} GB/s; backends {backends}", flush=True)
     rows = []
-    for s in shapes(args.quick):
+    for s in shapes(env.args.quick):
         rows.append(run_shape(s, backends, dtype, device, cuda, copy_bps, l2_bytes))
         summary = "  ".join(f"{b}: {rows[-1][b]['ms']:.4f} ms {rows[-1][b]['pct_copy']:.0f}% copy"
                             for b in backends)
         print(f"{s.label}: sdpa {rows[-1].get('sdpa_ms')} ms, unfused {rows[-1].get('unfused_ms')} ms; {summary}",
               flush=True)
-
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"attention-{device_name.replace(' ', '_')}-{now:%Y%m%d}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    table = markdown(meta, rows, backends)
-    with open(os.path.splitext(out)[0] + ".md", "w") as f:
-        f.write(table)
-    print(table)
-    print(f"wrote {out} and {os.path.splitext(out)[0]}.md")
+    write_results(env.args.out, "attention", meta, rows, markdown(meta, rows, backends))
     return 0
 
 

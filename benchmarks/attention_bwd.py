@@ -19,13 +19,8 @@ N the keys each causal query sees).  Results go to JSON (``--out``) with device,
 """
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
-import os
-import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -34,6 +29,7 @@ import torch.nn.functional as F
 import melt_kernels
 from melt_kernels.backends import select_backend
 from melt_kernels.checks import check_inputs
+from common import median_ms, run_meta, setup, write_results
 
 TARGET = "fused forward + backward <= 1.5x SDPA forward + backward"
 
@@ -152,23 +148,13 @@ class Inputs:
         return [self.q, self.k, self.v, self.gate, self.q_t, self.k_t, self.v_t, self.anchor]
 
 
-def median_ms(fn, cuda: bool, grad_to_none=None) -> float:
-    if not cuda:  # the smoke test: one run, not a timing
-        start = time.perf_counter()
-        fn()
-        return 1e3 * (time.perf_counter() - start)
-    import triton.testing
-    fn()  # compile and warm up
-    torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=25, rep=200, grad_to_none=grad_to_none, return_mode="median")
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+def bench(grad_to_none=None):
+    """triton.testing.do_bench's median, resetting ``grad_to_none``'s gradients between runs so that backward
+    does not time their accumulation."""
+    def run(fn) -> float:
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=25, rep=200, grad_to_none=grad_to_none, return_mode="median")
+    return run
 
 
 def run_shape(s: Shape, backends: list[str], dtype, device, cuda: bool) -> dict:
@@ -179,10 +165,10 @@ def run_shape(s: Shape, backends: list[str], dtype, device, cuda: bool) -> dict:
     for cache_grad in (True, False):
         key = "cache_grad" if cache_grad else "no_cache_grad"
         entry = row[key] = {}
-        entry["sdpa_ms"] = median_ms(lambda: inputs.sdpa(inputs.mask, cache_grad), cuda, inputs.leaves())
+        entry["sdpa_ms"] = median_ms(lambda: inputs.sdpa(inputs.mask, cache_grad), cuda, bench(inputs.leaves()))
         for b in backends:
-            ms = median_ms(lambda: inputs.fused(b, cache_grad), cuda, inputs.leaves())
-            bwd_ms = median_ms(inputs.bwd_kernels(b, cache_grad), cuda)
+            ms = median_ms(lambda: inputs.fused(b, cache_grad), cuda, bench(inputs.leaves()))
+            bwd_ms = median_ms(inputs.bwd_kernels(b, cache_grad), cuda, bench())
             entry[b] = dict(ms=ms, over_sdpa=ms / entry["sdpa_ms"], tflops=(fwd_flops + bwd_flops) / (ms * 1e-3) / 1e12,
                             bwd_kernels_ms=bwd_ms, bwd_kernels_tflops=bwd_flops / (bwd_ms * 1e-3) / 1e12)
     if cuda:
@@ -213,43 +199,19 @@ def markdown(meta: dict, rows: list[dict], backends: list[str]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test of the script)")
-    parser.add_argument("--out", help="JSON path (a .md table is written beside it); default "
-                        "benchmarks/results/attention_bwd-<device>-<date>.json")
-    args = parser.parse_args(argv)
-
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    cuda = torch.cuda.is_available() and not interpreted
-    if not cuda and not (args.quick and interpreted):
-        print("benchmarks/attention_bwd.py times GPU kernels and no CUDA device is available: nothing to do. "
-              "(TRITON_INTERPRET=1 ... --quick runs the script on tiny CPU shapes as a smoke test.)")
+    env = setup(__doc__, "attention_bwd", argv)
+    if env is None:
         return 0
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    backends = [b for b in melt_kernels.available_backends() if b != "reference"]
-    device_name = torch.cuda.get_device_name(device) if cuda else "cpu-interpreter"
-    now = datetime.datetime.now(datetime.timezone.utc)
     import triton
-    meta = dict(device=device_name, date=now.isoformat(timespec="seconds"), commit=git_commit(),
-                torch=torch.__version__, triton=triton.__version__, dtype=str(dtype), backends=backends,
-                target=TARGET, timing="median of triton.testing.do_bench" if cuda else "CPU smoke test: not timings")
-    print(f"{device_name}: backends {backends}", flush=True)
+    timing = "median of triton.testing.do_bench" if env.cuda else "CPU smoke test: not timings"
+    meta = run_meta(env.device_name, triton=triton.__version__, dtype=str(env.dtype), backends=env.backends,
+                    target=TARGET, timing=timing)
+    print(f"{env.device_name}: backends {env.backends}", flush=True)
     rows = []
-    for s in shapes(args.quick):
-        rows.append(run_shape(s, backends, dtype, device, cuda))
+    for s in shapes(env.args.quick):
+        rows.append(run_shape(s, env.backends, env.dtype, env.device, env.cuda))
         print(s.label, json.dumps({k: rows[-1][k] for k in ("cache_grad", "no_cache_grad")}), flush=True)
-
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"attention_bwd-{device_name.replace(' ', '_')}-{now:%Y%m%d}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    table = markdown(meta, rows, backends)
-    with open(os.path.splitext(out)[0] + ".md", "w") as f:
-        f.write(table)
-    print(table)
-    print(f"wrote {out} and {os.path.splitext(out)[0]}.md")
+    write_results(env.args.out, "attention_bwd", meta, rows, markdown(meta, rows, env.backends))
     return 0
 
 
