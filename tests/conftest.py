@@ -6,11 +6,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-# `ci`: few examples, for the 2-core CI machine; `dev`: the default elsewhere;
-# `nightly`: many.  Pick one with HYPOTHESIS_PROFILE.
+# `ci`: few examples from a fixed seed, so that a CI verdict is reproducible; `dev` (the default
+# elsewhere) and `nightly` (many): fresh random examples every run.  Pick one with HYPOTHESIS_PROFILE.
 _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-               derandomize=False, print_blob=True)
-settings.register_profile("ci", max_examples=8, **_COMMON)
+               print_blob=True)
+settings.register_profile("ci", max_examples=8, derandomize=True, **_COMMON)
 settings.register_profile("dev", max_examples=30, **_COMMON)
 settings.register_profile("nightly", max_examples=500, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
