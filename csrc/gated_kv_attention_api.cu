@@ -48,6 +48,16 @@ void check_gate(const char* name, const Gate& g) {
     require(g.kind <= kGateScalar || g.ptr != nullptr, std::string(name) + ": null gate pointer");
 }
 
+// What the cache update reads and writes: the fresh k/v, both caches and both gates.
+void check_update_args(const FwdArgs& p) {
+    check_rows("k", p.k);
+    check_rows("v", p.v);
+    check_rows("k_cache", p.k_cache);
+    check_rows("v_cache", p.v_cache);
+    check_gate("gate", p.gate_k);
+    check_gate("gate_v", p.gate_v);
+}
+
 }  // namespace
 
 void check_fwd_args(const FwdArgs& p) {
@@ -57,13 +67,8 @@ void check_fwd_args(const FwdArgs& p) {
     require(p.cache_len >= p.seqlen_q, "cache_len must be >= seqlen_q");
     require(p.seqlens != nullptr && p.lse != nullptr, "null seqlens/lse pointer");
     check_rows("q", p.q);
-    check_rows("k", p.k);
-    check_rows("v", p.v);
-    check_rows("k_cache", p.k_cache);
-    check_rows("v_cache", p.v_cache);
     check_rows("out", p.out);
-    check_gate("gate", p.gate_k);
-    check_gate("gate_v", p.gate_v);
+    check_update_args(p);
     require(p.num_splits >= 1, "num_splits must be >= 1");
     require(p.num_splits == 1 || (p.o_part != nullptr && p.lse_part != nullptr),
             "num_splits > 1 needs the o_part/lse_part workspaces");
@@ -132,12 +137,7 @@ std::vector<BlockPlan> plan_fwd(const std::vector<int>& seqlens, int cache_len, 
 
 void blend_host(const FwdArgs& args, int dtype) {
     require(args.head_dim % 8 == 0 && args.cache_len >= args.seqlen_q, "bad blend arguments");
-    check_rows("k", args.k);
-    check_rows("v", args.v);
-    check_rows("k_cache", args.k_cache);
-    check_rows("v_cache", args.v_cache);
-    check_gate("gate", args.gate_k);
-    check_gate("gate_v", args.gate_v);
+    check_update_args(args);
     switch (dtype) {
         case kFloat16: blend_host_dtype<__half>(args); break;
         case kBFloat16: blend_host_dtype<__nv_bfloat16>(args); break;
