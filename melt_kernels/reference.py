@@ -94,10 +94,13 @@ def gated_kv_attention_ref_fwd(q, k, v, k_cache, v_cache, cache_seqlens, gate: G
     are None, floats or tensors broadcastable to (B, M, Hkv, D).
     Returns (out, lse); lse is float32 (float64 for float64 inputs).
     """
-    index = active_index(cache_seqlens, tuple(k.shape))
+    rows = torch.arange(k.shape[0], device=k.device)[:, None]  # [B, 1]
+    positions = cache_seqlens.long()[:, None] + torch.arange(k.shape[1], device=k.device)  # [B, M]
     for cache, fresh, alpha in ((k_cache, k, gate), (v_cache, v, gate_v)):
-        old = None if alpha is None else cache.gather(1, index)
-        cache.scatter_(1, index, blend(old, fresh, alpha, cache.dtype))
+        old = None if alpha is None else cache[rows, positions]
+        # index_put_, not scatter_: PyTorch's CPU scatter_ rewrites the bits of untouched bfloat16 NaNs
+        # (0x7FC0 -> 0xFFFF), a write outside the active slots.
+        cache[rows, positions] = blend(old, fresh, alpha, cache.dtype)
     window = _window(max_seqlen_k, k_cache.shape[1])
     return attention(q, k_cache[:, :window], v_cache[:, :window], cache_seqlens, softmax_scale, causal)
 

@@ -169,3 +169,19 @@ def test_version_counter_moves_and_history_is_rebased():
         versions = case.k_cache._version, case.v_cache._version
         melt_kernels.gated_kv_attention(*case.args(), backend="reference")
     assert case.k_cache._version > versions[0] and case.v_cache._version > versions[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_untouched_nan_keeps_its_bits(dtype):
+    """Positions outside the active slots keep their exact bits, NaN payloads included: PyTorch's CPU
+    ``scatter_`` rewrites untouched bfloat16 NaNs (0x7FC0 -> 0xFFFF), so the reference must not use it."""
+    case = make_case(5, batch=2, seqlen_q=2, heads_q=2, heads_kv=1, head_dim=16, cache_len=9, dtype=dtype)
+    case.cache_seqlens = torch.tensor([3, 6], dtype=torch.int32)
+    mask = active_mask(case.cache_seqlens, 2, 2, 9)
+    for cache in (case.k_cache, case.v_cache):
+        cache[~mask] = float("nan")
+    before_k, before_v = case.k_cache.clone(), case.v_cache.clone()
+    with torch.no_grad():
+        melt_kernels.gated_kv_attention(*case.args(), backend="reference")
+    assert_untouched(before_k, case.k_cache, mask)
+    assert_untouched(before_v, case.v_cache, mask)
