@@ -1,18 +1,20 @@
-"""Kernel benchmark of the fused gated cache update + attention (forward), against PyTorch.
+"""Kernel benchmark of the fused gated cache update + attention (forward), beside its peers.
 
 For every shape it times, median of CUDA-graph replays (triton.testing.do_bench_cudagraph):
 
-* each kernel backend in melt_kernels.available_backends() (the public op, gated, per-head gate);
-* sdpa: torch SDPA over the same cache with no update (chunk: with an explicit bottom-right causal mask);
-* unfused: the PyTorch path, lerp-update of the active slots, then the same SDPA.
+* each kernel backend in melt_kernels.available_backends() (the public op, gated, one gate per kv head);
+* sdpa_flash, sdpa_cudnn: torch SDPA forced onto its FlashAttention and cuDNN kernels, over the same cache
+  with no update (chunks: bottom-right causal);
+* flex: FlexAttention (torch.compile'd) over the same cache;
+* unfused: the PyTorch path a user would write, lerp-update of the active slots then SDPA;
 
-and reports the kernel's achieved GB/s (the bytes it must move: every input read once, every output written
-once), that as a % of the device-to-device copy bandwidth measured in the same run, its time against SDPA's
-and the unfused path's, and TFLOP/s for chunk shapes.  Small shapes are repeated over several copies of the
-inputs so that they do not sit in L2 between replays.  Results go to JSON and a markdown table.
+and reports the kernel's time (us), its achieved GB/s (the bytes it must move: every input read once,
+every output written once), that as a % of the device-to-device copy bandwidth measured in the same run,
+TFLOP/s, and each peer's time.  Small shapes are repeated over several copies of the inputs so that they
+do not sit in L2 between replays.  Rows go to JSON (one per shape and backend) and a markdown table.
 
-    python benchmarks/attention.py                      # needs a CUDA GPU; prints a note and exits 0 without
-    python benchmarks/attention.py --out results/x.json
+    python benchmarks/attention.py                       # needs a CUDA GPU; prints a note and exits 0 without
+    python benchmarks/attention.py --set headline --out results/x.json     # the GPU pass's shapes
     TRITON_INTERPRET=1 python benchmarks/attention.py --quick   # CPU smoke test of this script (no timings)
 """
 from __future__ import annotations
@@ -22,15 +24,16 @@ import sys
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
 import melt_kernels
-from common import median_ms, run_meta, setup, write_results
+from common import (copy_bandwidth, flex, fmt, graph_median, run_meta, sdpa, sdpa_backends, setup, timed,
+                    write_results)
 
 TARGETS = {
-    "decode (cache >= 8k)": ">= 80% of copy bandwidth, <= 1.1x SDPA's time, >= 1.5x faster than unfused",
-    "chunk": ">= 0.8x SDPA's throughput",
+    "decode (>= 8k keys)": ">= 80% of the copy bandwidth and <= 1.1x SDPA's time",
+    "chunk": ">= SDPA's throughput",
 }
+PEERS = ("sdpa_flash", "sdpa_cudnn", "flex", "unfused")
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,7 @@ class Shape:
     kind: str  # "decode" or "chunk"
     batch: int
     seqlen_q: int
-    cache_len: int  # settled tokens L of every row; the cache holds L + M positions
+    cache_len: int  # settled tokens L of every row; the keys read are L + M
     heads_q: int
     heads_kv: int
     head_dim: int = 128
@@ -49,12 +52,20 @@ class Shape:
                 f"H={self.heads_q}/{self.heads_kv} D={self.head_dim}")
 
 
-def shapes(quick: bool) -> list[Shape]:
-    if quick:
+def shapes(shape_set: str, quick: bool) -> list[Shape]:
+    """headline: Ouro-1.4B's attention (16 heads x 128, MHA) at decode 1k-128k keys, batch 1 and 64, and
+    500-token chunks (the paper's) at the start, middle and end of a 10k-token sequence."""
+    if shape_set == "quick":
         return [Shape("decode", 2, 1, 40, 4, 2, 32), Shape("chunk", 1, 20, 24, 4, 2, 16)]
-    heads = [(16, 16), (32, 8)]
-    out = [Shape("decode", b, 1, n, hq, hkv) for b in (1, 8, 64) for n in (1024, 8192, 32768) for hq, hkv in heads]
-    out += [Shape("chunk", 4, m, 8192, hq, hkv) for m in (64, 256) for hq, hkv in heads]
+    keys = (1024, 8192, 32768, 131072)
+    out = [Shape("decode", b, 1, n - 1, 16, 16) for b in (1, 64) for n in keys]
+    out += [Shape("chunk", 4, 500, 0, 16, 16), Shape("chunk", 4, 500, 4500, 16, 16),
+            Shape("chunk", 1, 500, 9500, 16, 16)]
+    if shape_set == "full":
+        out += [Shape("decode", b, 1, n - 1, 32, 8) for b in (1, 8, 64) for n in (8192, 32768)]
+        out += [Shape("chunk", 4, m, 8192, 32, 8) for m in (64, 256)]
+    if quick:
+        out = [s for s in out if s.kind == "chunk" or s.cache_len + 1 in (8192, 32768)]
     return out
 
 
@@ -84,158 +95,110 @@ class Inputs:
         def randn(*shape):
             return torch.randn(*shape, generator=gen, device=device, dtype=dtype)
 
-        self.sets = []
-        for _ in range(copies):
-            self.sets.append(dict(
-                q=randn(s.batch, s.seqlen_q, s.heads_q, s.head_dim), k=randn(s.batch, s.seqlen_q, s.heads_kv, s.head_dim),
-                v=randn(s.batch, s.seqlen_q, s.heads_kv, s.head_dim),
-                k_cache=randn(s.batch, total, s.heads_kv, s.head_dim), v_cache=randn(s.batch, total, s.heads_kv, s.head_dim),
-                gate=torch.rand(s.batch, s.seqlen_q, s.heads_kv, 1, generator=gen, device=device)))
+        self.sets = [dict(q=randn(s.batch, s.seqlen_q, s.heads_q, s.head_dim),
+                          k=randn(s.batch, s.seqlen_q, s.heads_kv, s.head_dim),
+                          v=randn(s.batch, s.seqlen_q, s.heads_kv, s.head_dim),
+                          k_cache=randn(s.batch, total, s.heads_kv, s.head_dim),
+                          v_cache=randn(s.batch, total, s.heads_kv, s.head_dim),
+                          gate=torch.rand(s.batch, s.seqlen_q, s.heads_kv, 1, generator=gen, device=device))
+                     for _ in range(copies)]
         self.lengths = torch.full((s.batch,), s.cache_len, dtype=torch.int32, device=device)
         self.shape = s
-        self.mask = None if s.kind == "decode" else self._bottom_right_mask(device)
 
-    def _bottom_right_mask(self, device):
-        """SDPA's lower-right causal bias (flash/efficient kernels) where it accepts these heads, else a
-        materialised boolean mask: active token i sees keys 0 .. L + i."""
-        from torch.nn.attention.bias import causal_lower_right
-        s, t = self.shape, self.sets[0]
+    def fused(self, backend: str):
+        def run():
+            for t in self.sets:
+                melt_kernels.gated_kv_attention(t["q"], t["k"], t["v"], t["k_cache"], t["v_cache"], self.lengths,
+                                                t["gate"], backend=backend)
+        return run
+
+    def unfused(self, t: dict) -> torch.Tensor:
+        """The PyTorch path a user would write: lerp-update of the active slots, then SDPA; (B, Hq, M, D)."""
+        s = self.shape
+        active = slice(s.cache_len, s.cache_len + s.seqlen_q)
+        gate = t["gate"].to(t["k"].dtype)
+        # lerp(fresh, old, alpha) = fresh + alpha * (old - fresh), in float32 inside, rounded once.
+        t["k_cache"][:, active] = torch.lerp(t["k"], t["k_cache"][:, active], gate)
+        t["v_cache"][:, active] = torch.lerp(t["v"], t["v_cache"][:, active], gate)
+        return sdpa(t["q"], t["k_cache"], t["v_cache"], s.seqlen_q, s.cache_len + s.seqlen_q)
+
+    def peer(self, name: str):
+        s = self.shape
         window = s.cache_len + s.seqlen_q
-        bias = causal_lower_right(s.seqlen_q, window)
-        try:
-            _sdpa(t["q"], t["k_cache"], t["v_cache"], s, bias)
-            return bias
-        except (RuntimeError, NotImplementedError):
-            keys = torch.arange(window, device=device)
-            return keys[None, :] <= s.cache_len + torch.arange(s.seqlen_q, device=device)[:, None]
-
-
-def fused(inputs: Inputs, backend: str):
-    def run():
-        for t in inputs.sets:
-            melt_kernels.gated_kv_attention(t["q"], t["k"], t["v"], t["k_cache"], t["v_cache"], inputs.lengths,
-                                            t["gate"], backend=backend)
-    return run
-
-
-def _sdpa(q, k_cache, v_cache, s: Shape, mask):
-    """SDPA over the first L + M positions (decode's one query sees them all: no mask)."""
-    window = s.cache_len + s.seqlen_q
-    qt = q.transpose(1, 2)
-    kt, vt = k_cache[:, :window].transpose(1, 2), v_cache[:, :window].transpose(1, 2)
-    return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=s.heads_q != s.heads_kv)
-
-
-def sdpa(inputs: Inputs):
-    def run():
-        for t in inputs.sets:
-            _sdpa(t["q"], t["k_cache"], t["v_cache"], inputs.shape, inputs.mask)
-    return run
-
-
-def unfused(inputs: Inputs):
-    s = inputs.shape
-    active = slice(s.cache_len, s.cache_len + s.seqlen_q)
-
-    def run():
-        for t in inputs.sets:
-            gate = t["gate"].to(t["k"].dtype)
-            # lerp(fresh, old, alpha) = fresh + alpha * (old - fresh), in float32 inside, rounded once.
-            t["k_cache"][:, active] = torch.lerp(t["k"], t["k_cache"][:, active], gate)
-            t["v_cache"][:, active] = torch.lerp(t["v"], t["v_cache"][:, active], gate)
-            _sdpa(t["q"], t["k_cache"], t["v_cache"], s, inputs.mask)
-    return run
-
-
-def graph_median(fn) -> float:
-    """Median of CUDA-graph replays, so that launch overhead, which would dominate decode, does not count."""
-    import triton.testing
-    try:
-        return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
-    except RuntimeError:  # a path that cannot be captured: time with events instead
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def copy_bandwidth(device, cuda: bool) -> float:
-    """Device-to-device copy in bytes/s, counting bytes read plus bytes written."""
-    numel = (1 << 30) // 4 if cuda else (1 << 24)
-    src = torch.randn(numel, device=device)
-    dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), cuda, graph_median)
-    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
-
-
-def agree(inputs: Inputs, backend: str) -> float:
-    """Max |fused - unfused| on the first input set, its active slots restored after each run."""
-    t = inputs.sets[0]
-    s = inputs.shape
-    active = slice(s.cache_len, s.cache_len + s.seqlen_q)
-    saved = t["k_cache"][:, active].clone(), t["v_cache"][:, active].clone()
-    outs = []
-    for path in ("fused", "unfused"):
-        if path == "fused":
-            outs.append(melt_kernels.gated_kv_attention(t["q"], t["k"], t["v"], t["k_cache"], t["v_cache"],
-                                                        inputs.lengths, t["gate"], backend=backend))
+        if name == "flex":
+            attend = lambda t: flex(t["q"], t["k_cache"], t["v_cache"], s.seqlen_q, window)  # noqa: E731
+        elif name == "unfused":
+            attend = self.unfused
         else:
-            gate = t["gate"].to(t["k"].dtype)
-            for cache, fresh in ((t["k_cache"], t["k"]), (t["v_cache"], t["v"])):
-                cache[:, active] = torch.lerp(fresh, cache[:, active], gate)
-            outs.append(_sdpa(t["q"], t["k_cache"], t["v_cache"], s, inputs.mask).transpose(1, 2))
+            backend = sdpa_backends()[name]
+            attend = lambda t: sdpa(t["q"], t["k_cache"], t["v_cache"], s.seqlen_q, window, backend)  # noqa: E731
+
+        def run():
+            for t in self.sets:
+                attend(t)
+        return run
+
+    def max_diff(self, backend: str) -> float:
+        """Max |fused - unfused| on the first set, from the same caches (its active slots restored after each)."""
+        t, s = self.sets[0], self.shape
+        active = slice(s.cache_len, s.cache_len + s.seqlen_q)
+        saved = t["k_cache"][:, active].clone(), t["v_cache"][:, active].clone()
+        fused = melt_kernels.gated_kv_attention(t["q"], t["k"], t["v"], t["k_cache"], t["v_cache"], self.lengths,
+                                                t["gate"], backend=backend)
         t["k_cache"][:, active], t["v_cache"][:, active] = saved
-    return (outs[0].float() - outs[1].float()).abs().max().item()
+        unfused = self.unfused(t).transpose(1, 2)
+        t["k_cache"][:, active], t["v_cache"][:, active] = saved
+        return (fused.float() - unfused.float()).abs().max().item()
 
 
-def run_shape(s: Shape, backends: list[str], dtype, device, cuda: bool, copy_bps: float, l2_bytes: int) -> dict:
+def run_shape(s: Shape, backends: list[str], dtype, device, cuda: bool, copy_bps: float, l2_bytes: int) -> list:
     elem = torch.finfo(dtype).bits // 8
     nbytes = essential_bytes(s, elem)
     copies = max(1, min(16, math.ceil(3 * l2_bytes / nbytes)))  # keep the working set out of L2
     inputs = Inputs(s, dtype, device, copies)
-    row = dict(shape=asdict(s), label=s.label, bytes=nbytes, flops=flops(s), copies=copies)
-    for name, fn in [("sdpa", sdpa(inputs)), ("unfused", unfused(inputs))]:
-        try:
-            row[f"{name}_ms"] = median_ms(fn, cuda, graph_median) / copies
-        except (RuntimeError, NotImplementedError) as e:
-            row[f"{name}_ms"], row[f"{name}_error"] = None, (str(e).splitlines() or [type(e).__name__])[0]
+    peers = {}
+    for name in PEERS:
+        if name == "flex" and not cuda:  # inductor compiles it for the CPU in minutes: the smoke test skips it
+            peers["flex_us"], peers["flex_error"] = None, "not run on the CPU"
+            continue
+        ms, why = timed(inputs.peer(name), cuda, graph_median)
+        peers[f"{name}_us"] = None if ms is None else 1e3 * ms / copies
+        if why:
+            peers[f"{name}_error"] = why
+    rows = []
     for b in backends:
-        ms = median_ms(fused(inputs, b), cuda, graph_median) / copies
-        row[b] = dict(ms=ms, gbps=nbytes / (ms * 1e-3) / 1e9, pct_copy=100 * nbytes / (ms * 1e-3) / copy_bps,
-                      tflops=flops(s) / (ms * 1e-3) / 1e12, max_diff_vs_unfused=agree(inputs, b))
-        for base in ("sdpa", "unfused"):
-            if row.get(f"{base}_ms"):
-                row[b][f"{base}_over_kernel"] = row[f"{base}_ms"] / ms
+        ms, why = timed(inputs.fused(b), cuda, graph_median)
+        us = None if ms is None else 1e3 * ms / copies
+        rows.append(dict(kind=s.kind, label=s.label, batch=s.batch, seqlen_q=s.seqlen_q,
+                         seqlen_k=s.cache_len + s.seqlen_q, heads_q=s.heads_q, heads_kv=s.heads_kv,
+                         head_dim=s.head_dim, dtype=str(dtype).replace("torch.", ""), gate="per kv head",
+                         backend=b, us=us, error=why, bytes=nbytes, flops=flops(s), copies=copies,
+                         gbps=None if us is None else nbytes / (us * 1e-6) / 1e9,
+                         pct_copy=None if us is None else 100 * nbytes / (us * 1e-6) / copy_bps,
+                         tflops=None if us is None else flops(s) / (us * 1e-6) / 1e12,
+                         max_diff_vs_unfused=None if us is None else inputs.max_diff(b), **peers))
     del inputs
     if cuda:
         torch.cuda.empty_cache()
-    return row
+    return rows
 
 
-def markdown(meta: dict, rows: list[dict], backends: list[str]) -> str:
-    lines = [f"# Attention forward benchmark: {meta['device']}, {meta['date']}, commit {meta['commit'][:12]}", "",
+def markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [f"# Attention forward: {meta['device']}, {meta['date']}, commit {meta['commit'][:12]}", "",
              f"Copy bandwidth (read + write): {meta['copy_gbps']:.0f} GB/s.  {meta['dtype']}, gated (one gate "
              f"per kv head); {meta['timing']}.",
              "Targets: " + "; ".join(f"{k}: {v}" for k, v in TARGETS.items()), "",
-             "GB/s and % copy count the bytes the op must move.  'x SDPA' is SDPA's time over the kernel's "
-             "(>= 0.91 meets decode's <= 1.1x time target; >= 0.8 meets chunk's throughput target); "
-             "'x unfused' likewise (>= 1.5 meets decode's).  'max diff': the kernel's output against the "
-             "unfused path's, from the same caches.", ""]
-    head = ["shape", "sdpa ms", "unfused ms"]
-    for b in backends:
-        head += [f"{b} ms", f"{b} GB/s", f"{b} % copy", f"{b} x SDPA", f"{b} x unfused", f"{b} TFLOP/s",
-                 f"{b} max diff"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-
-    def fmt(x, spec):
-        return "n/a" if x is None else format(x, spec)
-
+             "GB/s and % copy count the bytes the op must move; 'x flash' is SDPA-flash's time over the "
+             "kernel's (>= 0.91 meets decode's <= 1.1x).  'max diff': the kernel's output against the "
+             "unfused path's from the same caches.", "",
+             "| shape | backend | us | GB/s | % copy | TFLOP/s | flash us | cuDNN us | flex us | unfused us | "
+             "x flash | max diff |", "|" + "---|" * 12]
     for r in rows:
-        cells = [r["label"], fmt(r.get("sdpa_ms"), ".4f"), fmt(r.get("unfused_ms"), ".4f")]
-        for b in backends:
-            k = r[b]
-            cells += [fmt(k["ms"], ".4f"), fmt(k["gbps"], ".0f"), fmt(k["pct_copy"], ".0f"),
-                      fmt(k.get("sdpa_over_kernel"), ".2f"), fmt(k.get("unfused_over_kernel"), ".2f"),
-                      fmt(k["tflops"], ".1f") if r["shape"]["kind"] == "chunk" else "-",
-                      fmt(k["max_diff_vs_unfused"], ".1e")]
-        lines.append("| " + " | ".join(cells) + " |")
+        ratio = r["sdpa_flash_us"] / r["us"] if r["us"] and r.get("sdpa_flash_us") else None
+        lines.append(f"| {r['label']} | {r['backend']} | {fmt(r['us'], '.1f')} | {fmt(r['gbps'], '.0f')} | "
+                     f"{fmt(r['pct_copy'], '.0f')} | {fmt(r['tflops'], '.1f')} | {fmt(r['sdpa_flash_us'], '.1f')} | "
+                     f"{fmt(r['sdpa_cudnn_us'], '.1f')} | {fmt(r['flex_us'], '.1f')} | {fmt(r['unfused_us'], '.1f')} | "
+                     f"{fmt(ratio, '.2f')} | {fmt(r['max_diff_vs_unfused'], '.1e')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -243,20 +206,20 @@ def main(argv=None) -> int:
     env = setup(__doc__, "attention", argv)
     if env is None:
         return 0
-    cuda, device, dtype, backends = env.cuda, env.device, env.dtype, env.backends
+    cuda, device, dtype = env.cuda, env.device, env.dtype
     l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size if cuda else 0
     copy_bps = copy_bandwidth(device, cuda)
-    meta = run_meta(env.device_name, copy_gbps=copy_bps / 1e9, dtype=str(dtype), backends=backends, targets=TARGETS,
+    meta = run_meta(env.device_name, copy_gbps=copy_bps / 1e9, dtype=str(dtype), backends=env.backends,
+                    targets=TARGETS, shape_set=env.shape_set,
                     timing="median of CUDA-graph replays" if cuda else "CPU smoke test: not timings")
-    print(f"{env.device_name}: copy bandwidth {copy_bps / 1e9:.0f} GB/s; backends {backends}", flush=True)
+    print(f"{env.device_name}: copy bandwidth {copy_bps / 1e9:.0f} GB/s; backends {env.backends}", flush=True)
     rows = []
-    for s in shapes(env.args.quick):
-        rows.append(run_shape(s, backends, dtype, device, cuda, copy_bps, l2_bytes))
-        summary = "  ".join(f"{b}: {rows[-1][b]['ms']:.4f} ms {rows[-1][b]['pct_copy']:.0f}% copy"
-                            for b in backends)
-        print(f"{s.label}: sdpa {rows[-1].get('sdpa_ms')} ms, unfused {rows[-1].get('unfused_ms')} ms; {summary}",
-              flush=True)
-    write_results(env.args.out, "attention", meta, rows, markdown(meta, rows, backends))
+    for s in shapes(env.shape_set, env.args.quick):
+        rows += run_shape(s, env.backends, dtype, device, cuda, copy_bps, l2_bytes)
+        print(f"{s.label}: " + "; ".join(f"{r['backend']} {fmt(r['us'], '.1f')} us ({fmt(r['pct_copy'], '.0f')}% "
+                                         f"copy), flash {fmt(r['sdpa_flash_us'], '.1f')} us" for r in rows[-len(
+                                             env.backends):]), flush=True)
+    write_results(env.args.out, "attention", meta, rows, markdown(meta, rows))
     return 0
 
 

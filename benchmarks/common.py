@@ -1,22 +1,26 @@
 """What the kernel benchmarks (attention.py, attention_bwd.py) share: the command line, the choice of device,
-the timing harness, the run's metadata and the writing of its results.  The scripts import it as ``common``
-(their folder is on sys.path when they are run as ``python benchmarks/<script>.py``)."""
+the timing harness, the peers every kernel is timed beside (PyTorch SDPA's flash and cuDNN backends,
+FlexAttention, the copy bandwidth), the run's metadata and the writing of its results.  The scripts import
+it as ``common`` (their folder is on sys.path when they are run as ``python benchmarks/<script>.py``)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 import melt_kernels
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SETS = ("quick", "headline", "full")
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,7 @@ class Setup:
     device_name: str
     dtype: torch.dtype
     backends: list[str]  # the reference is what the kernels are checked against, not a kernel to time
+    shape_set: str
 
     @property
     def cuda(self) -> bool:
@@ -33,26 +38,35 @@ class Setup:
 
 
 def setup(doc: str, name: str, argv=None) -> Setup | None:
-    """The command line and where to run: CUDA unless the Triton interpreter is on, which runs only the --quick
-    smoke test, on the CPU.  None, after saying why, when there is nothing to run."""
+    """The command line and where to run: CUDA unless the Triton interpreter is on, which runs only the smoke
+    test (``--quick`` or ``--dry-run``: tiny shapes, no timings) on the CPU.  None, after saying why, when
+    there is nothing to run."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test of the script)")
+    parser.add_argument("--set", choices=SETS, default=None,
+                        help="shapes: headline (the GPU pass), full (default on a GPU), quick (smoke test)")
+    parser.add_argument("--quick", action="store_true", help="on a GPU: fewer shapes; on the CPU: the smoke test")
+    parser.add_argument("--dry-run", action="store_true", help="the smoke test on the CPU (Triton interpreter)")
     parser.add_argument("--out", help="JSON path (a .md table is written beside it); default "
                         f"benchmarks/results/{name}-<device>-<date>.json")
     args = parser.parse_args(argv)
+    if args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"
     interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if torch.cuda.is_available() and not interpreted:
         device = torch.device("cuda")
         device_name, dtype = torch.cuda.get_device_name(device), torch.bfloat16
-    elif args.quick and interpreted:
-        device, device_name, dtype = torch.device("cpu"), "cpu-interpreter", torch.float32
+        shape_set = args.set or "full"
+    elif (args.quick or args.dry_run) and interpreted:
+        device, device_name, dtype, shape_set = torch.device("cpu"), "cpu-interpreter", torch.float32, "quick"
     else:
         print(f"benchmarks/{name}.py times GPU kernels and no CUDA device is available: nothing to do. "
               "(TRITON_INTERPRET=1 ... --quick runs the script on tiny CPU shapes as a smoke test.)")
         return None
     backends = [b for b in melt_kernels.available_backends() if b != "reference"]
-    return Setup(args, device, device_name, dtype, backends)
+    return Setup(args, device, device_name, dtype, backends, shape_set)
 
+
+# --- timing -----------------------------------------------------------------------------------------------
 
 def median_ms(fn, cuda: bool, bench: Callable[[Callable], float]) -> float:
     """``bench(fn)`` in ms once ``fn`` has compiled; off CUDA a single run, which checks the path but times
@@ -66,6 +80,87 @@ def median_ms(fn, cuda: bool, bench: Callable[[Callable], float]) -> float:
     return bench(fn)
 
 
+def graph_median(fn) -> float:
+    """Median of CUDA-graph replays, so that launch overhead, which would dominate decode, does not count."""
+    import triton.testing
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+    except RuntimeError:  # a path that cannot be captured: time with events instead
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def events_median(grad_to_none=None) -> Callable[[Callable], float]:
+    """triton.testing.do_bench's median, resetting ``grad_to_none``'s gradients between runs so that a
+    backward does not time their accumulation."""
+    def run(fn) -> float:
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=25, rep=200, grad_to_none=grad_to_none, return_mode="median")
+    return run
+
+
+def timed(fn, cuda: bool, bench) -> tuple[Optional[float], Optional[str]]:
+    """(ms, None), or (None, why) when ``fn`` cannot run here (a peer without a kernel for these inputs)."""
+    try:
+        return median_ms(fn, cuda, bench), None
+    except (RuntimeError, NotImplementedError, ValueError, TypeError, AssertionError) as e:
+        return None, (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def copy_bandwidth(device, cuda: bool) -> float:
+    """Device-to-device copy in bytes/s, counting bytes read plus bytes written: the bandwidth ceiling."""
+    numel = (1 << 30) // 4 if cuda else (1 << 20)
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), cuda, graph_median)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+# --- peers: the same attention by other means ---------------------------------------------------------------
+
+def sdpa_backends() -> dict:
+    """SDPA forced onto one kernel each: {peer name: SDPBackend}."""
+    from torch.nn.attention import SDPBackend
+    return {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}
+
+
+def sdpa(q, k, v, seqlen_q: int, window: int, backend=None):
+    """SDPA of q (B, M, Hq, D) over the first ``window`` positions of k, v (B, S, Hkv, D), causal
+    bottom-right (token i sees keys 0 .. window - M + i), on ``backend`` (an SDPBackend) or PyTorch's pick.
+    Returns (B, Hq, M, D)."""
+    from torch.nn.attention import sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+    qt = q.transpose(1, 2)
+    kt, vt = k[:, :window].transpose(1, 2), v[:, :window].transpose(1, 2)
+    mask = None if seqlen_q == 1 else causal_lower_right(seqlen_q, window)
+    gqa = q.shape[2] != k.shape[2]
+    with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+        return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=gqa)
+
+
+_FLEX = {}
+
+
+def flex(q, k, v, seqlen_q: int, window: int):
+    """FlexAttention (compiled) of the same attention as :func:`sdpa`; returns (B, Hq, M, D)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    if "fn" not in _FLEX:
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    settled = window - seqlen_q
+    qt = q.transpose(1, 2)
+    kt, vt = k[:, :window].transpose(1, 2), v[:, :window].transpose(1, 2)
+    block_mask = None
+    if seqlen_q > 1:
+        key = (seqlen_q, window, q.device)
+        if key not in _FLEX:
+            def bottom_right(b, h, q_idx, kv_idx):
+                return kv_idx <= q_idx + settled
+            _FLEX[key] = create_block_mask(bottom_right, None, None, seqlen_q, window, device=q.device)
+        block_mask = _FLEX[key]
+    return _FLEX["fn"](qt, kt, vt, block_mask=block_mask, enable_gqa=q.shape[2] != k.shape[2])
+
+
+# --- results ------------------------------------------------------------------------------------------------
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
@@ -76,9 +171,10 @@ def git_commit() -> str:
 
 def run_meta(device_name: str, **fields) -> dict:
     """Where and from what the results came, then the script's own ``fields``."""
+    import triton
     now = datetime.datetime.now(datetime.timezone.utc)
     return dict(device=device_name, date=now.isoformat(timespec="seconds"), commit=git_commit(),
-                torch=torch.__version__, **fields)
+                torch=torch.__version__, triton=triton.__version__, **fields)
 
 
 def write_results(out: str | None, name: str, meta: dict, rows: list[dict], table: str) -> None:
@@ -94,3 +190,7 @@ def write_results(out: str | None, name: str, meta: dict, rows: list[dict], tabl
         f.write(table)
     print(table)
     print(f"wrote {out} and {md}")
+
+
+def fmt(x, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)

@@ -1,0 +1,301 @@
+"""Ahead-of-time compile of every Triton launch configuration for Hopper (sm_90), without a GPU.
+
+The launchers (forward, merge, backward) are called on meta tensors for a table of problems (decode and
+chunks; float16, bfloat16, float32; head_dim 64, 80, 128, 256; MHA, GQA, MQA; a large batch; caches whose
+offsets need 64 bits) with the planners' own choices for a 132-multiprocessor H200.  Each kernel launch
+they make is caught before it runs, and the same launch is then compiled by Triton's own JIT path (its
+argument binder, specialization and options) against a stand-in driver that names the target sm_90, so
+what compiles here is what a GPU would compile.  ptxas' report gives registers and spills; Triton's metadata
+the shared memory.  Fails (exit 1) on a compile error, on more than ``--max-spill`` bytes of spill stores per
+thread, or on more shared memory than a Hopper block may have.
+
+    python benchmarks/aot_compile.py                       # the whole table, 2 worker processes
+    python benchmarks/aot_compile.py --jobs 8 --json aot.json --md aot.md
+
+Needs Triton with its NVIDIA backend (the PyPI wheel) and no GPU; TRITON_INTERPRET is ignored.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+os.environ.pop("TRITON_INTERPRET", None)  # the launchers must pick their GPU plans, not the interpreter's
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton import knobs  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver as triton_driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+from melt_kernels.kernels import gated_kv_attention_bwd as bwd_module  # noqa: E402
+from melt_kernels.kernels import gated_kv_attention_fwd as fwd_module  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+H200_SMS = 132
+# Hopper: at most 227 KB of shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin).
+MAX_SHARED_BYTES = 227 * 1024
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+HEAD_DIMS = (64, 80, 128, 256)
+EXTRA_AT = (("bf16", 128), ("fp16", 256), ("fp32", 80))
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One call of the op: its shape and what varies the compiled code."""
+
+    name: str
+    batch: int
+    seqlen_q: int
+    heads_q: int
+    heads_kv: int
+    cache_len: int  # S; every row's L_b = S - M (host lengths: max_seqlen_k = S)
+    gate: str = "tensor"  # "tensor" (per kv head), "scalar" or "none"
+    causal: bool = True
+    backward: bool = True
+    with_dlse: bool = False
+    need_cache_grad: bool = True
+    # Every tensor one element off 16-byte alignment, heads padded by one element: no divisibility
+    # specialization (what a padded or sliced user layout compiles to).
+    unaligned: bool = False
+    # Variants whose choice is not the planner's (gate kinds, the causal flag, alignment) are compiled at a
+    # few (dtype, head_dim) pairs only, to keep the check within CI's minutes.
+    extra: bool = False
+
+
+PROBLEMS = (
+    Problem("decode-mha", 1, 1, 16, 16, 8192 + 1, backward=False),
+    Problem("decode-mha-nogate", 1, 1, 16, 16, 8192 + 1, gate="none", backward=False, extra=True),
+    Problem("decode-mha-scalar", 1, 1, 16, 16, 8192 + 1, gate="scalar", backward=False, extra=True),
+    Problem("decode-gqa", 1, 1, 32, 8, 32768 + 1, backward=False),
+    Problem("decode-mqa", 1, 1, 8, 1, 8192 + 1, backward=False),
+    Problem("decode-batch256", 256, 1, 16, 16, 4096 + 1, backward=False),
+    # A cache of 2**23 positions x 8 kv heads: batch and head offsets beyond 2**31 elements.
+    Problem("decode-wide", 2, 1, 16, 8, 2**23, backward=False),
+    Problem("chunk-16", 1, 16, 16, 16, 4096 + 16),
+    Problem("chunk-64-gqa", 4, 64, 32, 8, 8192 + 64),
+    Problem("chunk-64-gqa-noncausal", 4, 64, 32, 8, 8192 + 64, causal=False, with_dlse=True,
+            need_cache_grad=False, extra=True),
+    Problem("chunk-500", 2, 500, 16, 16, 10000 + 500, gate="none"),
+    Problem("chunk-wide", 1, 128, 16, 8, 2**22),
+    Problem("decode-unaligned", 2, 1, 16, 4, 4096 + 1, unaligned=True, extra=True),
+    Problem("chunk-unaligned", 2, 100, 16, 4, 2048 + 100, unaligned=True, extra=True),
+)
+
+
+# --- catching the launchers' kernel launches ---------------------------------------------------------------
+
+@dataclass
+class Launch:
+    fn: JITFunction
+    args: tuple
+    kwargs: dict
+    grid: tuple
+
+
+@contextlib.contextmanager
+def caught_launches(sms: int):
+    """Kernel launches are recorded instead of run; the planners see a GPU of ``sms`` multiprocessors."""
+    launches: list[Launch] = []
+    saved = JITFunction.run, fwd_module.num_sms, bwd_module._num_sms
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append(Launch(self, args, kwargs, grid))
+
+    JITFunction.run = record
+    fwd_module.num_sms = bwd_module._num_sms = lambda device: sms
+    try:
+        yield launches
+    finally:
+        JITFunction.run, fwd_module.num_sms, bwd_module._num_sms = saved
+
+
+def problem_launches(p: Problem, dtype: torch.dtype, head_dim: int) -> list[Launch]:
+    """The launches the forward and (if asked) backward launchers make for ``p``, on meta tensors."""
+    def empty(*shape, dt=dtype):
+        if not p.unaligned or len(shape) != 4:
+            return torch.empty(shape, dtype=dt, device="meta")
+        b, n, h, d = shape
+        base = torch.empty(b * n * h * (d + 1) + 1, dtype=dt, device="meta")
+        return base.as_strided(shape, (n * h * (d + 1), h * (d + 1), d + 1, 1), 1)
+
+    b, m, hq, hkv, s = p.batch, p.seqlen_q, p.heads_q, p.heads_kv, p.cache_len
+    q, out, dout = (empty(b, m, hq, head_dim) for _ in range(3))
+    k, v = empty(b, m, hkv, head_dim), empty(b, m, hkv, head_dim)
+    k_cache, v_cache = empty(b, s, hkv, head_dim), empty(b, s, hkv, head_dim)
+    lengths = empty(b, dt=torch.int32)
+    gate = {"tensor": empty(b, m, hkv, 1, dt=torch.float32), "scalar": 0.5, "none": None}[p.gate]
+    lse = empty(b, hq, m, dt=torch.float32)
+    scale = head_dim ** -0.5
+    with caught_launches(H200_SMS) as launches:
+        fwd_module.gated_kv_attention_fwd(q, k, v, k_cache, v_cache, lengths, gate, gate, scale, p.causal, s)
+        if p.backward:
+            dlse = empty(b, hq, m, dt=torch.float32) if p.with_dlse else None
+            bwd_module.gated_kv_attention_bwd(q, k_cache, v_cache, k, v, lengths, out, lse, dout, dlse, scale,
+                                              p.causal, p.need_cache_grad, s)
+    return launches
+
+
+# --- compiling one launch for sm_90 ------------------------------------------------------------------------
+
+class Sm90Driver:
+    """What Triton's JIT asks its driver while compiling: a device, a stream and the target."""
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return TARGET
+
+
+def specialization_key(launch: Launch) -> str:
+    """Triton's own cache key material for the launch: equal keys compile to the same binary."""
+    binder = launch.fn.device_caches[0][4]
+    _, specialization, options = binder(*launch.args, **launch.kwargs)
+    return f"{launch.fn.__name__}|{tuple(specialization)}|{options}"
+
+
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def compile_launch(launch: Launch) -> tuple[Optional[int], Optional[int], int]:
+    """(registers, spill-store bytes, shared bytes) of the launch compiled for sm_90 through Triton's JIT."""
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        kernel = launch.fn.run(*launch.args, grid=launch.grid, warmup=True, **launch.kwargs)
+    report = log.getvalue()
+    regs = [int(r) for r in _PTXAS_REGS.findall(report)]
+    spills = [int(s) for s, _ in _PTXAS_SPILLS.findall(report)]
+    return (max(regs) if regs else None), (max(spills) if spills else None), int(kernel.metadata.shared)
+
+
+def _describe(launch: Launch) -> dict:
+    constexprs = {p.name for p in launch.fn.params if p.is_constexpr}
+    shown = {k: v for k, v in launch.kwargs.items() if k in constexprs and k.startswith(("BLOCK", "B", "G", "D"))}
+    return dict(kernel=launch.fn.__name__, constants=" ".join(f"{k}={v}" for k, v in sorted(shown.items())),
+                num_warps=launch.kwargs.get("num_warps", 4), num_stages=launch.kwargs.get("num_stages", 3),
+                grid=str(tuple(launch.grid)))
+
+
+_WORK: list[tuple[Launch, dict]] = []  # filled before the workers fork; they read it by index
+
+
+def _compile_one(index: int) -> dict:
+    launch, row = _WORK[index]
+    start = time.perf_counter()
+    try:
+        regs, spills, shared = compile_launch(launch)
+        row.update(registers=regs, spill_bytes=spills, shared_bytes=shared)
+    except Exception as e:  # any compiler failure is a result to report, not a crash of the check
+        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]
+    row["seconds"] = time.perf_counter() - start
+    return row
+
+
+def _init_worker(cache_root: str) -> None:
+    # A fresh cache per worker: a cached kernel skips ptxas and so its report.
+    knobs.cache.dir = tempfile.mkdtemp(dir=cache_root)
+
+
+def collect(problems, dtypes, head_dims) -> list[tuple[Launch, dict]]:
+    """Every distinct launch (by Triton's specialization key) of the problem table."""
+    seen, work = set(), []
+    for dname in dtypes:
+        for head_dim in head_dims:
+            for p in problems:
+                if p.extra and (dname, head_dim) not in EXTRA_AT:
+                    continue
+                for launch in problem_launches(p, DTYPES[dname], head_dim):
+                    key = specialization_key(launch)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    work.append((launch, dict(_describe(launch), problem=p.name, dtype=dname, head_dim=head_dim)))
+    return work
+
+
+def verdicts(rows: list[dict], max_spill: int) -> list[str]:
+    bad = []
+    for r in rows:
+        where = f"{r['kernel']} {r['dtype']} D={r['head_dim']} ({r['problem']}; {r['constants']})"
+        if r.get("error"):
+            bad.append(f"{where}: compile error: {r['error']}")
+        elif r["spill_bytes"] is None or r["registers"] is None:
+            bad.append(f"{where}: no ptxas report")
+        elif r["spill_bytes"] > max_spill:
+            bad.append(f"{where}: {r['spill_bytes']} bytes of spill stores > {max_spill}")
+        elif r["shared_bytes"] > MAX_SHARED_BYTES:
+            bad.append(f"{where}: {r['shared_bytes']} bytes of shared memory > {MAX_SHARED_BYTES}")
+    return bad
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [f"# Triton AOT compile for sm_90: Triton {meta['triton']}, {meta['date']}", "",
+             f"{len(rows)} distinct launches in {meta['seconds']:.0f} s ({meta['jobs']} processes); "
+             f"limit {meta['max_spill']} bytes of spill stores, {MAX_SHARED_BYTES} bytes of shared memory.", "",
+             "| kernel | dtype | D | problem | tiles | warps | stages | regs | spill B | shared B | error |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['kernel']} | {r['dtype']} | {r['head_dim']} | {r['problem']} | {r['constants']} | "
+                     f"{r['num_warps']} | {r['num_stages']} | {r.get('registers')} | {r.get('spill_bytes')} | "
+                     f"{r.get('shared_bytes')} | {r.get('error') or ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1), help="compiler processes")
+    parser.add_argument("--max-spill", type=int, default=64, help="most spill-store bytes per thread allowed")
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--head-dims", nargs="+", type=int, default=list(HEAD_DIMS))
+    parser.add_argument("--problems", nargs="+", default=None, help="names from the table (default: all)")
+    parser.add_argument("--json", help="write the rows and the verdict here")
+    parser.add_argument("--md", help="write the markdown table here")
+    args = parser.parse_args(argv)
+    problems = [p for p in PROBLEMS if args.problems is None or p.name in args.problems]
+
+    start = time.perf_counter()
+    triton_driver.set_active(Sm90Driver())
+    knobs.nvidia.dump_ptxas_log = True
+    _WORK[:] = collect(problems, args.dtypes, args.head_dims)
+    print(f"Triton {triton.__version__}: {len(_WORK)} distinct launches to compile for sm_90", flush=True)
+    with tempfile.TemporaryDirectory() as cache_root:
+        context = multiprocessing.get_context("fork")
+        with context.Pool(args.jobs, initializer=_init_worker, initargs=(cache_root,)) as pool:
+            rows = list(pool.imap(_compile_one, range(len(_WORK))))
+    meta = dict(triton=triton.__version__, torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
+                target="cuda sm_90", jobs=args.jobs, max_spill=args.max_spill,
+                seconds=time.perf_counter() - start)
+    bad = verdicts(rows, args.max_spill)
+    table = markdown(rows, meta)
+    print(table)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, rows=rows, failures=bad), f, indent=1)
+    worst = max((r["spill_bytes"] or 0 for r in rows if not r.get("error")), default=0)
+    print(f"{len(rows)} launches compiled in {meta['seconds']:.0f} s; most spill {worst} bytes; "
+          f"most shared {max((r['shared_bytes'] or 0 for r in rows if not r.get('error')), default=0)} bytes")
+    for line in bad:
+        print("FAIL", line)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
