@@ -9,6 +9,7 @@ import json
 import math
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -354,3 +355,11 @@ def test_convert_command(ouro, tmp_path, capsys):
     want = model.generate(torch.tensor([[3, 1, 4, 1, 5]]), model.new_cache("melt", 1, 9), 4, chunk_size=2)
     assert result["tokens"] == want[0].tolist()
     assert result["gate_params"] == 2 * (2 * 32 * 32 + 32)
+
+
+def test_readme_states_the_packages_kv_bytes():
+    """README's memory figures are what kv_bytes_per_token computes (its doctest-style line and the prose)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    looplm, melt = (kv_bytes_per_token(LoopedLMConfig(), kind) for kind in ("looplm", "melt"))
+    assert f"({looplm}, {melt})" in readme
+    assert f"Ouro keeps {looplm:,} bytes" in readme and f"{melt:,} (one per layer)" in readme
