@@ -193,3 +193,15 @@ def test_registration_needs_only_import_melt_kernels(ouro_dir, tmp_path):
     done = subprocess.run([sys.executable, "-c", check, str(tmp_path)], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_generate_is_the_packages(ouro_dir, tmp_path):
+    """On the GPU in bf16 with the fastest backend on both sides: generate()'s tokens are the package's."""
+    model = to_melt(load_ouro(ouro_dir, dtype=torch.bfloat16, device="cuda"), "latent")
+    model.save_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).cuda()
+    assert hf.backend == model.backend == "auto"
+    ids = ids_of(13, 1, 6).cuda()
+    out = hf.generate(ids, max_new_tokens=NEW, do_sample=False)
+    assert torch.equal(out[:, 6:], model.generate(ids, model.new_cache("melt", 1, 6 + NEW), NEW))

@@ -363,3 +363,44 @@ def test_readme_states_the_packages_kv_bytes():
     looplm, melt = (kv_bytes_per_token(LoopedLMConfig(), kind) for kind in ("looplm", "melt"))
     assert f"({looplm}, {melt})" in readme
     assert f"Ouro keeps {looplm:,} bytes" in readme and f"{melt:,} (one per layer)" in readme
+
+
+# ---------------------------------------------------------------- GPU: fused kernels, bf16, Ouro-1.4B's layer shape
+
+
+@pytest.fixture(scope="module")
+def ouro_gpu_shape(tmp_path_factory):
+    """A bf16 checkpoint with Ouro-1.4B's layer shape (hidden 2048, 16 heads x 128, SwiGLU 5632, theta 1e6, T = 4)
+    but 2 layers and a small vocabulary, so that the float64 reference stays quick."""
+    config = tiny_config(vocab_size=512, hidden_size=2048, intermediate_size=5632, num_hidden_layers=2,
+                         num_attention_heads=16, num_key_value_heads=16, head_dim=128, rope_theta=1e6,
+                         total_ut_steps=4, max_position_embeddings=65536)
+    path = tmp_path_factory.mktemp("ouro_gpu")
+    write_checkpoint(path, config, random_weights(tensor_shapes(config), seed=21), dtype=torch.bfloat16)
+    return config, path
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("kind,gate,chunk_size", [("looplm", None, 16), ("melt", "latent", 16), ("melt", "kv-head", 4),
+                                                  ("melt", "latent", 1)])
+def test_gpu_fused_kernels_run_ouro_and_melt_in_bf16_within_the_rule(ouro_gpu_shape, backend, kind, gate,
+                                                                     chunk_size):
+    """Ouro and converted MELT in bf16 on the GPU with the fused kernels: the logits' error against the float64
+    forward (on the bf16 weights) is within FlashAttention's rule of the same model on PyTorch's bf16 path."""
+    from utils import assert_within_rule
+
+    if backend not in available_backends():
+        pytest.skip(f"backend {backend!r} is not available here")
+    config, path = ouro_gpu_shape
+    model = load_ouro(path, device="cuda", backend="reference")
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    if gate is not None:
+        model = to_melt(model, gate)
+    weights = {name: t.double().cpu() for name, t in model.state_dict().items()}
+    ids = token_ids(22, batch=2, length=16, vocab=512)
+    exact = forward(weights, config, ids, chunk_size, kind, gate=gate)["logits"]
+    low = run(model, kind, ids.cuda(), chunk_size)[0]
+    model.backend = backend
+    got = run(model, kind, ids.cuda(), chunk_size)[0]
+    assert_within_rule(got, exact, low)
