@@ -368,9 +368,10 @@ def run(args) -> list[dict]:
 
     where = torch.cuda.get_device_name(device) if on_gpu else f"cpu, {torch.get_num_threads()} thread(s)"
     print(f"# loop-depth benchmark on {where}, torch {torch.__version__}")
-    print(f"# model {args.config}: Ouro's architecture, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-          f"{config.num_attention_heads} heads ({config.num_key_value_heads} kv) x {config.head_dim}, vocab "
-          f"{config.vocab_size}, MELT gate {config.gate!r}, {args.dtype}, weights {human(weights)} (random)")
+    print(f"# model {args.config}: Ouro's architecture, {config.num_hidden_layers} layers, hidden "
+          f"{config.hidden_size}, {config.num_attention_heads} heads ({config.num_key_value_heads} kv) x "
+          f"{config.head_dim}, vocab {config.vocab_size}, MELT gate {config.gate!r}, {args.dtype}, weights "
+          f"{human(weights)} (random)")
     print(f"# latency run: batch {args.batch}, prompt {args.prompt} prefilled in chunks of {args.chunk}, "
           f"{args.warmup} warm-up + {args.new_tokens} timed decode steps; ms/token = median decode step")
     print(f"# peak = {PeakMemory.describe(device)}, over cache allocation, prefill and {PROBE_STEPS} decode "

@@ -63,7 +63,8 @@ def gate_shapes(config: dict, gate: str) -> dict[str, tuple[int, ...]]:
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}.self_attn.melt_gate."
         if gate == "latent":
-            shapes.update({p + "w_z.weight": (hidden, hidden), p + "w_z.bias": (hidden,), p + "u_z.weight": (hidden, hidden)})
+            shapes.update({p + "w_z.weight": (hidden, hidden), p + "w_z.bias": (hidden,),
+                           p + "u_z.weight": (hidden, hidden)})
         else:
             shapes.update({p + "proj.weight": (width, hidden), p + "proj.bias": (width,)})
     return shapes
@@ -168,7 +169,8 @@ def forward(w: dict, config: dict, ids: torch.Tensor, chunk_size: int, cache: st
                 source = x
                 if cache == "melt" and gate == "latent":
                     if r > 0:
-                        z = torch.sigmoid(lin(x, p + "self_attn.melt_gate.w_z") + lin(latent[i], p + "self_attn.melt_gate.u_z"))
+                        gate_in = lin(x, p + "self_attn.melt_gate.w_z") + lin(latent[i], p + "self_attn.melt_gate.u_z")
+                        z = torch.sigmoid(gate_in)
                         source = z * latent[i] + (1 - z) * x
                     latent[i] = source
                 k = rope(lin(source, p + "self_attn.k_proj").unflatten(-1, (heads_kv, dim)), positions, theta)
@@ -182,7 +184,8 @@ def forward(w: dict, config: dict, ids: torch.Tensor, chunk_size: int, cache: st
                 attn = causal_attention(q, K, V, positions).flatten(-2)
                 h = h + rms_norm(lin(attn, p + "self_attn.o_proj"), w[p + "input_layernorm_2.weight"], eps)
                 y = rms_norm(h, w[p + "post_attention_layernorm.weight"], eps)
-                mlp = lin(torch.nn.functional.silu(lin(y, p + "mlp.gate_proj")) * lin(y, p + "mlp.up_proj"), p + "mlp.down_proj")
+                swiglu = torch.nn.functional.silu(lin(y, p + "mlp.gate_proj")) * lin(y, p + "mlp.up_proj")
+                mlp = lin(swiglu, p + "mlp.down_proj")
                 h = h + rms_norm(mlp, w[p + "post_attention_layernorm_2.weight"], eps)
             h = rms_norm(h, w["model.norm.weight"], eps)
             hidden.append(h)

@@ -18,17 +18,13 @@ import melt_kernels.model  # noqa: E402
 from melt_kernels.hf import CACHE_NAME, LoopCache, MeltConfig, MeltForCausalLM  # noqa: E402
 from melt_kernels.ouro import load_ouro, to_melt  # noqa: E402
 from ouro_reference import random_weights, tensor_shapes, tiny_config, write_checkpoint  # noqa: E402
+from utils import randomise_gates  # noqa: E402
 
 PAD = 39
 NEW = 5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +40,8 @@ def ouro_dir(tmp_path_factory):
 def saved(request, ouro_dir, tmp_path_factory):
     """(the package's model, its save_pretrained folder): Ouro itself (gate None) or converted."""
     model = load_ouro(ouro_dir, backend="reference")
-    if request.param is not None:
-        model = to_melt(model, request.param)
-        with torch.no_grad():  # trained-looking gates, so that the gate's path matters
-            gen = torch.Generator().manual_seed(12)
-            for name, param in model.named_parameters():
-                if ".melt_gate." in name:
-                    param.copy_(torch.randn(param.shape, generator=gen) / param.shape[-1] ** 0.5)
+    if request.param is not None:  # trained-looking gates, so that the gate's path matters
+        model = randomise_gates(to_melt(model, request.param), seed=12)
     path = tmp_path_factory.mktemp("saved")
     model.save_pretrained(path)
     return model, path
@@ -205,3 +196,13 @@ def test_gpu_bf16_generate_is_the_packages(ouro_dir, tmp_path):
     ids = ids_of(13, 1, 6).cuda()
     out = hf.generate(ids, max_new_tokens=NEW, do_sample=False)
     assert torch.equal(out[:, 6:], model.generate(ids, model.new_cache("melt", 1, 6 + NEW), NEW))
+
+
+def test_transformers_config_mirrors_the_package_config():
+    """MeltConfig declares LoopedLMConfig's fields with the same defaults (transformers' configs are dataclasses
+    of their own), and checks values through it."""
+    import dataclasses
+
+    package = {f.name: f.default for f in dataclasses.fields(melt_kernels.LoopedLMConfig)}
+    mirrored = {f.name: f.default for f in dataclasses.fields(MeltConfig)}
+    assert {name: mirrored.get(name, "missing") for name in package} == package

@@ -150,7 +150,8 @@ def test_ouro_numerics_in_bfloat16():
     inv_freq = 1.0 / (1e6 ** (torch.arange(0, 128, 2, dtype=torch.int64).float() / 128))
     freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
-    assert torch.equal(cos[:, :, 0], emb.cos().to(torch.bfloat16)) and torch.equal(sin[:, :, 0], emb.sin().to(torch.bfloat16))
+    assert torch.equal(cos[:, :, 0], emb.cos().to(torch.bfloat16))
+    assert torch.equal(sin[:, :, 0], emb.sin().to(torch.bfloat16))
     q = torch.randn(1, 4, 2, 128, generator=gen).to(torch.bfloat16)
     rotated = q * cos + torch.cat((-q[..., 64:], q[..., :64]), dim=-1) * sin
     assert torch.equal(apply_rotary(q, cos, sin), rotated)

@@ -20,18 +20,14 @@ from melt_kernels.model import GATES, KEEP_NOTHING_LOGIT
 from melt_kernels.ouro import load_ouro, main as ouro_main, to_melt
 from ouro_reference import (exit_choice, exit_probabilities, forward, gate_shapes, random_weights, tensor_shapes,
                             tiny_config, write_checkpoint)
+from utils import randomise_gates
 
 TOL = dict(atol=1e-10, rtol=1e-10)
 BATCH, LENGTH = 2, 7
 CHUNKINGS = [1, 3, LENGTH]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -97,14 +93,12 @@ def test_exit_gate_probabilities_and_choice_are_ouros(ouro, threshold):
 # ---------------------------------------------------------------- conversion to MELT
 
 
-def gate_biases(model):
-    return [p for n, p in model.named_parameters() if n.endswith("melt_gate.w_z.bias") or n.endswith("melt_gate.proj.bias")]
-
-
 def set_gate_logit(model, logit):
+    """Every gate's bias (b_z, b_g) to ``logit``; the gates' weights are 0 after conversion."""
     with torch.no_grad():
-        for bias in gate_biases(model):
-            bias.fill_(logit)
+        for name, param in model.named_parameters():
+            if name.endswith(("melt_gate.w_z.bias", "melt_gate.proj.bias")):
+                param.fill_(logit)
 
 
 @pytest.mark.parametrize("gate", GATES)
@@ -153,12 +147,7 @@ def test_trained_gates_follow_spec_and_round_trip(ouro, gate, tmp_path):
     k, v from h; kv-head / kv-element K_slot = alpha K_old + (1 - alpha) k with alpha = sigmoid(W_g x + b_g); loop 1
     writes through.  The independent forward reads the saved file's tensors by name."""
     config, weights, dirs = ouro
-    melt = to_melt(load_ouro(dirs["sharded"], backend="reference"), gate)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, param in melt.named_parameters():
-            if ".melt_gate." in name:
-                param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float64) / math.sqrt(param.shape[-1]))
+    melt = randomise_gates(to_melt(load_ouro(dirs["sharded"], backend="reference"), gate), seed=3)
     melt.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "model.safetensors")
     assert set(saved) == set(tensor_shapes(config)) | set(gate_shapes(config, gate))
@@ -177,12 +166,8 @@ def test_chunkwise_gradients_match_the_reference(ouro, gate):
     """Training: two chunks of 3 + 1 tokens on one MELT cache, 3 loops; gradients of every parameter, gates
     included (random, so that they pass gradient), against autograd through the independent forward."""
     config, _, dirs = ouro
-    melt = to_melt(load_ouro(dirs["single"], backend="reference"), gate)
+    melt = randomise_gates(to_melt(load_ouro(dirs["single"], backend="reference"), gate), seed=5)
     gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, param in melt.named_parameters():
-            if ".melt_gate." in name:
-                param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float64) / math.sqrt(param.shape[-1]))
     ids = token_ids(5, length=4)
     probe = torch.randn(BATCH, 4, config["vocab_size"], generator=gen, dtype=torch.float64)
     params = dict(melt.named_parameters())
