@@ -70,7 +70,7 @@ class MeltConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
     gate: Optional[str] = None
     bos_token_id: Optional[int] = None
-    eos_token_id: Optional[int] = None
+    eos_token_id: Optional[Union[int, list[int]]] = None
     pad_token_id: Optional[int] = None
 
     def __post_init__(self, **kwargs):
@@ -187,8 +187,8 @@ class MeltForCausalLM(PreTrainedModel, GenerationMixin):
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, generation_mode,
                                       batch_size: int, max_cache_length: int) -> None:
         """generate()'s hook: one cache for the whole generation, sized for prompt + new tokens."""
-        if model_kwargs.get(CACHE_NAME) is not None:
-            return
+        if model_kwargs.get(CACHE_NAME) is not None or generation_config.use_cache is False:
+            return  # the user's cache, or none: each forward then runs its whole input on a fresh cache
         if generation_config.num_beams > 1:
             raise NotImplementedError("MeltForCausalLM does not implement beam search")
         rows = generation_config.num_return_sequences * batch_size
@@ -203,7 +203,8 @@ class MeltForCausalLM(PreTrainedModel, GenerationMixin):
         ``attention_mask`` (B, columns so far + M), 0 at padding.  Without a
         cache a fresh one serves this call alone.  Returns logits (B, M or
         ``logits_to_keep``, vocab) of the chosen loop (config.exit_threshold)
-        and the cache (under transformers' name for it).
+        and the cache (under transformers' name for it; None with
+        ``use_cache=False``).
         """
         for name in ("inputs_embeds", "position_ids", "labels"):
             if kwargs.get(name) is not None:
@@ -234,7 +235,8 @@ class MeltForCausalLM(PreTrainedModel, GenerationMixin):
         state.columns += seqlen
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return CausalLMOutputWithPast(logits=self.lm_head(hidden), **{CACHE_NAME: state})
+        returned = None if use_cache is False else state
+        return CausalLMOutputWithPast(logits=self.lm_head(hidden), **{CACHE_NAME: returned})
 
 
 def register() -> None:

@@ -113,7 +113,7 @@ class LoopedLMConfig:
     tie_word_embeddings: bool = False
     gate: Optional[str] = None
     bos_token_id: Optional[int] = None
-    eos_token_id: Optional[int] = None
+    eos_token_id: Optional[Union[int, list[int]]] = None
     pad_token_id: Optional[int] = None
 
     def __post_init__(self):

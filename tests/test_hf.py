@@ -206,3 +206,18 @@ def test_transformers_config_mirrors_the_package_config():
     package = {f.name: f.default for f in dataclasses.fields(melt_kernels.LoopedLMConfig)}
     mirrored = {f.name: f.default for f in dataclasses.fields(MeltConfig)}
     assert {name: mirrored.get(name, "missing") for name in package} == package
+
+
+def test_generate_without_cache_runs_each_step_as_one_chunk(saved):
+    """use_cache=False: every step runs the whole sequence as one chunk on a fresh cache (for MELT, that is not
+    decoding: each step is a one-chunk prefill), so the tokens are the argmax of one-chunk prefills."""
+    model, path = saved
+    hf = hf_load(path)
+    ids = ids_of(14, 1, 4)
+    out = hf.generate(ids, max_new_tokens=3, do_sample=False, use_cache=False)
+    kind = "melt" if model.config.gate is not None else "looplm"
+    for step in range(3):
+        seen = out[:, :4 + step]
+        with torch.no_grad():
+            logits = model.prefill(seen, model.new_cache(kind, 1, seen.shape[1]), last_only=True)
+        assert out[0, 4 + step] == logits[0, -1].argmax()
