@@ -96,7 +96,9 @@ class DistillConfig:
     """
 
     batch_size: int = 32
-    chunk_size: int = 8
+    # Half a copy: with chunks of 8 on the example's task the student matched the teacher in chunks but not token
+    # by token (Ouro's architecture, gates starting at "keep nothing"); with 4 it matches both.
+    chunk_size: int = 4
     pretrain_steps: int = 400
     transition_steps: int = 150
     distill_steps: int = 150

@@ -308,7 +308,7 @@ def test_example_runs_writes_json_and_never_imports_matplotlib_without_plot(tmp_
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "backend 'auto' -> 'reference'" in done.stdout
-    for row in ("teacher ", "student, before", "chunks of 8", "token by token", "2.00x the student's"):
+    for row in ("teacher ", "student, before", "chunks of 4", "token by token", "2.00x the student's"):
         assert row in done.stdout, done.stdout
     assert "[distill 2/2]" in done.stderr
     results = json.loads(out.read_text())
