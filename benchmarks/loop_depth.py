@@ -3,7 +3,11 @@
 For every loop depth T and method it reports the cache's exact size, the
 measured peak memory, the latency of one generated token after a prefill,
 and on a GPU the largest batch that fits a memory budget at a context length
-with the tokens/s it reaches. Methods (same random weights, one model):
+with the tokens/s it reaches. The model is Ouro's architecture
+(melt_kernels.model.LoopedLM: sandwich norms, a norm after every loop, the
+exit gate, untied head) with random weights and a MELT gate (--gate,
+default kv-head: this package's, fused in the kernel; latent: the paper's).
+Methods (same weights, one model):
 
 * melt: MELT cache, gated, melt_kernels.gated_kv_attention(backend="auto"),
   the fastest backend available (on a CPU that is the PyTorch reference,
@@ -32,16 +36,16 @@ import torch
 
 from melt_kernels.backends import select_backend
 from melt_kernels.checks import check_inputs
-from melt_kernels.nn import LoopedLM, LoopedLMConfig
+from melt_kernels.model import GATES, LoopedLM, LoopedLMConfig
 
 PRESETS = {
-    "quick": LoopedLMConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
-                            intermediate_size=64),
-    "tiny": LoopedLMConfig(vocab_size=512, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
-                           intermediate_size=256),
-    # Ouro-1.4B's shape: 24 layers, hidden 2048, 16 heads of 128 (MHA), SwiGLU 5632, vocabulary 49152.
-    "ouro-1.4b": LoopedLMConfig(vocab_size=49152, hidden_size=2048, num_layers=24, num_heads=16, num_kv_heads=16,
-                                head_dim=128, intermediate_size=5632),
+    "quick": LoopedLMConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            num_key_value_heads=1, head_dim=16, intermediate_size=64),
+    "tiny": LoopedLMConfig(vocab_size=512, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=32, intermediate_size=256),
+    # LoopedLMConfig's defaults are Ouro-1.4B's shape: 24 layers, hidden 2048, 16 heads of 128 (MHA), SwiGLU 5632,
+    # vocabulary 49152, RoPE base 1e6.
+    "ouro-1.4b": LoopedLMConfig(),
 }
 # method -> (cache kind, backend)
 METHODS = {"melt": ("melt", "auto"), "melt-unfused": ("melt", "reference"), "looplm": ("looplm", "auto")}
@@ -63,6 +67,9 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--loops", type=int, nargs="+", help="loop depths T (default 1 2 4 8 16; 1 2 with --quick)")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    p.add_argument("--gate", choices=GATES, default="kv-head",
+                   help="MELT gate of the model: kv-head (default) or kv-element, this package's, fused in the "
+                        "kernel; latent, the MELT paper's (two hidden x hidden GEMMs per layer and loop)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--config", help=f"a preset ({', '.join(PRESETS)}), or a JSON file of LoopedLMConfig fields "
                                     "replacing those of the preset its \"preset\" key names (default tiny); "
@@ -97,15 +104,16 @@ def parse_args(argv):
     return args
 
 
-def load_config(name: str) -> LoopedLMConfig:
+def load_config(name: str, gate: str) -> LoopedLMConfig:
+    """A fresh copy (the run changes its loop count) of a preset or of a JSON file's fields over one, with ``gate``."""
     if name in PRESETS:
-        return PRESETS[name]
+        return dataclasses.replace(PRESETS[name], gate=gate)
     if not os.path.isfile(name):
         raise SystemExit(f"--config {name!r} is neither a preset ({', '.join(PRESETS)}) nor a JSON file")
     with open(name) as f:
         fields = json.load(f)
     base = PRESETS[fields.pop("preset", "tiny")]
-    return dataclasses.replace(base, **fields)
+    return dataclasses.replace(base, **{"gate": gate, **fields})
 
 
 # ---------------------------------------------------------------- measurement
@@ -178,10 +186,10 @@ class PeakMemory:
 
 def resolved_backend(model: LoopedLM, backend: str, device: torch.device) -> str:
     """The backend ``backend`` picks for a decode step of ``model``."""
-    c, dtype = model.config, model.embed.weight.dtype
-    q = torch.zeros(1, 1, c.num_heads, c.head_dim, dtype=dtype, device=device)
-    kv = torch.zeros(1, 1, c.num_kv_heads, c.head_dim, dtype=dtype, device=device)
-    caches = [torch.zeros(1, 2, c.num_kv_heads, c.head_dim, dtype=dtype, device=device) for _ in range(2)]
+    c, dtype = model.config, model.model.embed_tokens.weight.dtype
+    q = torch.zeros(1, 1, c.num_attention_heads, c.head_dim, dtype=dtype, device=device)
+    kv = torch.zeros(1, 1, c.num_key_value_heads, c.head_dim, dtype=dtype, device=device)
+    caches = [torch.zeros(1, 2, c.num_key_value_heads, c.head_dim, dtype=dtype, device=device) for _ in range(2)]
     return select_backend(backend, check_inputs(q, kv, kv, *caches, 0, backend=backend)).name
 
 
@@ -351,7 +359,7 @@ def main(argv=None) -> list[dict]:
 
 def run(args) -> list[dict]:
     device, on_gpu = args.device, args.device.type == "cuda"
-    config = load_config(args.config)
+    config = load_config(args.config, args.gate)
     torch.manual_seed(args.seed)
     model = LoopedLM(config, device=device, dtype=DTYPES[args.dtype]).eval()
     gen = torch.Generator().manual_seed(args.seed)
@@ -360,9 +368,10 @@ def run(args) -> list[dict]:
 
     where = torch.cuda.get_device_name(device) if on_gpu else f"cpu, {torch.get_num_threads()} thread(s)"
     print(f"# loop-depth benchmark on {where}, torch {torch.__version__}")
-    print(f"# model {args.config}: {config.num_layers} layers, hidden {config.hidden_size}, {config.num_heads} heads "
-          f"({config.num_kv_heads} kv) x {config.head_dim}, vocab {config.vocab_size}, {args.dtype}, "
-          f"weights {human(weights)} (random)")
+    print(f"# model {args.config}: Ouro's architecture, {config.num_hidden_layers} layers, hidden "
+          f"{config.hidden_size}, {config.num_attention_heads} heads ({config.num_key_value_heads} kv) x "
+          f"{config.head_dim}, vocab {config.vocab_size}, MELT gate {config.gate!r}, {args.dtype}, weights "
+          f"{human(weights)} (random)")
     print(f"# latency run: batch {args.batch}, prompt {args.prompt} prefilled in chunks of {args.chunk}, "
           f"{args.warmup} warm-up + {args.new_tokens} timed decode steps; ms/token = median decode step")
     print(f"# peak = {PeakMemory.describe(device)}, over cache allocation, prefill and {PROBE_STEPS} decode "

@@ -31,7 +31,7 @@ import torch
 
 from melt_kernels.backends import select_backend
 from melt_kernels.checks import check_inputs
-from melt_kernels.nn import LoopedLM, LoopedLMConfig
+from melt_kernels.model import GATES, LoopedLM, LoopedLMConfig
 from melt_kernels.train import (CopyTask, DistillConfig, LossWeights, evaluate, make_student, make_teacher,
                                 post_train, pretrain)
 
@@ -49,8 +49,11 @@ def parse_args(argv):
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=16)
-    p.add_argument("--gate", choices=["head", "element"], default="head", help="one retention per kv head or "
-                   "per channel (default head)")
+    p.add_argument("--gate", choices=GATES, default="kv-head", help="the student's MELT gate: latent (the MELT "
+                   "paper's), kv-head or kv-element (this package's, one retention per kv head or per channel; "
+                   "default kv-head)")
+    p.add_argument("--rope-theta", type=float, default=1e4, help="RoPE's base (default 1e4: Ouro's 1e6 leaves the "
+                   "slow channels nearly position-blind on these short sequences)")
     p.add_argument("--symbols", type=int, default=16, help="copying alphabet (default 16)")
     p.add_argument("--length", type=int, default=8, help="tokens copied; sequences are twice as long (default 8)")
     p.add_argument("--chunk", type=int, default=d.chunk_size, help=f"training chunk size (default {d.chunk_size})")
@@ -76,10 +79,10 @@ def parse_args(argv):
 
 def resolved_backend(model: LoopedLM, backend: str) -> str:
     """The backend ``backend`` picks for the model's attention calls."""
-    c, weight = model.config, model.embed.weight
-    q = weight.new_zeros(1, 1, c.num_heads, c.head_dim)
-    kv = weight.new_zeros(1, 1, c.num_kv_heads, c.head_dim)
-    caches = [weight.new_zeros(1, 2, c.num_kv_heads, c.head_dim) for _ in range(2)]
+    c, weight = model.config, model.model.embed_tokens.weight
+    q = weight.new_zeros(1, 1, c.num_attention_heads, c.head_dim)
+    kv = weight.new_zeros(1, 1, c.num_key_value_heads, c.head_dim)
+    caches = [weight.new_zeros(1, 2, c.num_key_value_heads, c.head_dim) for _ in range(2)]
     return select_backend(backend, check_inputs(q, kv, kv, *caches, 0, backend=backend)).name
 
 
@@ -138,9 +141,10 @@ def main(argv=None) -> dict:
 
 def run(args) -> dict:
     task = CopyTask(args.symbols, args.length)
-    config = LoopedLMConfig(vocab_size=task.vocab_size, hidden_size=args.hidden, num_layers=args.layers,
-                            num_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.head_dim,
-                            intermediate_size=2 * args.hidden, num_loops=args.loops, gate=args.gate)
+    config = LoopedLMConfig(vocab_size=task.vocab_size, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                            num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, head_dim=args.head_dim,
+                            intermediate_size=2 * args.hidden, total_ut_steps=args.loops, gate=args.gate,
+                            rope_theta=args.rope_theta)
     schedule = DistillConfig(batch_size=args.batch, chunk_size=args.chunk, pretrain_steps=args.pretrain_steps,
                              transition_steps=args.transition_steps, distill_steps=args.distill_steps,
                              pretrain_lr=args.pretrain_lr, lr=args.lr)
@@ -151,8 +155,9 @@ def run(args) -> dict:
         f"cpu, {torch.get_num_threads()} thread(s)"
     print(f"# MELT post-training on {where}, torch {torch.__version__}, backend {args.backend!r} -> "
           f"{resolved_backend(teacher, args.backend)!r}")
-    print(f"# model: {config.num_layers} layers x T={config.num_loops} loops, hidden {config.hidden_size}, "
-          f"{config.num_heads} heads ({config.num_kv_heads} kv) x {config.head_dim}, gate per {config.gate}, "
+    print(f"# model: Ouro's architecture, {config.num_hidden_layers} layers x T={config.total_ut_steps} loops, hidden "
+          f"{config.hidden_size}, {config.num_attention_heads} heads ({config.num_key_value_heads} kv) x "
+          f"{config.head_dim}, MELT gate {config.gate!r}, "
           f"{sum(p.numel() for p in teacher.parameters())} parameters, float32")
     print(f"# task: copy {task.length} of {task.num_symbols} symbols (sequences of {task.seqlen}); batch "
           f"{schedule.batch_size}, chunks of {schedule.chunk_size}; steps: pre-train {schedule.pretrain_steps}, "
@@ -177,7 +182,7 @@ def run(args) -> dict:
     results["student"] = evaluate(student, "melt", held_out, schedule.chunk_size)
     results["student_decode"] = evaluate(student, "melt", held_out, 1)
 
-    rows = (("teacher", f"LoopLM, {config.num_loops} caches per layer", "one chunk", results["teacher"]),
+    rows = (("teacher", f"LoopLM, {config.total_ut_steps} caches per layer", "one chunk", results["teacher"]),
             ("student, before", "MELT, 1 cache per layer", f"chunks of {schedule.chunk_size}",
              results["student_before"]),
             ("student", "MELT, 1 cache per layer", f"chunks of {schedule.chunk_size}", results["student"]),

@@ -44,3 +44,13 @@ def poison_empty(monkeypatch):
     """Every torch.empty* allocation starts as NaN (floats) or an extreme integer, so unwritten elements show."""
     for name in _EMPTY_FACTORIES:
         monkeypatch.setattr(torch, name, _poisoned(getattr(torch, name)))
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, restored afterwards: the model tests' tensors are tiny, and on a shared CPU a second
+    spinning OpenMP thread makes small ops up to 100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

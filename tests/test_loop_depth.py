@@ -79,3 +79,24 @@ def test_command_line_runs_without_matplotlib(tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stderr
     assert "melt" in done.stdout
+
+
+def test_benchmark_runs_ouros_architecture_at_ouro_1_4b_shape_on_a_gpu(bench, quick_run):
+    """The GPU default is Ouro-1.4B's shape (786,432 KV bytes per token in bf16 at T = 4, one pass 196,608), and
+    the records' cache bytes are the model's KV bytes per token times the positions, plus the lengths."""
+    from melt_kernels.model import LoopedLM, kv_bytes_per_token
+
+    assert bench["LoopedLM"] is LoopedLM
+    ouro = bench["load_config"]("ouro-1.4b", "kv-head")
+    assert (ouro.num_hidden_layers, ouro.hidden_size, ouro.num_key_value_heads, ouro.head_dim, ouro.rope_theta,
+            ouro.tie_word_embeddings) == (24, 2048, 16, 128, 1e6, False)
+    assert kv_bytes_per_token(ouro, "looplm", torch.bfloat16) == 786_432
+    assert kv_bytes_per_token(ouro, "melt", torch.bfloat16) == 196_608
+    assert bench["MODES"]["cuda"]["config"] == "ouro-1.4b"
+    args = bench["parse_args"](["--quick"])
+    positions = args.batch * (args.prompt + max(args.warmup + args.new_tokens, bench["PROBE_STEPS"]))
+    for r in quick_run[0]:
+        config = bench["load_config"]("quick", "kv-head")
+        config.total_ut_steps = r["loops"]
+        kind = "looplm" if r["method"] == "looplm" else "melt"
+        assert r["cache_bytes"] == positions * kv_bytes_per_token(config, kind, torch.float32) + 4 * args.batch

@@ -175,3 +175,15 @@ def reseed(module: torch.nn.Module, seed: int) -> torch.nn.Module:
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
             p.copy_(noise / math.sqrt(p.shape[-1]) if p.dim() == 2 else 1 + 0.2 * noise)
     return module
+
+
+def randomise_gates(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Draws the MELT gates' parameters (names containing ".melt_gate.") ~ N(0, 1/fan_in), so that a converted
+    model's gates, which start as "keep nothing", look trained and do something."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".melt_gate." in name:
+                noise = torch.randn(param.shape, generator=gen, dtype=torch.float64)
+                param.copy_(noise / math.sqrt(param.shape[-1]))
+    return model
