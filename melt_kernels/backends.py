@@ -27,9 +27,12 @@ class Backend:
     bwd: Callable
     # Why the backend cannot run a problem, or None when it can.
     unsupported: Callable[[Problem], Optional[str]] = lambda problem: None
+    # Whether fwd/bwd need max_seqlen_k to bound the lengths (the reference cuts its window there); kernels
+    # only size their work split by it, so they also take the caller's hint.
+    needs_true_bound: bool = False
 
 
-REFERENCE = Backend("reference", gated_kv_attention_ref_fwd, gated_kv_attention_ref_bwd)
+REFERENCE = Backend("reference", gated_kv_attention_ref_fwd, gated_kv_attention_ref_bwd, needs_true_bound=True)
 
 
 def triton_interpreted() -> bool:

@@ -197,12 +197,13 @@ def gated_kv_attention_fwd_emulated(q, k, v, k_cache, v_cache, cache_seqlens, ga
 
 def gated_kv_attention_bwd(q, k_cache, v_cache, k_new, v_new, cache_seqlens, out, lse, dout,
                            dlse: Optional[torch.Tensor], softmax_scale: float, causal: bool,
-                           need_cache_grad: bool, max_seqlen_k: Optional[int] = None):
+                           dk_cache: Optional[torch.Tensor] = None, dv_cache: Optional[torch.Tensor] = None,
+                           max_seqlen_k: Optional[int] = None):
     """Attention's backward for this backend: the Triton backend's kernels, imported on first use."""
     from melt_kernels.triton_backend import BACKEND as TRITON
 
     return TRITON.bwd(q, k_cache, v_cache, k_new, v_new, cache_seqlens, out, lse, dout, dlse, softmax_scale, causal,
-                      need_cache_grad, max_seqlen_k)
+                      dk_cache, dv_cache, max_seqlen_k)
 
 
 BACKEND = Backend("cuda", gated_kv_attention_fwd, gated_kv_attention_bwd, unsupported)

@@ -9,10 +9,14 @@ from melt_kernels.backends import Backend
 from melt_kernels.checks import Problem
 from melt_kernels.kernels.gated_kv_attention_bwd import gated_kv_attention_bwd
 from melt_kernels.kernels.gated_kv_attention_fwd import gated_kv_attention_fwd
+from melt_kernels.kernels.launch import size_reason
 
 
 def unsupported(problem: Problem) -> Optional[str]:
     """Why the Triton kernels cannot run ``problem`` (None when they can)."""
+    reason = size_reason(problem.cache_len, problem.seqlen_q, problem.heads_q // problem.heads_kv)
+    if reason is not None:
+        return reason
     device = problem.q.device
     if device.type == "cuda" and problem.q.dtype == torch.bfloat16 and \
             torch.cuda.get_device_capability(device) < (8, 0):
