@@ -123,7 +123,8 @@ class MeltAttention(nn.Module):
     def forward(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 cache_seqlens: Union[torch.Tensor, int], loop: int, *, shared: bool = True,
                 rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None, backend: str = "auto",
-                transition: Optional[tuple[torch.Tensor, torch.Tensor, float]] = None) -> torch.Tensor:
+                transition: Optional[tuple[torch.Tensor, torch.Tensor, float]] = None,
+                max_seqlen_k: Optional[int] = None) -> torch.Tensor:
         """One loop iteration of the layer for the M active tokens of x (B, M, hidden).
 
         k_cache, v_cache (B, S, Hkv, D) are updated in place at positions
@@ -137,6 +138,8 @@ class MeltAttention(nn.Module):
         same k/v through into this loop's own cache pair (B, S, Hkv, D) at
         the same positions, attends there (the LoopLM teacher's attention)
         and returns ``(1 - lam) * that + lam * the MELT attention``.
+        ``max_seqlen_k``: max_b(L_b) + M known on the host, passed to
+        :func:`gated_kv_attention` to size its kernels' work (a hint).
         """
         if transition is not None and not shared:
             raise ValueError("transition interpolates towards the shared (MELT) cache: it needs shared=True")
@@ -147,10 +150,12 @@ class MeltAttention(nn.Module):
         k = apply_rotary(self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim)), *rope)
         v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
         gate = self.retention(x) if shared and loop > 0 else None
-        out = gated_kv_attention(q, k, v, k_cache, v_cache, cache_seqlens, gate, causal=True, backend=backend)
+        out = gated_kv_attention(q, k, v, k_cache, v_cache, cache_seqlens, gate, causal=True, backend=backend,
+                                 max_seqlen_k=max_seqlen_k)
         if transition is not None:
             k_loop, v_loop, lam = transition
-            looplm = gated_kv_attention(q, k, v, k_loop, v_loop, cache_seqlens, causal=True, backend=backend)
+            looplm = gated_kv_attention(q, k, v, k_loop, v_loop, cache_seqlens, causal=True, backend=backend,
+                                        max_seqlen_k=max_seqlen_k)
             # Blending before o_proj is blending the layer's outputs: o_proj is linear without bias.
             out = torch.lerp(looplm, out, lam)
         return self.o_proj(out.flatten(-2))
@@ -197,9 +202,10 @@ class LoopedBlock(nn.Module):
         self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps, **factory)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, **factory)
 
-    def forward(self, x, k_cache, v_cache, cache_seqlens, loop, *, shared, rope, backend, transition=None):
+    def forward(self, x, k_cache, v_cache, cache_seqlens, loop, *, shared, rope, backend, transition=None,
+                max_seqlen_k=None):
         x = x + self.attn(self.attn_norm(x), k_cache, v_cache, cache_seqlens, loop, shared=shared, rope=rope,
-                          backend=backend, transition=transition)
+                          backend=backend, transition=transition, max_seqlen_k=max_seqlen_k)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -277,12 +283,14 @@ class LoopedLM(nn.Module):
         positions = lengths.long()[:, None] + torch.arange(seqlen, device=x.device)  # [B, M]
         # Every layer and loop of the chunk rotates at the same positions.
         rope = self.rotary(positions, compute_dtype(x.dtype))
+        # The lengths live on the caches' device; their host copy bounds them for the kernels' plans.
+        bound = cache.max_seqlen_k(seqlen)
         for loop in range(self.num_loops):
             for i, block in enumerate(self.layers):
                 k_cache, v_cache = cache.layer(i, loop)
                 mix = None if transition is None else (*transition[0].layer(i, loop), transition[1])
                 x = block(x, k_cache, v_cache, lengths, loop, shared=shared, rope=rope, backend=self.backend,
-                          transition=mix)
+                          transition=mix, max_seqlen_k=bound)
         cache.advance(seqlen)
         if transition is not None:
             transition[0].advance(seqlen)
