@@ -11,7 +11,8 @@ position and ONE backward at the end, which also flows through the earlier chunk
 Columns (the keys of ``--json``): ``cache_bytes`` (the MELT cache), ``step_peak_bytes`` (the most bytes held by
 tensors at once from the cache's allocation to the end of the backward, above what was held before: weights and
 their gradients, allocated by a first step, are not counted),
-``backward_peak_bytes`` (the most held during the backward above what was held when it began).  On a GPU the
+``backward_peak_bytes`` (the most held during the backward above what was held when it began),
+``backward_allocated_bytes`` (all the bytes the backward allocated, freed or not).  On a GPU the
 figures come from ``torch.cuda.max_memory_allocated``; on a CPU from torch.profiler's memory events replayed in
 time order (as ``benchmarks/loop_depth.py``).
 
@@ -73,15 +74,15 @@ def step_memory(model: LoopedLM, batch: int, length: int, capacity: int, chunk: 
             return
         with PeakMemory(device) as memory:
             yield
-        peaks[phase] = memory.peak
+        peaks[phase] = memory
 
     # A first step allocates the weights' gradients, which later steps accumulate into: what is measured
     # below is the step's working memory.  One profiled run per phase (CPU profilers do not nest).
     _step(model, ids, targets, capacity, chunk, measure)
     for phase in ("step", "backward"):
         cache_bytes = _step(model, ids, targets, capacity, chunk, functools.partial(measure, wanted=phase))
-    return dict(length=length, capacity=capacity, cache_bytes=cache_bytes, step_peak_bytes=peaks["step"],
-                backward_peak_bytes=peaks["backward"])
+    return dict(length=length, capacity=capacity, cache_bytes=cache_bytes, step_peak_bytes=peaks["step"].peak,
+                backward_peak_bytes=peaks["backward"].peak, backward_allocated_bytes=peaks["backward"].allocated)
 
 
 def main(argv=None) -> list[dict]:
@@ -106,10 +107,12 @@ def main(argv=None) -> list[dict]:
     print(f"# one chunk-wise training step: {c.num_layers} layers x T={c.num_loops} loops, hidden {c.hidden_size}, "
           f"{c.num_kv_heads} kv heads x {c.head_dim}, {mode['dtype']}, batch {mode['batch']}, chunks of "
           f"{mode['chunk']}, backend {args.backend}; peak = {PeakMemory.describe(device)}")
-    print(f"{'length':>7} {'capacity':>9} {'cache MiB':>10} {'step peak MiB':>14} {'backward peak MiB':>18}")
+    print(f"{'length':>7} {'capacity':>9} {'cache MiB':>10} {'step peak MiB':>14} {'backward peak MiB':>18} "
+          f"{'backward allocated MiB':>23}")
     for r in rows:
         print(f"{r['length']:>7} {r['capacity']:>9} {r['cache_bytes'] / 2**20:>10.2f} "
-              f"{r['step_peak_bytes'] / 2**20:>14.2f} {r['backward_peak_bytes'] / 2**20:>18.2f}")
+              f"{r['step_peak_bytes'] / 2**20:>14.2f} {r['backward_peak_bytes'] / 2**20:>18.2f} "
+              f"{r['backward_allocated_bytes'] / 2**20:>23.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=str(device), rows=rows), f, indent=1)
