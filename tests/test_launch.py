@@ -151,3 +151,13 @@ def test_backward_hint_plans_like_host_lengths(monkeypatch):
         grids.append(recorder.grids())
     hinted, capacity = grids
     assert hinted["_bwd_dkdv_kernel"][0] < capacity["_bwd_dkdv_kernel"][0] / 32
+
+
+def test_positions_beyond_32_bits_are_not_for_the_kernels():
+    """The kernels index positions and rows in 32 bits (offsets are 64-bit): S = 2**31 gets a reason, so that
+    "auto" falls back to the reference and "triton" raises."""
+    q, k, v, k_cache, v_cache = _tensors(1, 1, 2, 1, 16, 2**31)
+    reason = TRITON.unsupported(check_inputs(q, k, v, k_cache, v_cache, 5))
+    assert reason is not None and "32 bits" in reason
+    q, k, v, k_cache, v_cache = _tensors(1, 1, 2, 1, 16, 2**31 - 1)
+    assert TRITON.unsupported(check_inputs(q, k, v, k_cache, v_cache, 5)) is None
