@@ -3,12 +3,15 @@
 SPEC 2.7: a decode kernel takes 5-20 us on a GPU, so the Python around it (checks, backend choice, planning,
 allocations, building the launch) must stay well below that.  Measured on CPU tensors, no GPU needed:
 
-* per call, median over ``--calls`` calls (after warm-up) of the public op ``melt_kernels.gated_kv_attention``
-  on the Triton backend, with the Triton kernels compiled (TRITON_INTERPRET unset) and ``JITFunction.run``
-  replaced by a stub that returns at once: everything up to the kernel launch is timed, Triton's own launch
-  (argument binding and the driver call, which needs a GPU) is not.  The parts are timed alone too: the
+* per call, the median CPU time over rounds of ``--calls`` calls (after warm-up) of the public op
+  ``melt_kernels.gated_kv_attention`` on the Triton backend, with the Triton kernels compiled (TRITON_INTERPRET
+  unset) and ``JITFunction.run`` replaced by a stub that returns at once: everything up to the kernel launch is
+  timed, Triton's own launch (argument binding and the driver call, which needs a GPU) is not.  The parts are timed alone too: the
   checks (``check_inputs``), the backend choice (``select_backend``) and the launcher (the backend's fwd);
-* ``import melt_kernels`` on top of ``import torch``: fresh interpreters, median over ``--imports`` runs each.
+* ``import melt_kernels`` on top of ``import torch``: fresh interpreters, median CPU time over ``--imports``
+  runs each.
+
+CPU time rather than wall time, so that a busy machine does not inflate the figures.
 
     python benchmarks/host_cost.py                  # prints a table
     python benchmarks/host_cost.py --quick --json out.json
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -38,15 +42,18 @@ CASES = {
 
 
 def _time_per_call(fn, calls: int, repeats: int = 7) -> float:
-    """Median over ``repeats`` rounds of the mean seconds per call of ``calls`` calls (after warm-up)."""
+    """Median over ``repeats`` rounds of the mean CPU seconds per call of ``calls`` calls (after warm-up).
+
+    CPU time of this thread, not wall time: on a shared machine the wait for a core is not the op's cost
+    (torch runs on one thread here, so on an idle machine the two agree)."""
     for _ in range(max(10, calls // 10)):
         fn()
     rounds = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = time.thread_time()
         for _ in range(calls):
             fn()
-        rounds.append((time.perf_counter() - start) / calls)
+        rounds.append((time.thread_time() - start) / calls)
     return statistics.median(rounds)
 
 
@@ -105,13 +112,15 @@ def per_call(calls: int) -> list[dict]:
 
 
 def import_seconds(imports: int) -> dict:
-    """Median wall time of fresh interpreters running ``import torch`` and ``import torch, melt_kernels``."""
+    """Median CPU time (user + system) of fresh interpreters running ``import torch`` and
+    ``import torch; import melt_kernels``."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
     def one(code: str) -> float:
-        start = time.perf_counter()
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         subprocess.run([sys.executable, "-c", code], check=True, env=env)
-        return time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
     torch_only, with_melt = [], []
     for _ in range(imports):  # interleaved, so that a busy moment hurts both alike
@@ -133,14 +142,14 @@ def main(argv=None) -> dict:
     torch.set_num_threads(1)
 
     result = dict(torch=torch.__version__, per_call=per_call(calls), imports=import_seconds(imports))
-    print(f"# host cost per call, us (median of 7 rounds of {calls} calls; CPU tensors, bfloat16, Triton launch "
-          f"stubbed)")
+    print(f"# host cost per call, us of CPU time (median of 7 rounds of {calls} calls; CPU tensors, bfloat16, "
+          f"Triton launch stubbed)")
     print(f"{'case':<24} {'launches':>8} {'op':>8} {'checks':>8} {'dispatch':>8} {'launcher':>8}")
     for r in result["per_call"]:
         print(f"{r['case']:<24} {r['launches']:>8} {r['op_us']:>8.1f} {r['checks_us']:>8.1f} "
               f"{r['dispatch_us']:>8.1f} {r['launcher_us']:>8.1f}")
     i = result["imports"]
-    print(f"# import, s (median of {i['runs']} fresh interpreters): torch {i['import_torch_s']:.2f}, "
+    print(f"# import, s of CPU time (median of {i['runs']} fresh interpreters): torch {i['import_torch_s']:.2f}, "
           f"torch + melt_kernels {i['import_torch_melt_s']:.2f}, added by melt_kernels {i['import_melt_added_s']:.2f}")
     if args.json:
         with open(args.json, "w") as f:

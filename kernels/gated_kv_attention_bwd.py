@@ -41,7 +41,6 @@ import torch
 import triton
 import triton.language as tl
 
-from melt_kernels.backends import triton_interpreted
 from melt_kernels.kernels.launch import check_grids, device_guard, num_sms
 
 LOG2E = math.log2(math.e)
@@ -284,7 +283,7 @@ def _tiles(head_dim_p2: int, seqlen_q: int, dtype: torch.dtype, interpreted: boo
 def _key_splits(max_prefix: int, block_n: int, q_programs: int, device: torch.device) -> int:
     """How many slices the dQ pass cuts the prefix into: enough programs for about two waves."""
     key_blocks = max(1, triton.cdiv(max_prefix, block_n))
-    if triton_interpreted():
+    if device.type != "cuda":
         # Two slices whenever possible, so the tests cover the partial-sum path.
         return min(2, key_blocks)
     wanted = triton.cdiv(2 * num_sms(device), q_programs)
@@ -337,7 +336,9 @@ def gated_kv_attention_bwd(q, k_cache, v_cache, k_new, v_new, cache_seqlens, out
     max_prefix = max(0, min(cache_len if max_seqlen_k is None else max_seqlen_k, cache_len) - seqlen_q)
     device = q.device
     head_dim_p2 = max(16, triton.next_power_of_2(head_dim))
-    tiles = _tiles(head_dim_p2, seqlen_q, q.dtype, triton_interpreted())
+    # Off CUDA the kernels can only run under the interpreter.
+    interpreted = device.type != "cuda"
+    tiles = _tiles(head_dim_p2, seqlen_q, q.dtype, interpreted)
     cache_seqlens = cache_seqlens.to(device=device, dtype=torch.int32)
     dout = _unit_last(dout)
     # (B, Hq, M) float32 rows, read by flat index: tiny, so made contiguous here.
@@ -364,7 +365,7 @@ def gated_kv_attention_bwd(q, k_cache, v_cache, k_new, v_new, cache_seqlens, out
     dkc = dk_new if dk_cache is None else dk_cache
     dvc = dv_new if dv_cache is None else dv_cache
     qk_scale = softmax_scale * LOG2E
-    upcast = q.dtype == torch.bfloat16 and triton_interpreted()
+    upcast = q.dtype == torch.bfloat16 and interpreted
     blocks = max(tiles[name] for name in ("BM_KV", "BN_KV", "BM_Q", "BN_Q"))
     sliced = [t for t in (q, dout, out, k_cache, v_cache, k_new, v_new, dk_cache, dv_cache, partial)
               if t is not None]

@@ -373,7 +373,10 @@ def _gate_args(gate, like: torch.Tensor, kv_shape: tuple):
     if isinstance(gate, float):
         # 1 - alpha in double, then rounded, as PyTorch does for a Python scalar.
         return GATE_SCALAR, like, (0, 0, 0, 0), gate, 1. - gate
-    return GATE_TENSOR, gate, gate.expand(kv_shape).stride(), 0., 0.
+    # The strides of gate.expand(kv_shape), without building the view: 0 on broadcast dimensions.
+    pad = (0,) * (4 - gate.dim())
+    strides = pad + tuple(st if sz > 1 else 0 for st, sz in zip(gate.stride(), gate.shape))
+    return GATE_TENSOR, gate, strides, 0., 0.
 
 
 def fwd_grids(batch: int, heads_kv: int, rows: int, plan: LaunchPlan) -> dict:
@@ -409,6 +412,7 @@ def gated_kv_attention_fwd(q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_
     plan = _plan(batch, seqlen_q, heads_q, heads_kv, head_dim, max_prefix, num_sms(device), q.element_size(),
                  block_r=block_r, block_n=block_n, split_len=split_len, num_warps=num_warps, num_stages=num_stages)
     rows = seqlen_q * groups
+    direct, slots = plan.direct, plan.slots
     grids = fwd_grids(batch, heads_kv, rows, plan)
     check_grids(grids)
     if q.dtype == torch.float32:
@@ -419,14 +423,17 @@ def gated_kv_attention_fwd(q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_
     fix_bf16 = q.dtype == torch.bfloat16 and device.type == "cpu"  # the interpreter
     out = torch.empty((batch, seqlen_q, heads_q, head_dim), dtype=q.dtype, device=device)
     lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=device)
-    if plan.direct:
+    if direct:
         o_part = lse_part = lse  # unused
     else:
-        o_part = torch.empty((batch * heads_kv * plan.slots * rows, head_dim), dtype=torch.float32, device=device)
-        lse_part = torch.empty((batch * heads_kv * plan.slots * rows,), dtype=torch.float32, device=device)
+        # One allocation for both: the partial outputs (parts, D), then their lse (parts,).
+        parts = batch * heads_kv * slots * rows
+        workspace = torch.empty(parts * (head_dim + 1), dtype=torch.float32, device=device)
+        o_part, lse_part = workspace[:parts * head_dim], workspace[parts * head_dim:]
     kv_shape = (batch, seqlen_q, heads_kv, head_dim)
     gk_kind, gk, s_gk, gk_alpha, gk_beta = _gate_args(gate, k, kv_shape)
-    gv_kind, gv, s_gv, gv_alpha, gv_beta = _gate_args(gate_v, v, kv_shape)
+    gv_kind, gv, s_gv, gv_alpha, gv_beta = (gk_kind, gk, s_gk, gk_alpha, gk_beta) if gate_v is gate else \
+        _gate_args(gate_v, v, kv_shape)
 
     with device_guard(device):
         gated_kv_attention_fwd_kernel[grids["gated_kv_attention_fwd_kernel"]](
@@ -434,21 +441,21 @@ def gated_kv_attention_fwd(q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
             *s_gk, *s_gv, gk_alpha, gk_beta, gv_alpha, gv_beta,
             *out.stride()[:3], lse.stride(0), lse.stride(1),
-            softmax_scale * LOG2E, seqlen_q, cache_len, heads_kv, plan.row_blocks, plan.items, plan.slots,
+            softmax_scale * LOG2E, seqlen_q, cache_len, heads_kv, plan.row_blocks, plan.items, slots,
             plan.split_len,
             G=groups, D=head_dim, GATE_K=gk_kind, GATE_V=gv_kind, CAUSAL=causal,
-            SEPARATE_OWNER=plan.separate_owner, DIRECT=plan.direct, PRECISION=precision,
+            SEPARATE_OWNER=plan.separate_owner, DIRECT=direct, PRECISION=precision,
             FIX_BF16=fix_bf16,
             BLOCK_R=plan.block_r, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d,
             num_warps=plan.num_warps, num_stages=plan.num_stages,
             # The blend must round alpha*old and (1-alpha)*fresh separately, as PyTorch does: no FMA contraction.
             enable_fp_fusion=False,
         )
-        if not plan.direct:
+        if not direct:
             gated_kv_attention_merge_kernel[grids["gated_kv_attention_merge_kernel"]](
                 o_part, lse_part, out, lse, *out.stride()[:3], lse.stride(0), lse.stride(1),
-                seqlen_q, heads_kv, plan.slots, G=groups, D=head_dim,
-                BLOCK_T=min(16, triton.next_power_of_2(plan.slots)), BLOCK_D=plan.block_d,
+                seqlen_q, heads_kv, slots, G=groups, D=head_dim,
+                BLOCK_T=min(16, triton.next_power_of_2(slots)), BLOCK_D=plan.block_d,
                 FIX_BF16=fix_bf16, num_warps=4 if plan.block_d >= 128 else 2, enable_fp_fusion=True,
             )
     return out, lse

@@ -279,8 +279,8 @@ def run(problem: Problem, impl) -> tuple[torch.Tensor, torch.Tensor]:
     args = (p.q, p.k, p.v, p.k_cache, p.v_cache, p.cache_seqlens, p.gate, p.gate_v, p.softmax_scale, p.causal,
             bound)
     logs = (begin_write(p.k_cache), begin_write(p.v_cache))
-    differentiable = [p.q, p.k, p.v, p.k_cache, p.v_cache, _gate_tensor(p.gate), _gate_tensor(p.gate_v)]
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
+            p.q, p.k, p.v, p.k_cache, p.v_cache, _gate_tensor(p.gate), _gate_tensor(p.gate_v))):
         # The backward keeps its own copy of the (B,) lengths: callers advance theirs in place
         # (MeltCache.advance) before the backward runs.
         lengths = p.cache_seqlens.clone()

@@ -80,8 +80,9 @@ def _parse_target(target: str) -> tuple[str, int, int, bool]:
     return kind, major, minor, digits != number
 
 
+@functools.lru_cache(maxsize=None)
 def _arch_reason(device: torch.device) -> Optional[str]:
-    """Why this build has no code for the GPU of ``device``, or None."""
+    """Why this build has no code for the GPU of ``device``, or None (asked at every call: cached)."""
     cap = torch.cuda.get_device_capability(device)
     for target in _cuda.built_archs():
         kind, major, minor, specific = _parse_target(target)

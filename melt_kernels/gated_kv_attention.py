@@ -6,7 +6,6 @@ import torch
 from melt_kernels.autograd import run
 from melt_kernels.backends import select_backend
 from melt_kernels.checks import check_inputs
-from melt_kernels.library import compiled_call
 
 
 def gated_kv_attention(q, k, v, k_cache, v_cache, cache_seqlens, gate=None, gate_v=None, *,
@@ -71,7 +70,10 @@ def gated_kv_attention(q, k, v, k_cache, v_cache, cache_seqlens, gate=None, gate
     input raises ValueError/TypeError before anything is written.
     """
     if torch.compiler.is_compiling():
-        # Traced as the registered custom op melt::gated_kv_attention (melt_kernels.library).
+        # Traced as the custom op melt::gated_kv_attention.  Its module is imported here, by the first trace,
+        # not with the package: registering the op needs torch._dynamo, which costs ~1.5 s to import.
+        from melt_kernels.library import compiled_call
+
         out, lse = compiled_call(q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v, softmax_scale, causal,
                                  backend, max_seqlen_k)
     else:

@@ -5,7 +5,10 @@
 know) and has a fake implementation giving ``out``/``lse`` shapes, so
 ``torch.compile(fullgraph=True)`` compiles the inference path with no graph
 break.  Its eager body is the public op's: the same checks, backend choice
-and kernels.
+and kernels.  This module is imported by the first trace of
+``gated_kv_attention`` (or explicitly), not by ``import melt_kernels``: it
+needs ``torch._dynamo`` (``torch.compiler.disable``), whose import costs
+over a second.
 
 A schema holds tensors, ints, floats, bools and strings, so the Python-level
 unions of the public signature are split: ``cache_seqlens`` into an optional

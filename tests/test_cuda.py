@@ -109,6 +109,7 @@ def test_unbuilt_extension_says_how_to_build(monkeypatch):
     monkeypatch.delattr(melt_kernels, "_cuda", raising=False)
     monkeypatch.delitem(sys.modules, "melt_kernels.cuda_backend", raising=False)
     monkeypatch.delattr(melt_kernels, "cuda_backend", raising=False)
+    monkeypatch.setattr(backends, "_LOADED", {})  # as in a fresh process: nothing imported yet
     with pytest.raises(ModuleNotFoundError, match="MELT_BUILD_CUDA=1"):
         importlib.import_module("melt_kernels.cuda_backend")
     with pytest.raises(RuntimeError, match="backend 'cuda' is not available here: .*MELT_BUILD_CUDA=1"):
