@@ -5,9 +5,10 @@ bits: a head-major cache view (B, S, H, D) over (B, H, S, D) storage has head st
 (H - 1) * S * D >= 2**31 for long caches.  Computed in 32 bits it wraps, and the kernel reads and writes
 another head's memory (or outside the tensor).
 
-* On the interpreter: the forward and backward launchers on views whose last head lies past element 2**31 of
-  one big CPU buffer (virtual memory: only the pages of the elements used are touched), against the
-  reference.  The head stride itself is below 2**31, so Triton passes it as a 32-bit integer.
+* On the interpreter (or compiled, on a GPU): the forward and backward launchers on views whose last head
+  lies past element 2**31 of one big buffer (on the CPU virtual memory: only the pages of the elements used
+  are touched; 8 GiB on a GPU), against the reference.  The head stride itself is below 2**31, so Triton
+  passes it as a 32-bit integer.
 * Compiled for sm_90 (no GPU needed): no kernel multiplies a stride by an index in 32-bit scalar arithmetic;
   inside a (b, h) slice, offsets may stay 32-bit unless the slice spans 2**31 elements (the backward's WIDE).
 """
@@ -26,15 +27,19 @@ HEADS, HEAD_STRIDE = 3, 2**30 + 2**20  # head 2 starts at 2**31 + 2**21 elements
 BATCH, SEQLEN_Q, CACHE_LEN, HEAD_DIM = 2, 5, 40, 16
 
 
+DEVICE = "cpu" if triton_interpreted() else "cuda"
+
+
 def _head_major_views(shapes: dict, dtype=torch.float32) -> dict:
     """(B, rows, HEADS, D) views of one buffer, heads HEAD_STRIDE elements apart, each head (B, rows, D)
     contiguous; the views sit one after the other inside each head's stretch of the buffer."""
     total = sum(b * rows * d for b, rows, d in shapes.values())
-    storage = torch.UntypedStorage(((HEADS - 1) * HEAD_STRIDE + total) * torch.finfo(dtype).bits // 8)
+    storage = torch.UntypedStorage(((HEADS - 1) * HEAD_STRIDE + total) * torch.finfo(dtype).bits // 8,
+                                   device=DEVICE)
     views, offset = {}, 0
     for name, (batch, rows, dim) in shapes.items():
-        views[name] = torch.tensor([], dtype=dtype).set_(storage, offset, (batch, rows, HEADS, dim),
-                                                         (rows * dim, dim, HEAD_STRIDE, 1))
+        views[name] = torch.tensor([], dtype=dtype, device=DEVICE).set_(storage, offset, (batch, rows, HEADS, dim),
+                                                                        (rows * dim, dim, HEAD_STRIDE, 1))
         offset += batch * rows * dim
     return views
 
@@ -48,11 +53,12 @@ def _problem(seed: int) -> tuple[dict, torch.Tensor]:
     for view in views.values():
         view.copy_(torch.randn(view.shape, generator=gen))
     assert views["k_cache"][:, :, -1].storage_offset() >= 2**31 > HEAD_STRIDE
-    lengths = torch.tensor([CACHE_LEN - SEQLEN_Q, 17], dtype=torch.int32)
+    lengths = torch.tensor([CACHE_LEN - SEQLEN_Q, 17], dtype=torch.int32, device=DEVICE)
     return views, lengths
 
 
-needs_kernels = pytest.mark.skipif(not triton_interpreted(), reason="runs the kernels under the interpreter")
+needs_kernels = pytest.mark.skipif(not (triton_interpreted() or torch.cuda.is_available()),
+                                   reason="the kernels need the interpreter or a GPU")
 
 
 @needs_kernels
@@ -60,7 +66,7 @@ def test_forward_far_heads():
     from melt_kernels.kernels.gated_kv_attention_fwd import gated_kv_attention_fwd
 
     t, lengths = _problem(0)
-    gate = torch.rand(BATCH, SEQLEN_Q, HEADS, 1, generator=torch.Generator().manual_seed(1))
+    gate = torch.rand(BATCH, SEQLEN_Q, HEADS, 1, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     want_k, want_v = t["k_cache"].clone(), t["v_cache"].clone()
     want = gated_kv_attention_ref_fwd(t["q"].double(), t["k"].double(), t["v"].double(), want_k, want_v, lengths,
                                       gate, gate, 0.25, True)
@@ -83,7 +89,7 @@ def test_backward_far_heads(bound):
                                           0.25, True)
     index = active_index(lengths, (BATCH, SEQLEN_Q, HEADS, HEAD_DIM))
     k_new, v_new = t["k_cache"].gather(1, index), t["v_cache"].gather(1, index)
-    dlse = torch.randn(lse.shape, generator=torch.Generator().manual_seed(3))
+    dlse = torch.randn(lse.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     exact = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
              for a in (t["q"], t["k_cache"], t["v_cache"], k_new, v_new, lengths, out, lse, t["dout"], dlse, 0.25,
                        True, t["dk_cache"], t["dv_cache"], None)]
