@@ -141,8 +141,10 @@ class Inputs:
         s = self.shape
         k_new = self.k_cache[:, s.cache_len:].clone()
         v_new = self.v_cache[:, s.cache_len:].clone()
+        # The caches' gradient buffers the backward adds into (autograd allocates them once per chain of calls).
+        buffers = [torch.zeros_like(c) for c in (p.k_cache, p.v_cache)] if cache_grad else [None, None]
         return lambda: impl.bwd(p.q, p.k_cache, p.v_cache, k_new, v_new, p.cache_seqlens, out, lse, self.dout,
-                                None, p.softmax_scale, True, cache_grad, p.max_seqlen_k)
+                                None, p.softmax_scale, True, *buffers, p.max_seqlen_k)
 
     def leaves(self):
         return [self.q, self.k, self.v, self.gate, self.q_t, self.k_t, self.v_t, self.anchor]
