@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from melt_kernels.kernels.gated_kv_attention_fwd import _round
 from melt_kernels.kernels.launch import check_grids, device_guard, num_sms
 
 LOG2E = math.log2(math.e)
@@ -171,15 +172,17 @@ def _bwd_dkdv_kernel(q, k_cache, v_cache, k_new, v_new, cache_seqlens, dout, lse
 
         m_nd = m_n[:, None] & m_d[None, :]
         if is_prefix:
-            # Added to the gradient the caches' later uses gave these positions (one program per position).
+            # Added to the gradient the caches' later uses gave these positions (one program per position),
+            # rounded to nearest (under the interpreter .to(bfloat16) truncates, and every call of a chain
+            # rounds the same buffer again).
             if PREFIX_DK:
                 p_dk = dk_cache + _tile(i_b * stride_dkb + i_hk * stride_dkh, o_n, stride_dks, o_d, WIDE)
                 b_dk += tl.load(p_dk, mask=m_nd, other=0.).to(tl.float32)
-                tl.store(p_dk, b_dk.to(dk_cache.dtype.element_ty), mask=m_nd)
+                tl.store(p_dk, _round(b_dk, dk_cache.dtype.element_ty, UPCAST), mask=m_nd)
             if PREFIX_DV:
                 p_dv = dv_cache + _tile(i_b * stride_dvb + i_hk * stride_dvh, o_n, stride_dvs, o_d, WIDE)
                 b_dv += tl.load(p_dv, mask=m_nd, other=0.).to(tl.float32)
-                tl.store(p_dv, b_dv.to(dv_cache.dtype.element_ty), mask=m_nd)
+                tl.store(p_dv, _round(b_dv, dv_cache.dtype.element_ty, UPCAST), mask=m_nd)
         else:
             o_a = _tile(i_b * stride_dnb + i_hk * stride_dnh, o_n, stride_dns, o_d, WIDE)
             tl.store(dk_new + o_a, b_dk.to(dk_new.dtype.element_ty), mask=m_nd)

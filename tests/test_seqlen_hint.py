@@ -3,7 +3,7 @@ plans without a sync; a wrong hint costs speed, never correctness.
 
 Lengths on the device are simulated on the CPU by declaring CPU lengths unreadable
 (``melt_kernels.checks.lengths_on_host``), so the op takes the device path: no exact bound, the hint sizes
-the plans.  The plans are cut small (16-key splits and tiles) so that a hint decides how many splits and
+the plans (on a GPU the lengths are on the device anyway).  The plans are cut small (16-key splits and tiles) so that a hint decides how many splits and
 key blocks there are.  tests/test_launch.py checks the plans themselves at real sizes.
 """
 import pytest
@@ -16,6 +16,7 @@ from melt_kernels.backends import triton_interpreted
 from melt_kernels.checks import check_inputs
 from utils import make_case
 
+DEVICE = "cpu" if triton_interpreted() else "cuda"
 BATCH, SEQLEN_Q, HEADS_Q, HEADS_KV, HEAD_DIM, CACHE_LEN = 2, 9, 4, 2, 16, 80
 LENGTHS = (40, 7)
 LOOPS, CHUNKS = 2, 2
@@ -53,7 +54,8 @@ def _chain_run(case, backend, hint):
     return results + [k_cache, v_cache] + list(torch.autograd.grad(loss, leaves))
 
 
-@pytest.mark.skipif(not triton_interpreted(), reason="the Triton kernels on the CPU need the interpreter")
+@pytest.mark.skipif(not (triton_interpreted() or torch.cuda.is_available()),
+                    reason="the Triton kernels need a GPU, or the interpreter on the CPU")
 @pytest.mark.parametrize("hint", ["exact", "small", "large", "none"])
 def test_wrong_hints_never_change_the_result(monkeypatch, hint):
     """Forward (decode-sized and chunk paths) and backward through the op, device lengths, the hint exact,
@@ -63,8 +65,8 @@ def test_wrong_hints_never_change_the_result(monkeypatch, hint):
     monkeypatch.setattr(fwd_module, "_plan", lambda *a, **kw: plan(*a, **dict(kw, block_n=16, block_r=16,
                                                                                 split_len=16)))
     case = make_case(5, batch=BATCH, seqlen_q=SEQLEN_Q, heads_q=HEADS_Q, heads_kv=HEADS_KV, head_dim=HEAD_DIM,
-                     cache_len=CACHE_LEN)
-    case.cache_seqlens = torch.tensor(LENGTHS, dtype=torch.int32)
+                     cache_len=CACHE_LEN, device=DEVICE)
+    case.cache_seqlens = torch.tensor(LENGTHS, dtype=torch.int32, device=DEVICE)
     got = _chain_run(case, "triton", hint)
     want = _chain_run(case.clone(), "reference", "none")
     for i, (g, w) in enumerate(zip(got, want)):
