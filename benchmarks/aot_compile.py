@@ -107,17 +107,17 @@ class Launch:
 def caught_launches(sms: int):
     """Kernel launches are recorded instead of run; the planners see a GPU of ``sms`` multiprocessors."""
     launches: list[Launch] = []
-    saved = JITFunction.run, fwd_module.num_sms, bwd_module._num_sms
+    saved = JITFunction.run, fwd_module.num_sms, bwd_module.num_sms
 
     def record(self, *args, grid, warmup, **kwargs):
         launches.append(Launch(self, args, kwargs, grid))
 
     JITFunction.run = record
-    fwd_module.num_sms = bwd_module._num_sms = lambda device: sms
+    fwd_module.num_sms = bwd_module.num_sms = lambda device: sms
     try:
         yield launches
     finally:
-        JITFunction.run, fwd_module.num_sms, bwd_module._num_sms = saved
+        JITFunction.run, fwd_module.num_sms, bwd_module.num_sms = saved
 
 
 def problem_launches(p: Problem, dtype: torch.dtype, head_dim: int) -> list[Launch]:
@@ -141,8 +141,9 @@ def problem_launches(p: Problem, dtype: torch.dtype, head_dim: int) -> list[Laun
         fwd_module.gated_kv_attention_fwd(q, k, v, k_cache, v_cache, lengths, gate, gate, scale, p.causal, s)
         if p.backward:
             dlse = empty(b, hq, m, dt=torch.float32) if p.with_dlse else None
+            grads = (empty(b, s, hkv, head_dim), empty(b, s, hkv, head_dim)) if p.need_cache_grad else (None, None)
             bwd_module.gated_kv_attention_bwd(q, k_cache, v_cache, k, v, lengths, out, lse, dout, dlse, scale,
-                                              p.causal, p.need_cache_grad, s)
+                                              p.causal, *grads, s)
     return launches
 
 

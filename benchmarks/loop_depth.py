@@ -139,7 +139,8 @@ def quiet_stderr():
 
 
 class PeakMemory:
-    """The most bytes held by tensors at once inside the block, above what was held when it was entered.
+    """The most bytes held by tensors at once inside the block, above what was held when it was entered
+    (``peak``), and the bytes of all tensors allocated inside it (``allocated``).
 
     CUDA: the caching allocator's counters. CPU: torch has no CPU allocator
     statistics and tracemalloc does not see torch's allocations, so the
@@ -148,7 +149,10 @@ class PeakMemory:
     """
 
     def __init__(self, device: torch.device):
-        self.device, self.peak = device, None
+        self.device, self.peak, self.allocated = device, None, None
+
+    def _cuda_allocated(self) -> int:
+        return torch.cuda.memory_stats(self.device).get("allocated_bytes.all.allocated", 0)
 
     @staticmethod
     def describe(device: torch.device) -> str:
@@ -161,6 +165,7 @@ class PeakMemory:
             sync(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
+            self.base_allocated = self._cuda_allocated()
         else:
             self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                                    profile_memory=True)
@@ -172,6 +177,7 @@ class PeakMemory:
         if self.device.type == "cuda":
             sync(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+            self.allocated = self._cuda_allocated() - self.base_allocated
             return
         with quiet_stderr():
             self.profiler.stop()
@@ -182,6 +188,7 @@ class PeakMemory:
             held += nbytes
             peak = max(peak, held)
         self.peak = peak
+        self.allocated = sum(nbytes for _, nbytes in events if nbytes > 0)
 
 
 def resolved_backend(model: LoopedLM, backend: str, device: torch.device) -> str:

@@ -36,6 +36,15 @@ melt::Gate gate(const GateArg& g) {
     return r;
 }
 
+void set_sizes(melt::FwdArgs& a, const Sizes& sizes) {
+    a.batch = sizes[0];
+    a.seqlen_q = sizes[1];
+    a.heads_q = sizes[2];
+    a.heads_kv = sizes[3];
+    a.head_dim = sizes[4];
+    a.cache_len = sizes[5];
+}
+
 melt::FwdArgs update_args(const TensorArg& k, const TensorArg& v, const TensorArg& k_cache, const TensorArg& v_cache,
                           uintptr_t seqlens, const Sizes& sizes, const GateArg& gate_k, const GateArg& gate_v) {
     melt::FwdArgs a;
@@ -44,12 +53,7 @@ melt::FwdArgs update_args(const TensorArg& k, const TensorArg& v, const TensorAr
     a.k_cache = tensor4(k_cache);
     a.v_cache = tensor4(v_cache);
     a.seqlens = reinterpret_cast<const int32_t*>(seqlens);
-    a.batch = sizes[0];
-    a.seqlen_q = sizes[1];
-    a.heads_q = sizes[2];
-    a.heads_kv = sizes[3];
-    a.head_dim = sizes[4];
-    a.cache_len = sizes[5];
+    set_sizes(a, sizes);
     a.gate_k = gate(gate_k);
     a.gate_v = gate(gate_v);
     return a;
@@ -95,6 +99,25 @@ void blend_host(const TensorArg& k, const TensorArg& v, const TensorArg& k_cache
     melt::blend_host(update_args(k, v, k_cache, v_cache, seqlens, sizes, gate_k, gate_v), dtype);
 }
 
+// Only the sizes and the split count of a forward call: what its launches depend on.
+melt::FwdArgs sized(const Sizes& sizes, int num_splits) {
+    melt::FwdArgs a;
+    set_sizes(a, sizes);
+    a.num_splits = num_splits;
+    return a;
+}
+
+py::dict grids(const Sizes& sizes, int num_splits) {
+    const melt::FwdLaunch l = melt::fwd_grids(sized(sizes, num_splits));
+    py::dict d;
+    d["blend"] = l.blend_blocks;
+    d["attention"] = l.attention_blocks;
+    d["combine"] = l.combine_blocks;
+    return d;
+}
+
+void check_launch_sizes(const Sizes& sizes, int num_splits) { melt::check_launch_sizes(sized(sizes, num_splits)); }
+
 py::list plan(const std::vector<int>& seqlens, int cache_len, int seqlen_q, int heads_q, int heads_kv, bool causal,
               int num_splits) {
     py::list blocks;
@@ -138,6 +161,11 @@ PYBIND11_MODULE(_cuda, m) {
           py::arg("dtype"));
     m.def("fused_update", &melt::fused_update, "Whether the attention blocks blend the active slots themselves.",
           py::arg("seqlen_q"), py::arg("heads_q"), py::arg("heads_kv"));
+    m.def("grids", &grids, "Blocks of each 1-D launch of a forward call (blend, attention, combine; 0: not launched).",
+          py::arg("sizes"), py::arg("num_splits"));
+    m.def("check_launch_sizes", &check_launch_sizes,
+          "Raises ValueError when a forward call's rows exceed 32 bits or a launch exceeds CUDA's grid limits.",
+          py::arg("sizes"), py::arg("num_splits"));
     m.def("built_archs", &melt::built_archs, "The sm_XY / compute_XY targets this build holds.");
     m.def("plan", &plan, "Host mirror of one launch's work split: per block, tiles read, slots written, keys seen.",
           py::arg("seqlens"), py::arg("cache_len"), py::arg("seqlen_q"), py::arg("heads_q"), py::arg("heads_kv"),

@@ -628,15 +628,8 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const __grid_constant
 // ---------------------------------------------------------------------------
 // Launchers.
 
-// The launches of one call, shared by the CUDA launcher and the host emulation.
-struct FwdLaunch {
-    int n_row_tiles;
-    bool fused;
-    int64_t blend_chunks, blend_blocks;  // chunk path only
-    int64_t attention_blocks;
-    int64_t combine_blocks;              // num_splits > 1 only
-};
-
+// The launches of one call (FwdLaunch, gated_kv_attention.h), shared by the CUDA launcher and the host
+// emulation.
 inline FwdLaunch fwd_launch(const FwdArgs& p) {
     FwdLaunch l;
     l.n_row_tiles = ceil_div(p.seqlen_q * (p.heads_q / p.heads_kv), kBlockM);

@@ -61,8 +61,26 @@ enum DType : int { kFloat16 = 0, kBFloat16 = 1 };
 // arguments and std::runtime_error for CUDA errors (no device included).
 void gated_kv_attention_fwd(const FwdArgs& args, int dtype, void* stream);
 
-// Throws std::invalid_argument unless the kernels can take `args` (sizes, 16-byte rows, gates, workspaces).
+// Throws std::invalid_argument unless the kernels can take `args` (sizes, 16-byte rows, gates, workspaces,
+// and every grid within CUDA's limits).
 void check_fwd_args(const FwdArgs& args);
+
+// The blocks of each launch of one forward call (all grids are 1-D); blend_* only on the chunk path,
+// combine_blocks only with num_splits > 1.
+struct FwdLaunch {
+    int n_row_tiles;
+    bool fused;
+    int64_t blend_chunks, blend_blocks;
+    int64_t attention_blocks;
+    int64_t combine_blocks;
+};
+
+// The launches of gated_kv_attention_fwd for `args` (its sizes and num_splits), unchecked.
+FwdLaunch fwd_grids(const FwdArgs& args);
+
+// Throws std::invalid_argument when the rows of `args` (B * Hq * M) exceed 32 bits or a launch exceeds
+// CUDA's grid limits (part of check_fwd_args).
+void check_launch_sizes(const FwdArgs& args);
 
 // The CUDA architectures this build holds machine code (sm_XY) or PTX (compute_XY) for.
 std::vector<std::string> built_archs();

@@ -72,10 +72,21 @@ void check_fwd_args(const FwdArgs& p) {
     require(p.num_splits >= 1, "num_splits must be >= 1");
     require(p.num_splits == 1 || (p.o_part != nullptr && p.lse_part != nullptr),
             "num_splits > 1 needs the o_part/lse_part workspaces");
-    const int64_t n_row_tiles = ceil_div(p.seqlen_q * (p.heads_q / p.heads_kv), kBlockM);
-    require(static_cast<int64_t>(p.batch) * p.heads_kv * n_row_tiles * p.num_splits <= INT_MAX,
-            "too many blocks for one launch");
+    check_launch_sizes(p);
+}
+
+FwdLaunch fwd_grids(const FwdArgs& args) { return fwd_launch(args); }
+
+void check_launch_sizes(const FwdArgs& p) {
+    // Rows are indexed in 32 bits (and this bounds M * G, which the launch sizes multiply in int).
     require(static_cast<int64_t>(p.batch) * p.heads_q * p.seqlen_q <= INT_MAX, "too many query rows");
+    // Every launch is 1-D: gridDim.x < 2**31 (y and z, capped at 65535, are never used).
+    const FwdLaunch l = fwd_launch(p);
+    const std::pair<const char*, int64_t> grids[] = {
+        {"blend", l.blend_blocks}, {"attention", l.attention_blocks}, {"combine", l.combine_blocks}};
+    for (const auto& [name, blocks] : grids)
+        require(blocks <= INT_MAX, std::string("the ") + name + " launch would need " + std::to_string(blocks) +
+                                       " blocks, more than CUDA's 2**31 - 1: the problem is too large for one launch");
 }
 
 void gated_kv_attention_fwd(const FwdArgs& args, int dtype, void* stream) {

@@ -21,10 +21,19 @@ overwritten in the caches.  Both kernels treat the two apart, as the forward
 does: key blocks never straddle them, every active token sees the whole
 prefix (no mask there), and the causal mask (bottom-right aligned) only
 compares active slot j with active token i (j <= i).  Prefix blocks only
-feed the cache gradient and are skipped without ``need_cache_grad``.
+feed the cache gradient, which is added into buffers the caller owns (the
+gradient the caches' later uses gave them), and are skipped without one.
+
+Grids are 1-D (CUDA caps y and z at 65535, which B * H alone can exceed) and
+checked before the first launch; batch, head and split offsets are 64-bit,
+offsets inside a (b, h) slice 32-bit unless a slice spans 2**31 elements
+(WIDE).  The work is split by a bound on the lengths that may be too small
+(a max_seqlen_k hint): the last prefix block and the last dQ split of each
+row reach its true L_b.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -32,7 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-from melt_kernels.backends import triton_interpreted
+from melt_kernels.kernels.gated_kv_attention_fwd import _round
+from melt_kernels.kernels.launch import check_grids, device_guard, num_sms
 
 LOG2E = math.log2(math.e)
 
@@ -66,17 +76,18 @@ def _dot(a, b, UPCAST: tl.constexpr):
 @triton.jit
 def _bwd_preprocess_kernel(out, dout, dlse, delta,
                            stride_ob, stride_om, stride_oh, stride_dob, stride_dom, stride_doh,
-                           M, Hq,
+                           M, Hq, m_blocks,
                            D: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, HAS_DLSE: tl.constexpr,
                            WIDE: tl.constexpr):
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // Hq, i_bh % Hq
+    """One program per query block of a (b, query head): grid (m_blocks * B * Hq,)."""
+    i_m, i_bh = tl.program_id(0) % m_blocks, tl.program_id(0) // m_blocks
+    i_b, i_h = (i_bh // Hq).to(tl.int64), (i_bh % Hq).to(tl.int64)
     o_m = i_m * BM + tl.arange(0, BM)
     o_d = tl.arange(0, BD)
     m_m, m_d = o_m < M, o_d < D
-    b_o = _load_rows(out + i_b.to(tl.int64) * stride_ob + i_h * stride_oh, o_m, M, stride_om, o_d, m_d,
+    b_o = _load_rows(out + i_b * stride_ob + i_h * stride_oh, o_m, M, stride_om, o_d, m_d,
                      WIDE).to(tl.float32)  # [BM, BD]
-    b_do = _load_rows(dout + i_b.to(tl.int64) * stride_dob + i_h * stride_doh, o_m, M, stride_dom, o_d, m_d,
+    b_do = _load_rows(dout + i_b * stride_dob + i_h * stride_doh, o_m, M, stride_dom, o_d, m_d,
                       WIDE).to(tl.float32)  # [BM, BD]
     b_delta = tl.sum(b_o * b_do, axis=1)  # [BM]
     # dlse and delta are contiguous (B, Hq, M).
@@ -92,74 +103,90 @@ def _bwd_dkdv_kernel(q, k_cache, v_cache, k_new, v_new, cache_seqlens, dout, lse
                      stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh,
                      stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                      stride_knb, stride_kns, stride_knh, stride_vnb, stride_vns, stride_vnh,
-                     stride_dcb, stride_dcs, stride_dch, stride_dnb, stride_dns, stride_dnh,
-                     softmax_scale, qk_scale, S, M, Hq, Hkv, G, prefix_blocks,
+                     stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+                     stride_dnb, stride_dns, stride_dnh,
+                     softmax_scale, qk_scale, S, M, Hq, Hkv, G, prefix_blocks, key_blocks,
                      D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-                     IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr, WIDE: tl.constexpr):
-    i_n, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_hk = i_bh // Hkv, i_bh % Hkv
-    i_b64 = i_b.to(tl.int64)
+                     IS_CAUSAL: tl.constexpr, PREFIX_DK: tl.constexpr, PREFIX_DV: tl.constexpr,
+                     UPCAST: tl.constexpr, WIDE: tl.constexpr):
+    """One program per key block of a (b, kv head): grid (key_blocks * B * Hkv,).
+
+    Programs [0, prefix_blocks) take blocks of the settled prefix (rows of the live cache) and add their dK/dV
+    into dk_cache/dv_cache (PREFIX_DK/PREFIX_DV); the others take a block of the active slots (rows of
+    k_new / v_new) and store dK/dV into dk_new/dv_new.  The last prefix program also takes every block past
+    its own up to L_b: prefix_blocks comes from a bound on the lengths that may have been too small.
+    """
+    i_n, i_bh = tl.program_id(0) % key_blocks, tl.program_id(0) // key_blocks
+    i_b, i_hk = (i_bh // Hkv).to(tl.int64), (i_bh % Hkv).to(tl.int64)
     # Clamped like the forward: a bad CUDA cache_seqlens (not checked on the host) never leads outside [0, S).
     L = tl.minimum(tl.maximum(tl.load(cache_seqlens + i_b), 0), S - M)
-    # Programs [0, prefix_blocks) take a block of the settled prefix (rows of the live cache), the others a
-    # block of the active slots (rows of k_new / v_new).  The prefix only feeds the cache gradient: without
-    # it the launcher gives no prefix programs.
     is_prefix = i_n < prefix_blocks
-    n0 = tl.where(is_prefix, i_n, i_n - prefix_blocks) * BN
+    n_lo = tl.where(is_prefix, i_n, i_n - prefix_blocks) * BN
     n_hi = tl.where(is_prefix, L, M)
-    if n0 >= n_hi:
-        return
-    p_k = tl.where(is_prefix, k_cache + i_b64 * stride_kcb + i_hk * stride_kch,
-                   k_new + i_b64 * stride_knb + i_hk * stride_knh)
-    p_v = tl.where(is_prefix, v_cache + i_b64 * stride_vcb + i_hk * stride_vch,
-                   v_new + i_b64 * stride_vnb + i_hk * stride_vnh)
-    o_n = n0 + tl.arange(0, BN)
+    n_stop = tl.where(i_n == prefix_blocks - 1, n_hi, tl.minimum(n_lo + BN, n_hi))
+    p_k = tl.where(is_prefix, k_cache + i_b * stride_kcb + i_hk * stride_kch,
+                   k_new + i_b * stride_knb + i_hk * stride_knh)
+    p_v = tl.where(is_prefix, v_cache + i_b * stride_vcb + i_hk * stride_vch,
+                   v_new + i_b * stride_vnb + i_hk * stride_vnh)
+    stride_k = tl.where(is_prefix, stride_kcs, stride_kns)
+    stride_v = tl.where(is_prefix, stride_vcs, stride_vns)
     o_d = tl.arange(0, BD)
-    m_n, m_d = o_n < n_hi, o_d < D
-    b_k = _load_rows(p_k, o_n, n_hi, tl.where(is_prefix, stride_kcs, stride_kns), o_d, m_d, WIDE)  # [BN, BD]
-    b_v = _load_rows(p_v, o_n, n_hi, tl.where(is_prefix, stride_vcs, stride_vns), o_d, m_d, WIDE)  # [BN, BD]
-    b_dk = tl.zeros([BN, BD], dtype=tl.float32)
-    b_dv = tl.zeros([BN, BD], dtype=tl.float32)
+    m_d = o_d < D
+    for n0 in range(n_lo, n_stop, BN):
+        o_n = n0 + tl.arange(0, BN)
+        m_n = o_n < n_hi
+        b_k = _load_rows(p_k, o_n, n_hi, stride_k, o_d, m_d, WIDE)  # [BN, BD]
+        b_v = _load_rows(p_v, o_n, n_hi, stride_v, o_d, m_d, WIDE)  # [BN, BD]
+        b_dk = tl.zeros([BN, BD], dtype=tl.float32)
+        b_dv = tl.zeros([BN, BD], dtype=tl.float32)
 
-    # Every active token sees the prefix; with IS_CAUSAL active slot j is seen by active tokens i >= j.
-    m_lo = 0
-    if IS_CAUSAL:
-        m_lo = tl.where(is_prefix, 0, n0 // BM * BM)
-    for i_g in range(G):
-        i_hq = i_hk * G + i_g
-        p_q = q + i_b64 * stride_qb + i_hq * stride_qh
-        p_do = dout + i_b64 * stride_dob + i_hq * stride_doh
-        p_row = (i_b64 * Hq + i_hq) * M
-        for m0 in range(m_lo, M, BM):
-            o_m = m0 + tl.arange(0, BM)
-            m_m = o_m < M
-            b_q = _load_rows(p_q, o_m, M, stride_qm, o_d, m_d, WIDE)  # [BM, BD]
-            b_do = _load_rows(p_do, o_m, M, stride_dom, o_d, m_d, WIDE)  # [BM, BD]
-            b_lse = tl.load(lse + p_row + o_m, mask=m_m, other=0.)  # [BM]
-            b_delta = tl.load(delta + p_row + o_m, mask=m_m, other=0.)  # [BM]
+        # Every active token sees the prefix; with IS_CAUSAL active slot j is seen by active tokens i >= j.
+        m_lo = 0
+        if IS_CAUSAL:
+            m_lo = tl.where(is_prefix, 0, n0 // BM * BM)
+        for i_g in range(G):
+            i_hq = i_hk * G + i_g
+            p_q = q + i_b * stride_qb + i_hq * stride_qh
+            p_do = dout + i_b * stride_dob + i_hq * stride_doh
+            p_row = (i_b * Hq + i_hq) * M
+            for m0 in range(m_lo, M, BM):
+                o_m = m0 + tl.arange(0, BM)
+                m_m = o_m < M
+                b_q = _load_rows(p_q, o_m, M, stride_qm, o_d, m_d, WIDE)  # [BM, BD]
+                b_do = _load_rows(p_do, o_m, M, stride_dom, o_d, m_d, WIDE)  # [BM, BD]
+                b_lse = tl.load(lse + p_row + o_m, mask=m_m, other=0.)  # [BM]
+                b_delta = tl.load(delta + p_row + o_m, mask=m_m, other=0.)  # [BM]
 
-            b_sT = _dot(b_k, tl.trans(b_q), UPCAST)  # [BN, BM]
-            b_pT = tl.exp2(b_sT * qk_scale - b_lse[None, :] * 1.4426950408889634)
-            m_vis = m_n[:, None] & m_m[None, :]
-            if IS_CAUSAL:
-                m_vis = m_vis & (is_prefix | (o_n[:, None] <= o_m[None, :]))
-            # where, not a product: masked lanes may hold inf.
-            b_pT = tl.where(m_vis, b_pT, 0.)
-            b_dv += _dot(b_pT.to(b_do.dtype), b_do, UPCAST)
-            b_dpT = _dot(b_v, tl.trans(b_do), UPCAST)  # [BN, BM]
-            b_dsT = b_pT * (b_dpT - b_delta[None, :])
-            b_dk += _dot(b_dsT.to(b_q.dtype), b_q, UPCAST)
-    b_dk *= softmax_scale
+                b_sT = _dot(b_k, tl.trans(b_q), UPCAST)  # [BN, BM]
+                b_pT = tl.exp2(b_sT * qk_scale - b_lse[None, :] * 1.4426950408889634)
+                m_vis = m_n[:, None] & m_m[None, :]
+                if IS_CAUSAL:
+                    m_vis = m_vis & (is_prefix | (o_n[:, None] <= o_m[None, :]))
+                # where, not a product: masked lanes may hold inf.
+                b_pT = tl.where(m_vis, b_pT, 0.)
+                b_dv += _dot(b_pT.to(b_do.dtype), b_do, UPCAST)
+                b_dpT = _dot(b_v, tl.trans(b_do), UPCAST)  # [BN, BM]
+                b_dsT = b_pT * (b_dpT - b_delta[None, :])
+                b_dk += _dot(b_dsT.to(b_q.dtype), b_q, UPCAST)
+        b_dk *= softmax_scale
 
-    m_nd = m_n[:, None] & m_d[None, :]
-    if is_prefix:
-        o_c = _tile(i_b64 * stride_dcb + i_hk * stride_dch, o_n, stride_dcs, o_d, WIDE)
-        tl.store(dk_cache + o_c, b_dk.to(dk_cache.dtype.element_ty), mask=m_nd)
-        tl.store(dv_cache + o_c, b_dv.to(dv_cache.dtype.element_ty), mask=m_nd)
-    else:
-        o_a = _tile(i_b64 * stride_dnb + i_hk * stride_dnh, o_n, stride_dns, o_d, WIDE)
-        tl.store(dk_new + o_a, b_dk.to(dk_new.dtype.element_ty), mask=m_nd)
-        tl.store(dv_new + o_a, b_dv.to(dv_new.dtype.element_ty), mask=m_nd)
+        m_nd = m_n[:, None] & m_d[None, :]
+        if is_prefix:
+            # Added to the gradient the caches' later uses gave these positions (one program per position),
+            # rounded to nearest (under the interpreter .to(bfloat16) truncates, and every call of a chain
+            # rounds the same buffer again).
+            if PREFIX_DK:
+                p_dk = dk_cache + _tile(i_b * stride_dkb + i_hk * stride_dkh, o_n, stride_dks, o_d, WIDE)
+                b_dk += tl.load(p_dk, mask=m_nd, other=0.).to(tl.float32)
+                tl.store(p_dk, _round(b_dk, dk_cache.dtype.element_ty, UPCAST), mask=m_nd)
+            if PREFIX_DV:
+                p_dv = dv_cache + _tile(i_b * stride_dvb + i_hk * stride_dvh, o_n, stride_dvs, o_d, WIDE)
+                b_dv += tl.load(p_dv, mask=m_nd, other=0.).to(tl.float32)
+                tl.store(p_dv, _round(b_dv, dv_cache.dtype.element_ty, UPCAST), mask=m_nd)
+        else:
+            o_a = _tile(i_b * stride_dnb + i_hk * stride_dnh, o_n, stride_dns, o_d, WIDE)
+            tl.store(dk_new + o_a, b_dk.to(dk_new.dtype.element_ty), mask=m_nd)
+            tl.store(dv_new + o_a, b_dv.to(dv_new.dtype.element_ty), mask=m_nd)
 
 
 @triton.jit
@@ -190,53 +217,43 @@ def _bwd_dq_kernel(q, k_cache, v_cache, k_new, v_new, cache_seqlens, dout, lse, 
                    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                    stride_knb, stride_kns, stride_knh, stride_vnb, stride_vns, stride_vnh,
                    stride_dqs, stride_dqb, stride_dqm, stride_dqh,
-                   softmax_scale, qk_scale, S, M, Hq, G, split_len,
+                   softmax_scale, qk_scale, S, M, Hq, G, split_len, m_blocks, batch_heads, splits,
                    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, IS_CAUSAL: tl.constexpr,
                    UPCAST: tl.constexpr, WIDE: tl.constexpr):
-    i_m, i_bh, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_hq = i_bh // Hq, i_bh % Hq
+    """One program per query block per (b, query head) per prefix split: grid (m_blocks * B * Hq * splits,)."""
+    i_m, i_r = tl.program_id(0) % m_blocks, tl.program_id(0) // m_blocks
+    i_bh, i_s = i_r % batch_heads, i_r // batch_heads
+    i_b, i_hq = (i_bh // Hq).to(tl.int64), (i_bh % Hq).to(tl.int64)
     i_hk = i_hq // G
-    i_b64 = i_b.to(tl.int64)
     L = tl.minimum(tl.maximum(tl.load(cache_seqlens + i_b), 0), S - M)
     o_m = i_m * BM + tl.arange(0, BM)
     o_d = tl.arange(0, BD)
     m_m, m_d = o_m < M, o_d < D
-    b_q = _load_rows(q + i_b64 * stride_qb + i_hq * stride_qh, o_m, M, stride_qm, o_d, m_d, WIDE)  # [BM, BD]
-    b_do = _load_rows(dout + i_b64 * stride_dob + i_hq * stride_doh, o_m, M, stride_dom, o_d, m_d, WIDE)
-    p_row = (i_b64 * Hq + i_hq) * M
+    b_q = _load_rows(q + i_b * stride_qb + i_hq * stride_qh, o_m, M, stride_qm, o_d, m_d, WIDE)  # [BM, BD]
+    b_do = _load_rows(dout + i_b * stride_dob + i_hq * stride_doh, o_m, M, stride_dom, o_d, m_d, WIDE)
+    p_row = i_bh.to(tl.int64) * M
     b_lse2 = tl.load(lse + p_row + o_m, mask=m_m, other=0.) * 1.4426950408889634  # [BM]
     b_delta = tl.load(delta + p_row + o_m, mask=m_m, other=0.)  # [BM]
 
     b_dq = tl.zeros([BM, BD], dtype=tl.float32)
-    # Split i_s takes its slice of the prefix; split 0 also takes the active slots.
+    # Split i_s takes its slice of the prefix (the last one up to L_b, whatever bound sized the splits); split 0
+    # also takes the active slots.
     p_lo = i_s * split_len
+    p_hi = tl.where(i_s == splits - 1, L, tl.minimum(p_lo + split_len, L))
     b_dq = _dq_over(b_dq, b_q, b_do, b_lse2, b_delta, o_m,
-                    k_cache + i_b64 * stride_kcb + i_hk * stride_kch, v_cache + i_b64 * stride_vcb + i_hk * stride_vch,
-                    stride_kcs, stride_vcs, p_lo, tl.minimum(p_lo + split_len, L), qk_scale, o_d, m_d,
-                    False, BN, UPCAST, WIDE)
+                    k_cache + i_b * stride_kcb + i_hk * stride_kch, v_cache + i_b * stride_vcb + i_hk * stride_vch,
+                    stride_kcs, stride_vcs, p_lo, p_hi, qk_scale, o_d, m_d, False, BN, UPCAST, WIDE)
     a_hi = M
     if IS_CAUSAL:
         a_hi = tl.minimum((i_m + 1) * BM, M)
     b_dq = _dq_over(b_dq, b_q, b_do, b_lse2, b_delta, o_m,
-                    k_new + i_b64 * stride_knb + i_hk * stride_knh, v_new + i_b64 * stride_vnb + i_hk * stride_vnh,
+                    k_new + i_b * stride_knb + i_hk * stride_knh, v_new + i_b * stride_vnb + i_hk * stride_vnh,
                     stride_kns, stride_vns, 0, tl.where(i_s == 0, a_hi, 0), qk_scale, o_d, m_d,
                     IS_CAUSAL, BN, UPCAST, WIDE)
     b_dq *= softmax_scale
-    p_dq = dq + i_s.to(tl.int64) * stride_dqs + i_b64 * stride_dqb + i_hq * stride_dqh
+    p_dq = dq + i_s.to(tl.int64) * stride_dqs + i_b * stride_dqb + i_hq * stride_dqh
     tl.store(_tile(p_dq, o_m, stride_dqm, o_d, WIDE), b_dq.to(dq.dtype.element_ty),
              mask=m_m[:, None] & m_d[None, :])
-
-
-_NUM_SMS = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _NUM_SMS:
-        _NUM_SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _NUM_SMS[index]
 
 
 # (head_dim padded) -> (BM, BN, warps, stages) of the dK/dV kernel and of the dQ kernel, for 16-bit and
@@ -252,10 +269,11 @@ _TILES_FP32 = {64: ((16, 64, 8, 2), (32, 64, 8, 2)),
                256: ((16, 32, 8, 2), (16, 16, 4, 2))}
 
 
-def _tiles(head_dim_p2: int, seqlen_q: int, dtype: torch.dtype) -> dict:
+@functools.lru_cache(maxsize=1024)
+def _tiles(head_dim_p2: int, seqlen_q: int, dtype: torch.dtype, interpreted: bool) -> dict:
     """Tile sizes, warps and pipeline stages of the two main kernels.  The interpreter takes the smallest
     tiles so that tiny test shapes run every loop more than once."""
-    if triton_interpreted():
+    if interpreted:
         return dict(BM_KV=16, BN_KV=16, BM_Q=16, BN_Q=16, BM_PRE=16, warps_kv=1, warps_q=1, stages_kv=1, stages_q=1)
     table = _TILES_FP32 if dtype == torch.float32 else _TILES_16BIT
     (bm_kv, bn_kv, warps_kv, stages_kv), (bm_q, bn_q, warps_q, stages_q) = table[max(64, head_dim_p2)]
@@ -268,18 +286,19 @@ def _tiles(head_dim_p2: int, seqlen_q: int, dtype: torch.dtype) -> dict:
 def _key_splits(max_prefix: int, block_n: int, q_programs: int, device: torch.device) -> int:
     """How many slices the dQ pass cuts the prefix into: enough programs for about two waves."""
     key_blocks = max(1, triton.cdiv(max_prefix, block_n))
-    if triton_interpreted():
+    if device.type != "cuda":
         # Two slices whenever possible, so the tests cover the partial-sum path.
         return min(2, key_blocks)
-    wanted = triton.cdiv(2 * _num_sms(device), q_programs)
+    wanted = triton.cdiv(2 * num_sms(device), q_programs)
     # Each slice keeps at least four key blocks, or the reduction costs more than it saves.
     return max(1, min(wanted, triton.cdiv(key_blocks, 4)))
 
 
 def _needs_wide_offsets(tensors, block: int) -> bool:
-    """Whether a row offset inside some (b, h) slice, up to a block past its end, can reach 2**31 (dq and
-    its partial sums are no larger than q's contiguous copy, which never comes near)."""
-    return max((t.shape[1] + block) * t.stride(1) for t in tensors) >= 2**31
+    """Whether an offset inside some (b, h) slice of one of ``tensors`` (B, rows, H, D), up to a block of rows
+    past its end, can reach 2**31 elements.  Batch, head and split offsets are 64-bit in every kernel; what
+    stays 32-bit without WIDE is ``row * row_stride + channel`` inside a slice."""
+    return max((t.shape[1] + block) * t.stride(1) + t.shape[3] for t in tensors) >= 2**31
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -288,85 +307,95 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
+def bwd_grids(batch: int, seqlen_q: int, heads_q: int, heads_kv: int, prefix_blocks: int, splits: int,
+              tiles: dict) -> dict:
+    """The 1-D grid of each of the three launches (the kernels decompose the program id)."""
+    return {
+        "_bwd_preprocess_kernel": (triton.cdiv(seqlen_q, tiles["BM_PRE"]) * batch * heads_q,),
+        "_bwd_dkdv_kernel": ((prefix_blocks + triton.cdiv(seqlen_q, tiles["BN_KV"])) * batch * heads_kv,),
+        "_bwd_dq_kernel": (triton.cdiv(seqlen_q, tiles["BM_Q"]) * batch * heads_q * splits,),
+    }
+
+
 def gated_kv_attention_bwd(q, k_cache, v_cache, k_new, v_new, cache_seqlens, out, lse, dout,
                            dlse: Optional[torch.Tensor], softmax_scale: float, causal: bool,
-                           need_cache_grad: bool, max_seqlen_k: Optional[int] = None):
+                           dk_cache: Optional[torch.Tensor] = None, dv_cache: Optional[torch.Tensor] = None,
+                           max_seqlen_k: Optional[int] = None):
     """Attention's backward by recomputation from ``lse``; signature of ``gated_kv_attention_ref_bwd``.
 
     Keys/values at positions < L_b come from the live ``k_cache``/``v_cache``
     (B, S, Hkv, D), those at L_b .. L_b+M-1 from ``k_new``/``v_new``
-    (B, M, Hkv, D).  Returns (dq, dk_new, dv_new, dk_cache, dv_cache): dq in
-    q's dtype; dk_new/dv_new in float32 (they are blended in float32 next);
-    dk_cache/dv_cache (B, S, Hkv, D) in the caches' dtype, attention's
-    gradient at positions < L_b and zero elsewhere, or None unless
-    ``need_cache_grad``.
+    (B, M, Hkv, D).  ``dk_cache``/``dv_cache``: None, or (B, S, Hkv, D)
+    buffers (any strides, a floating dtype) to which attention's gradient at
+    positions < L_b is added in place; nothing else of them is read or
+    written.  ``max_seqlen_k`` sizes the work split (the capacity when None);
+    it need not bound the lengths.  Returns (dq, dk_new, dv_new): dq in q's
+    dtype, dk_new/dv_new in float32 (they are blended in float32 next).
     """
     batch, seqlen_q, heads_q, head_dim = q.shape
     cache_len, heads_kv = k_cache.shape[1], k_cache.shape[2]
     groups = heads_q // heads_kv
-    # The longest prefix: max_b(L_b) when the lengths were on the host, else the most the cache allows.
-    max_prefix = (cache_len if max_seqlen_k is None else max_seqlen_k) - seqlen_q
+    # What the work is split by: max_b(L_b) as far as the caller knows, else the most the cache allows.
+    max_prefix = max(0, min(cache_len if max_seqlen_k is None else max_seqlen_k, cache_len) - seqlen_q)
     device = q.device
     head_dim_p2 = max(16, triton.next_power_of_2(head_dim))
-    tiles = _tiles(head_dim_p2, seqlen_q, q.dtype)
+    # CPU tensors run under the interpreter; meta tensors (launches inspected, not run) get the GPU's plan.
+    interpreted = device.type == "cpu"
+    tiles = _tiles(head_dim_p2, seqlen_q, q.dtype, interpreted)
     cache_seqlens = cache_seqlens.to(device=device, dtype=torch.int32)
     dout = _unit_last(dout)
     # (B, Hq, M) float32 rows, read by flat index: tiny, so made contiguous here.
     lse = lse.float().contiguous()
+    has_dlse = dlse is not None
+    dlse = dlse.float().contiguous() if has_dlse else None
+
+    # Key blocks: those of the prefix first (only for a cache gradient; at least one, which reaches L_b
+    # whatever the bound), then those of the active slots.
+    need_prefix = dk_cache is not None or dv_cache is not None
+    prefix_blocks = max(1, triton.cdiv(max_prefix, tiles["BN_KV"])) if need_prefix else 0
+    q_blocks = triton.cdiv(seqlen_q, tiles["BM_Q"])
+    splits = _key_splits(max_prefix, tiles["BN_Q"], q_blocks * batch * heads_q, device)
+    split_len = max(1, triton.cdiv(triton.cdiv(max_prefix, tiles["BN_Q"]), splits)) * tiles["BN_Q"]
+    grids = bwd_grids(batch, seqlen_q, heads_q, heads_kv, prefix_blocks, splits, tiles)
+    check_grids(grids)
 
     dk_new = torch.empty(tuple(k_new.shape), dtype=torch.float32, device=device)
     dv_new = torch.empty(tuple(v_new.shape), dtype=torch.float32, device=device)
-    dk_cache = dv_cache = None
-    if need_cache_grad:
-        # Positions >= L_b are not written by the kernel: zeros from the start.
-        dk_cache = torch.zeros(tuple(k_cache.shape), dtype=k_cache.dtype, device=device)
-        dv_cache = torch.zeros(tuple(v_cache.shape), dtype=v_cache.dtype, device=device)
-    qk_scale = softmax_scale * LOG2E
-    upcast = triton_interpreted() and q.dtype == torch.bfloat16
-    blocks = max(tiles[name] for name in ("BM_KV", "BN_KV", "BM_Q", "BN_Q"))
-    sliced = [t for t in (q, dout, out, k_cache, v_cache, k_new, v_new, dk_cache) if t is not None]
-    wide = _needs_wide_offsets(sliced, blocks)
-
     delta = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=device)
-    has_dlse = dlse is not None
-    dlse = dlse.float().contiguous() if has_dlse else delta
-    _bwd_preprocess_kernel[(triton.cdiv(seqlen_q, tiles["BM_PRE"]), batch * heads_q)](
-        out, dout, dlse, delta, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
-        dout.stride(2), seqlen_q, heads_q, D=head_dim, BM=tiles["BM_PRE"], BD=head_dim_p2, HAS_DLSE=has_dlse,
-        WIDE=wide, num_warps=4)
-
-    kv_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-                  v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-                  k_new.stride(0), k_new.stride(1), k_new.stride(2),
-                  v_new.stride(0), v_new.stride(1), v_new.stride(2))
-    qdo_strides = (q.stride(0), q.stride(1), q.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
-
-    dc = dk_cache if need_cache_grad else dk_new  # a never-written stand-in when no cache gradient is wanted
-    # Key blocks: those of the prefix first (only with need_cache_grad), then those of the active slots.
-    prefix_blocks = triton.cdiv(max_prefix, tiles["BN_KV"]) if need_cache_grad else 0
-    grid = (prefix_blocks + triton.cdiv(seqlen_q, tiles["BN_KV"]), batch * heads_kv)
-    _bwd_dkdv_kernel[grid](
-        q, k_cache, v_cache, k_new, v_new, cache_seqlens, dout, lse, delta,
-        dc, dv_cache if need_cache_grad else dv_new, dk_new, dv_new,
-        *qdo_strides, *kv_strides, dc.stride(0), dc.stride(1), dc.stride(2),
-        dk_new.stride(0), dk_new.stride(1), dk_new.stride(2),
-        softmax_scale, qk_scale, cache_len, seqlen_q, heads_q, heads_kv, groups, prefix_blocks,
-        D=head_dim, BM=tiles["BM_KV"], BN=tiles["BN_KV"], BD=head_dim_p2, IS_CAUSAL=causal, UPCAST=upcast,
-        WIDE=wide, num_warps=tiles["warps_kv"], num_stages=tiles["stages_kv"])
-
-    q_blocks = triton.cdiv(seqlen_q, tiles["BM_Q"])
-    splits = _key_splits(max_prefix, tiles["BN_Q"], q_blocks * batch * heads_q, device)
-    split_len = triton.cdiv(triton.cdiv(max_prefix, tiles["BN_Q"]), splits) * tiles["BN_Q"]
     dq = torch.empty((batch, seqlen_q, heads_q, head_dim), dtype=q.dtype, device=device)
     partial = dq if splits == 1 else torch.empty((splits,) + tuple(dq.shape), dtype=torch.float32, device=device)
-    split_stride = 0 if splits == 1 else partial.stride(0)
-    dq_strides = partial.stride()[-4:-1]
-    _bwd_dq_kernel[(q_blocks, batch * heads_q, splits)](
-        q, k_cache, v_cache, k_new, v_new, cache_seqlens, dout, lse, delta, partial,
-        *qdo_strides, *kv_strides, split_stride, *dq_strides,
-        softmax_scale, qk_scale, cache_len, seqlen_q, heads_q, groups, split_len,
-        D=head_dim, BM=tiles["BM_Q"], BN=tiles["BN_Q"], BD=head_dim_p2, IS_CAUSAL=causal, UPCAST=upcast,
-        WIDE=wide, num_warps=tiles["warps_q"], num_stages=tiles["stages_q"])
+    # Never-written stand-ins for the cache gradients that are not wanted.
+    dkc = dk_new if dk_cache is None else dk_cache
+    dvc = dv_new if dv_cache is None else dv_cache
+    qk_scale = softmax_scale * LOG2E
+    upcast = q.dtype == torch.bfloat16 and interpreted
+    blocks = max(tiles[name] for name in ("BM_KV", "BN_KV", "BM_Q", "BN_Q"))
+    sliced = [t for t in (q, dout, out, k_cache, v_cache, k_new, v_new, dk_cache, dv_cache, partial)
+              if t is not None]
+    wide = _needs_wide_offsets(sliced, blocks)
+    kv_strides = (*k_cache.stride()[:3], *v_cache.stride()[:3], *k_new.stride()[:3], *v_new.stride()[:3])
+    qdo_strides = (*q.stride()[:3], *dout.stride()[:3])
+
+    with device_guard(device):
+        _bwd_preprocess_kernel[grids["_bwd_preprocess_kernel"]](
+            out, dout, delta if dlse is None else dlse, delta, *out.stride()[:3], *dout.stride()[:3],
+            seqlen_q, heads_q, triton.cdiv(seqlen_q, tiles["BM_PRE"]), D=head_dim, BM=tiles["BM_PRE"],
+            BD=head_dim_p2, HAS_DLSE=has_dlse, WIDE=wide, num_warps=4)
+        _bwd_dkdv_kernel[grids["_bwd_dkdv_kernel"]](
+            q, k_cache, v_cache, k_new, v_new, cache_seqlens, dout, lse, delta, dkc, dvc, dk_new, dv_new,
+            *qdo_strides, *kv_strides, *dkc.stride()[:3], *dvc.stride()[:3], *dk_new.stride()[:3],
+            softmax_scale, qk_scale, cache_len, seqlen_q, heads_q, heads_kv, groups, prefix_blocks,
+            prefix_blocks + triton.cdiv(seqlen_q, tiles["BN_KV"]),
+            D=head_dim, BM=tiles["BM_KV"], BN=tiles["BN_KV"], BD=head_dim_p2, IS_CAUSAL=causal,
+            PREFIX_DK=dk_cache is not None, PREFIX_DV=dv_cache is not None, UPCAST=upcast, WIDE=wide,
+            num_warps=tiles["warps_kv"], num_stages=tiles["stages_kv"])
+        _bwd_dq_kernel[grids["_bwd_dq_kernel"]](
+            q, k_cache, v_cache, k_new, v_new, cache_seqlens, dout, lse, delta, partial,
+            *qdo_strides, *kv_strides, 0 if splits == 1 else partial.stride(0), *partial.stride()[-4:-1],
+            softmax_scale, qk_scale, cache_len, seqlen_q, heads_q, groups, split_len, q_blocks,
+            batch * heads_q, splits,
+            D=head_dim, BM=tiles["BM_Q"], BN=tiles["BN_Q"], BD=head_dim_p2, IS_CAUSAL=causal, UPCAST=upcast,
+            WIDE=wide, num_warps=tiles["warps_q"], num_stages=tiles["stages_q"])
     if splits > 1:
         dq = partial.sum(0).to(q.dtype)
-    return dq, dk_new, dv_new, dk_cache, dv_cache
+    return dq, dk_new, dv_new

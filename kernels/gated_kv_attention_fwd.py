@@ -39,12 +39,15 @@ int64.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from melt_kernels.kernels.launch import check_grids, device_guard, num_sms
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
@@ -176,15 +179,18 @@ def gated_kv_attention_fwd_kernel(
     L = tl.minimum(tl.maximum(tl.load(SEQLENS + i_b), 0), tl.maximum(S - M, 0))
     a_hi = tl.minimum(L + M, S)
 
+    # The last prefix split reaches the row's true L_b, however short the bound the plan was sized by (a
+    # max_seqlen_k hint that was too small costs time, never keys).
     if SEPARATE_OWNER:
         is_owner = i_t == 0
         i_w = tl.maximum(i_t - 1, 0)
-        i_slot = tl.where(is_owner, 0, 1 + i_w // NR)
+        i_s = i_w // NR
+        i_slot = tl.where(is_owner, 0, 1 + i_s)
         # The owner serves every row block over the active keys only: its prefix range is empty.
         r_lo = tl.where(is_owner, 0, i_w % NR)
         r_hi = tl.where(is_owner, NR, r_lo + 1)
-        p_lo = tl.where(is_owner, 0, (i_w // NR) * SPLIT_LEN)
-        p_hi = tl.where(is_owner, 0, tl.minimum(p_lo + SPLIT_LEN, L))
+        p_lo = tl.where(is_owner, 0, i_s * SPLIT_LEN)
+        p_hi = tl.where(is_owner, 0, tl.where(i_s == NS - 2, L, tl.minimum(p_lo + SPLIT_LEN, L)))
     else:
         # NR == 1: item t is prefix split t, and split 0 owns the active slots.
         is_owner = i_t == 0
@@ -192,7 +198,7 @@ def gated_kv_attention_fwd_kernel(
         r_lo = 0
         r_hi = 1
         p_lo = i_t * SPLIT_LEN
-        p_hi = tl.minimum(p_lo + SPLIT_LEN, L)
+        p_hi = tl.where(i_t == NT - 1, L, tl.minimum(p_lo + SPLIT_LEN, L))
 
     KC = KC + i_b64 * s_kcb + i_h64 * s_kch
     VC = VC + i_b64 * s_vcb + i_h64 * s_vch
@@ -316,12 +322,6 @@ class LaunchPlan:
 MIN_SPLIT_LEN = 256
 
 
-def num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: any small machine
-
-
 def plan_launch(batch: int, seqlen_q: int, heads_q: int, heads_kv: int, head_dim: int, max_prefix: int,
                 sms: int, elem_size: int = 2, *, block_r: Optional[int] = None, block_n: Optional[int] = None,
                 split_len: Optional[int] = None, num_warps: Optional[int] = None,
@@ -373,7 +373,22 @@ def _gate_args(gate, like: torch.Tensor, kv_shape: tuple):
     if isinstance(gate, float):
         # 1 - alpha in double, then rounded, as PyTorch does for a Python scalar.
         return GATE_SCALAR, like, (0, 0, 0, 0), gate, 1. - gate
-    return GATE_TENSOR, gate, gate.expand(kv_shape).stride(), 0., 0.
+    # The strides of gate.expand(kv_shape), without building the view: 0 on broadcast dimensions.
+    pad = (0,) * (4 - gate.dim())
+    strides = pad + tuple(st if sz > 1 else 0 for st, sz in zip(gate.stride(), gate.shape))
+    return GATE_TENSOR, gate, strides, 0., 0.
+
+
+def fwd_grids(batch: int, heads_kv: int, rows: int, plan: LaunchPlan) -> dict:
+    """The grid of each launch of a call: the main kernel, and the merge unless the plan is direct."""
+    grids = {"gated_kv_attention_fwd_kernel": (batch * heads_kv * plan.items,)}
+    if not plan.direct:
+        grids["gated_kv_attention_merge_kernel"] = (batch * heads_kv * rows,)
+    return grids
+
+
+# The plan is a pure function of a few ints, asked for at every call with the same few shapes.
+_plan = functools.lru_cache(maxsize=4096)(plan_launch)
 
 
 def gated_kv_attention_fwd(q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v, softmax_scale, causal,
@@ -382,57 +397,65 @@ def gated_kv_attention_fwd(q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_
     """In-place gated update of the active slots and attention over the updated caches (SPEC §2.1-2.2).
 
     Same signature and result as ``melt_kernels.reference.gated_kv_attention_ref_fwd``: returns
-    (out (B, M, Hq, D) in q.dtype, lse (B, Hq, M) float32).  Keyword overrides (for tests and tuning):
+    (out (B, M, Hq, D) in q.dtype, lse (B, Hq, M) float32), launched on q's device and its current stream.
+    ``max_seqlen_k`` sizes the split-KV plan (the cache capacity when None); it need not bound the lengths:
+    the last split of each row reaches its true length.  Keyword overrides (for tests and tuning):
     ``block_r``/``block_n`` tile sizes (powers of two >= 16), ``split_len`` keys per prefix split,
     ``num_warps``/``num_stages``, ``input_precision`` of float32 dot products ("ieee" by default; "tf32"
     opts into TF32).
     """
     batch, seqlen_q, heads_q, head_dim = q.shape
     heads_kv, cache_len = k.shape[2], k_cache.shape[1]
-    max_prefix = max(0, (cache_len if max_seqlen_k is None else max_seqlen_k) - seqlen_q)
-    plan = plan_launch(batch, seqlen_q, heads_q, heads_kv, head_dim, max_prefix, num_sms(q.device),
-                       q.element_size(), block_r=block_r, block_n=block_n, split_len=split_len,
-                       num_warps=num_warps, num_stages=num_stages)
+    groups = heads_q // heads_kv
+    max_prefix = max(0, min(cache_len if max_seqlen_k is None else max_seqlen_k, cache_len) - seqlen_q)
+    device = q.device
+    plan = _plan(batch, seqlen_q, heads_q, heads_kv, head_dim, max_prefix, num_sms(device), q.element_size(),
+                 block_r=block_r, block_n=block_n, split_len=split_len, num_warps=num_warps, num_stages=num_stages)
+    rows = seqlen_q * groups
+    direct, slots = plan.direct, plan.slots
+    grids = fwd_grids(batch, heads_kv, rows, plan)
+    check_grids(grids)
     if q.dtype == torch.float32:
         precision = input_precision or "ieee"
     else:
         precision = None  # ignored for 16-bit operands
 
-    fix_bf16 = q.dtype == torch.bfloat16 and q.device.type == "cpu"  # the interpreter
-    out = torch.empty((batch, seqlen_q, heads_q, head_dim), dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
-    rows = seqlen_q * (heads_q // heads_kv)
-    if plan.direct:
+    fix_bf16 = q.dtype == torch.bfloat16 and device.type == "cpu"  # the interpreter
+    out = torch.empty((batch, seqlen_q, heads_q, head_dim), dtype=q.dtype, device=device)
+    lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=device)
+    if direct:
         o_part = lse_part = lse  # unused
     else:
-        o_part = torch.empty((batch * heads_kv * plan.slots * rows, head_dim), dtype=torch.float32, device=q.device)
-        lse_part = torch.empty((batch * heads_kv * plan.slots * rows,), dtype=torch.float32, device=q.device)
-    kv_shape = tuple(k.shape)
+        # One allocation for both: the partial outputs (parts, D), then their lse (parts,).
+        parts = batch * heads_kv * slots * rows
+        workspace = torch.empty(parts * (head_dim + 1), dtype=torch.float32, device=device)
+        o_part, lse_part = workspace[:parts * head_dim], workspace[parts * head_dim:]
+    kv_shape = (batch, seqlen_q, heads_kv, head_dim)
     gk_kind, gk, s_gk, gk_alpha, gk_beta = _gate_args(gate, k, kv_shape)
-    gv_kind, gv, s_gv, gv_alpha, gv_beta = _gate_args(gate_v, v, kv_shape)
+    gv_kind, gv, s_gv, gv_alpha, gv_beta = (gk_kind, gk, s_gk, gk_alpha, gk_beta) if gate_v is gate else \
+        _gate_args(gate_v, v, kv_shape)
 
-    gated_kv_attention_fwd_kernel[(batch * heads_kv * plan.items,)](
-        q, k, v, k_cache, v_cache, cache_seqlens, gk, gv, out, lse, o_part, lse_part,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        *s_gk, *s_gv, gk_alpha, gk_beta, gv_alpha, gv_beta,
-        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-        softmax_scale * LOG2E, seqlen_q, cache_len, heads_kv, plan.row_blocks, plan.items, plan.slots, plan.split_len,
-        G=heads_q // heads_kv, D=head_dim, GATE_K=gk_kind, GATE_V=gv_kind, CAUSAL=causal,
-        SEPARATE_OWNER=plan.separate_owner, DIRECT=plan.direct, PRECISION=precision,
-        FIX_BF16=fix_bf16,
-        BLOCK_R=plan.block_r, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d,
-        num_warps=plan.num_warps, num_stages=plan.num_stages,
-        # The blend must round alpha*old and (1-alpha)*fresh separately, as PyTorch does: no FMA contraction.
-        enable_fp_fusion=False,
-    )
-    if not plan.direct:
-        gated_kv_attention_merge_kernel[(batch * heads_kv * rows,)](
-            o_part, lse_part, out, lse, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-            seqlen_q, heads_kv, plan.slots, G=heads_q // heads_kv, D=head_dim,
-            BLOCK_T=min(16, triton.next_power_of_2(plan.slots)), BLOCK_D=plan.block_d,
-            FIX_BF16=fix_bf16, num_warps=4 if plan.block_d >= 128 else 2, enable_fp_fusion=True,
+    with device_guard(device):
+        gated_kv_attention_fwd_kernel[grids["gated_kv_attention_fwd_kernel"]](
+            q, k, v, k_cache, v_cache, cache_seqlens, gk, gv, out, lse, o_part, lse_part,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
+            *s_gk, *s_gv, gk_alpha, gk_beta, gv_alpha, gv_beta,
+            *out.stride()[:3], lse.stride(0), lse.stride(1),
+            softmax_scale * LOG2E, seqlen_q, cache_len, heads_kv, plan.row_blocks, plan.items, slots,
+            plan.split_len,
+            G=groups, D=head_dim, GATE_K=gk_kind, GATE_V=gv_kind, CAUSAL=causal,
+            SEPARATE_OWNER=plan.separate_owner, DIRECT=direct, PRECISION=precision,
+            FIX_BF16=fix_bf16,
+            BLOCK_R=plan.block_r, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d,
+            num_warps=plan.num_warps, num_stages=plan.num_stages,
+            # The blend must round alpha*old and (1-alpha)*fresh separately, as PyTorch does: no FMA contraction.
+            enable_fp_fusion=False,
         )
+        if not direct:
+            gated_kv_attention_merge_kernel[grids["gated_kv_attention_merge_kernel"]](
+                o_part, lse_part, out, lse, *out.stride()[:3], lse.stride(0), lse.stride(1),
+                seqlen_q, heads_kv, slots, G=groups, D=head_dim,
+                BLOCK_T=min(16, triton.next_power_of_2(slots)), BLOCK_D=plan.block_d,
+                FIX_BF16=fix_bf16, num_warps=4 if plan.block_d >= 128 else 2, enable_fp_fusion=True,
+            )
     return out, lse

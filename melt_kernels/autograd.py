@@ -8,26 +8,34 @@ it:
   the caches) and returns ``out``, ``lse`` and the active slots' new values
   (B, M, Hkv, D).  Its backward is attention's backward plus the blend's
   chain rule, giving the gradients of q, k, v, the gates and the caches'
-  values before the call (positions < L_b: attention's dK/dV; active slots:
-  ``alpha`` times the gradient of the new slot values).
+  values before the call (positions < L_b: attention's dK/dV added to what
+  later uses gave them; active slots: ``alpha`` times the gradient of the new
+  slot values; every other position: what later uses gave it).
 * :class:`_CommitFunction`, one per cache, declares the write: it marks the
   cache dirty (its version counter moves and its history is rebased onto
   this node) and routes the cache's incoming gradient to the active slots'
-  new values and, for every other position, to the cache before the call.
-  Splitting the declaration off keeps each dirty tensor the single output of
-  its node, which autograd requires when a cache is a view (a slice of a
-  bigger buffer, or k and v cut from one packed tensor).
+  new values.  Splitting the declaration off keeps each dirty tensor the
+  single output of its node, which autograd requires when a cache is a view
+  (a slice of a bigger buffer, or k and v cut from one packed tensor).
 
-Saved per call: O(B*M*Hkv*D) (the active slots' values after the update,
-before it only when a gate needs its gradient, out, lse) plus inputs the
-forward was given.  Positions < L_b are read from the live caches at backward
-time, so they must not change before the backward runs.  This op's own later
-calls may write (the T loops of a chunk rewrite their active slots, later
-chunks write further right), provided no later call writes below an earlier
-call's L_b, as chunk-wise MELT never does.  Any other in-place write into a
-cache after a call, even between two calls of this op, is detected through
-the cache's version counter and makes that call's backward raise instead of
-returning wrong gradients.
+Memory.  Saved per call: O(B*M*Hkv*D) (the active slots' values after the
+update, before it only when a gate needs its gradient, out, lse) plus inputs
+the forward was given.  The caches' gradient is one buffer per chain of calls
+on a cache, allocated (or, when it comes from outside the op, copied) once
+and updated in place by every call's backward (:class:`_CacheLink`), so a
+call's backward allocates O(B*M*H*D) plus what its backend needs, never a
+cache-sized tensor.  The gradient handed from one call to the previous one
+is that buffer: a tensor hook registered on a cache between two calls sees
+it before the earlier call's backward updates it.
+
+Positions < L_b are read from the live caches at backward time, so they must
+not change before the backward runs.  This op's own later calls may write
+(the T loops of a chunk rewrite their active slots, later chunks write
+further right), provided no later call writes below an earlier call's L_b,
+as chunk-wise MELT never does.  Any other in-place write into a cache after a
+call, even between two calls of this op, is detected through the cache's
+version counter and makes that call's backward raise instead of returning
+wrong gradients.
 
 Backends supply two launchers with the signatures of
 ``melt_kernels.reference.gated_kv_attention_ref_fwd`` and ``..._bwd``.
@@ -115,6 +123,31 @@ def _through_blend(d_new: torch.Tensor, fresh, old, alpha: Gate, need_alpha_grad
     return (1 - a) * d_new, a * d_new, d_alpha
 
 
+class _CacheLink:
+    """How the gradient of one cache passes between one call's two backward nodes and the previous call's.
+
+    The gradient of a cache's values flows down the chain of calls on it, last call first, as ONE buffer of
+    the cache's shape: each call's commit node takes it (``grad``), its main node adds attention's gradient
+    at positions < L_b and the blend's at the active slots into it in place and hands it on as the gradient of
+    the cache before the call (``handed``, set on the previous call's link), so that no call allocates a
+    cache-sized tensor.  A gradient that arrives from anywhere else (the loss reading the cache, another op,
+    autograd summing two consumers, a view's CopySlices) is copied once, as the op never writes into a
+    tensor it did not make.
+    """
+
+    __slots__ = ("grad", "handed")
+
+    def __init__(self):
+        self.grad: Optional[torch.Tensor] = None  # the cache's gradient after this call, owned by the op
+        self.handed: Optional[torch.Tensor] = None  # what the next call's main node returned for it
+
+
+def _previous_link(cache: torch.Tensor) -> Optional[_CacheLink]:
+    """The link of the call that last wrote ``cache``, when that write is the cache's autograd history."""
+    node = cache.grad_fn
+    return node.link if type(node) is _CommitFunction._backward_cls else None
+
+
 class GatedKVAttentionFunction(torch.autograd.Function):
     """Fused update + attention through ``impl`` (the backend's (fwd, bwd) pair).
 
@@ -124,7 +157,7 @@ class GatedKVAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v, softmax_scale, causal,
-                max_seqlen_k, impl, logs):
+                max_seqlen_k, impl, logs, links):
         ctx.set_materialize_grads(False)
         index = active_index(cache_seqlens, tuple(k.shape))
         # The old slot values and the fresh ones only enter a gate's gradient.
@@ -148,7 +181,8 @@ class GatedKVAttentionFunction(torch.autograd.Function):
         ctx.gates = (None if isinstance(gate, torch.Tensor) else gate,
                      None if isinstance(gate_v, torch.Tensor) else gate_v)
         ctx.cache_roots = (weakref.ref(_root(k_cache)), weakref.ref(_root(v_cache)))
-        ctx.logs = logs
+        ctx.logs, ctx.links = logs, links
+        ctx.previous = (_previous_link(k_cache), _previous_link(v_cache))
         ctx.softmax_scale, ctx.causal, ctx.max_seqlen_k, ctx.impl = softmax_scale, causal, max_seqlen_k, impl
         return out, lse, k_new, v_new
 
@@ -160,69 +194,100 @@ class GatedKVAttentionFunction(torch.autograd.Function):
          v_live) = ctx.saved_tensors
         gate = gate_t if gate_t is not None else ctx.gates[0]
         gate_v = gate_v_t if gate_v_t is not None else ctx.gates[1]
-        need_cache_grad = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        # The caches' gradient after this call (from this call's commit nodes), or zeros at the end of a chain.
+        cache_grads = []
+        for cache, link, needed in zip((k_live, v_live), ctx.links, ctx.needs_input_grad[3:5]):
+            grad = None
+            if needed:
+                grad, link.grad = link.grad, None
+                if grad is None:
+                    grad = torch.zeros(cache.shape, dtype=cache.dtype, device=cache.device)
+            cache_grads.append(grad)
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk_attn, dv_attn, dk_prefix, dv_prefix = ctx.impl.bwd(
-            q, k_live, v_live, k_new, v_new, cache_seqlens, out, lse, dout, dlse, ctx.softmax_scale, ctx.causal,
-            need_cache_grad, ctx.max_seqlen_k)
+        # Adds attention's gradient at positions < L_b into the cache gradients.
+        dq, dk_attn, dv_attn = ctx.impl.bwd(q, k_live, v_live, k_new, v_new, cache_seqlens, out, lse, dout, dlse,
+                                            ctx.softmax_scale, ctx.causal, *cache_grads, ctx.max_seqlen_k)
 
         index = active_index(cache_seqlens, tuple(k_new.shape))
         ct = compute_dtype(q.dtype)
         grads = []
-        for d_attn, d_in, d_cache, fresh, old, alpha, need_alpha in (
-                (dk_attn, dk_new_in, dk_prefix, k, k_old, gate, ctx.needs_input_grad[6]),
-                (dv_attn, dv_new_in, dv_prefix, v, v_old, gate_v, ctx.needs_input_grad[7])):
+        for d_attn, d_in, d_cache, fresh, old, alpha, need_alpha, previous in (
+                (dk_attn, dk_new_in, cache_grads[0], k, k_old, gate, ctx.needs_input_grad[6], ctx.previous[0]),
+                (dv_attn, dv_new_in, cache_grads[1], v, v_old, gate_v, ctx.needs_input_grad[7], ctx.previous[1])):
             d_new = d_attn.to(ct)
             if d_in is not None:
                 d_new = d_new + d_in.to(ct)
             d_fresh, d_old_active, d_alpha = _through_blend(d_new, fresh, old, alpha, need_alpha)
-            # The backend's cache gradient is fresh and zero at the active slots; with a gate the
-            # old slot values get their share in place.
-            if d_cache is not None and d_old_active is not None:
-                d_cache.scatter_(1, index, d_old_active.to(d_cache.dtype))
+            if d_cache is not None:
+                # The active slots' old values reach the output only through the blend (nothing with
+                # write-through): their gradient replaces what the slots' new values got.
+                if d_old_active is None:
+                    d_cache.scatter_(1, index, 0.)
+                else:
+                    d_cache.scatter_(1, index, d_old_active.to(d_cache.dtype))
+                if previous is not None:
+                    previous.handed = d_cache
             grads.append((d_fresh.to(k_new.dtype), d_cache, d_alpha))
         (dk, dk_cache, dgate), (dv, dv_cache, dgate_v) = grads
-        return dq, dk, dv, dk_cache, dv_cache, None, dgate, dgate_v, None, None, None, None, None
+        return dq, dk, dv, dk_cache, dv_cache, None, dgate, dgate_v, None, None, None, None, None, None
 
 
 class _CommitFunction(torch.autograd.Function):
-    """Declares the in-place write of the active slots' new values ``new`` (B, M, Hkv, D) into ``cache``."""
+    """Declares the in-place write of the active slots' new values ``new`` (B, M, Hkv, D) into ``cache``.
+
+    Its backward routes the cache's incoming gradient to ``new`` (the active slots) and leaves it to the
+    call's main node (through ``link``) to finish as the gradient of the cache before the call.
+    """
 
     @staticmethod
-    def forward(ctx, cache, new, cache_seqlens):
+    def forward(ctx, cache, new, cache_seqlens, link):
         ctx.set_materialize_grads(False)
         ctx.mark_dirty(cache)
         ctx.save_for_backward(cache_seqlens)
         ctx.kv_shape = tuple(new.shape)
+        ctx.link = link
+        ctx.is_view = cache._is_view()
         return cache
 
     @staticmethod
     def backward(ctx, d_cache):
+        link = ctx.link
+        handed, link.handed = link.handed, None
         if d_cache is None:
-            return None, None, None
+            return None, None, None, None
         cache_seqlens, = ctx.saved_tensors
-        index = active_index(cache_seqlens, ctx.kv_shape)
-        d_new = d_cache.gather(1, index) if ctx.needs_input_grad[1] else None
-        # The old values at the active slots were overwritten: their gradient comes only through the blend.
-        d_old = d_cache.scatter(1, index, 0.) if ctx.needs_input_grad[0] else None
-        return d_old, d_new, None
+        d_new = d_cache.gather(1, active_index(cache_seqlens, ctx.kv_shape)) if ctx.needs_input_grad[1] else None
+        d_old = None
+        if ctx.needs_input_grad[0]:
+            # The op's own buffer is taken as it is; anything else is copied once into a buffer the op owns.
+            link.grad = d_cache if d_cache is handed else d_cache.clone(memory_format=torch.contiguous_format)
+            # The main node returns the whole gradient of the cache before the call.  For a view, autograd's
+            # CopySlices (the base's node) drops the base's entire gradient when this one is None: zeros
+            # then, broadcast from one element (no allocation).
+            if ctx.is_view:
+                d_old = d_cache.new_zeros(()).expand(d_cache.shape)
+        return d_old, d_new, None, None
 
 
 def run(problem: Problem, impl) -> tuple[torch.Tensor, torch.Tensor]:
     """Runs the op through ``impl``, with autograd when any input needs it; returns (out, lse)."""
     p = problem
+    # The reference cuts its window at max_seqlen_k, so it gets only a true bound; the kernels only size
+    # their work split by it, and take the caller's hint when the lengths are not on the host.
+    bound = p.max_seqlen_k if p.max_seqlen_k is not None or impl.needs_true_bound else p.seqlen_k_hint
     args = (p.q, p.k, p.v, p.k_cache, p.v_cache, p.cache_seqlens, p.gate, p.gate_v, p.softmax_scale, p.causal,
-            p.max_seqlen_k)
+            bound)
     logs = (begin_write(p.k_cache), begin_write(p.v_cache))
-    differentiable = [p.q, p.k, p.v, p.k_cache, p.v_cache, _gate_tensor(p.gate), _gate_tensor(p.gate_v)]
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
+            p.q, p.k, p.v, p.k_cache, p.v_cache, _gate_tensor(p.gate), _gate_tensor(p.gate_v))):
         # The backward keeps its own copy of the (B,) lengths: callers advance theirs in place
         # (MeltCache.advance) before the backward runs.
         lengths = p.cache_seqlens.clone()
-        out, lse, k_new, v_new = GatedKVAttentionFunction.apply(*args[:5], lengths, *args[6:], impl, logs)
-        _CommitFunction.apply(p.k_cache, k_new, lengths)
-        _CommitFunction.apply(p.v_cache, v_new, lengths)
+        links = (_CacheLink(), _CacheLink())
+        out, lse, k_new, v_new = GatedKVAttentionFunction.apply(*args[:5], lengths, *args[6:], impl, logs, links)
+        _CommitFunction.apply(p.k_cache, k_new, lengths, links[0])
+        _CommitFunction.apply(p.v_cache, v_new, lengths, links[1])
     else:
         out, lse = impl.fwd(*args)
         # Kernel writes do not move the version counter; declare the mutation.

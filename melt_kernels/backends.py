@@ -7,6 +7,7 @@ extension.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from dataclasses import dataclass
@@ -27,22 +28,36 @@ class Backend:
     bwd: Callable
     # Why the backend cannot run a problem, or None when it can.
     unsupported: Callable[[Problem], Optional[str]] = lambda problem: None
+    # Whether fwd/bwd need max_seqlen_k to bound the lengths (the reference cuts its window there); kernels
+    # only size their work split by it, so they also take the caller's hint.
+    needs_true_bound: bool = False
 
 
-REFERENCE = Backend("reference", gated_kv_attention_ref_fwd, gated_kv_attention_ref_bwd)
+REFERENCE = Backend("reference", gated_kv_attention_ref_fwd, gated_kv_attention_ref_bwd, needs_true_bound=True)
 
 
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_LOADED: dict = {}  # name -> Backend, once imported (dispatch runs at every call)
+
+
 def _load(name: str) -> Backend:
     """Imports a kernel backend; raises RuntimeError saying why it is unavailable."""
-    module = {"triton": "melt_kernels.triton_backend", "cuda": "melt_kernels.cuda_backend"}[name]
-    try:
-        return importlib.import_module(module).BACKEND
-    except ModuleNotFoundError as e:
-        raise RuntimeError(f"backend {name!r} is not available here: {e}") from e
+    backend = _LOADED.get(name)
+    if backend is None:
+        module = {"triton": "melt_kernels.triton_backend", "cuda": "melt_kernels.cuda_backend"}[name]
+        try:
+            backend = _LOADED[name] = importlib.import_module(module).BACKEND
+        except ModuleNotFoundError as e:
+            raise RuntimeError(f"backend {name!r} is not available here: {e}") from e
+    return backend
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
 
 
 def _usable(name: str) -> Optional[str]:
@@ -57,9 +72,9 @@ def _usable(name: str) -> Optional[str]:
 
 
 def _machine_reason(name: str) -> Optional[str]:
-    if name == "triton" and not (torch.cuda.is_available() or triton_interpreted()):
+    if name == "triton" and not (_cuda_available() or triton_interpreted()):
         return "backend 'triton' needs a CUDA device, or TRITON_INTERPRET=1 to run on the CPU"
-    if name == "cuda" and not torch.cuda.is_available():
+    if name == "cuda" and not _cuda_available():
         return "backend 'cuda' needs a CUDA device"
     return None
 

@@ -6,8 +6,8 @@
   memory N_layers x T x max_seqlen.
 
 Both keep per-row lengths L_b (the settled tokens) twice: on the caches'
-device, for the kernels, and on the host, so bounds are checked without a
-device sync.  The active tokens of a step occupy L_b .. L_b+M-1 during all T
+device, for the kernels, and on the host, so bounds are checked and the
+kernels' work is planned (:meth:`max_seqlen_k`) without a device sync.  The active tokens of a step occupy L_b .. L_b+M-1 during all T
 loops; :meth:`advance` settles them after the last loop.  Nothing grows by
 concatenation.
 """
@@ -45,6 +45,12 @@ class _KVCache:
         """Bytes held on the caches' device: every K/V tensor plus the device lengths."""
         return sum(t.numel() * t.element_size() for t in self.keys + self.values) + \
             self.seqlens.numel() * self.seqlens.element_size()
+
+    def max_seqlen_k(self, num_tokens: int) -> int:
+        """max_b(L_b) + num_tokens from the host lengths (no device sync): the ``max_seqlen_k`` hint of a step
+        of ``num_tokens`` active tokens, which sizes the kernels' split-KV work by the lengths, not the
+        capacity."""
+        return int(self.seqlens_host.max()) + num_tokens
 
     def room(self) -> int:
         """How many more tokens the fullest row can take."""

@@ -38,6 +38,9 @@ class Problem:
     causal: bool
     # max_b(L_b) + M when the lengths are known on the host, else None.
     max_seqlen_k: Optional[int]
+    # The caller's max_seqlen_k (clamped to [M, S]) when the lengths are not on the host, else None: it sizes
+    # the kernels' work split and may be wrong (they stay correct); the reference does not use it.
+    seqlen_k_hint: Optional[int] = None
 
     @property
     def batch(self) -> int:
@@ -98,17 +101,16 @@ def _check_gate(name: str, gate, kv_shape: tuple, device: torch.device) -> Gate:
                         f"got {_dtype_name(gate.dtype)}")
     if gate.device != device:
         raise ValueError(f"{name} must be on {device} like q, got {gate.device}")
-    try:
-        broadcast = torch.broadcast_shapes(tuple(gate.shape), kv_shape)
-    except RuntimeError:
-        broadcast = None
-    if broadcast != kv_shape:
-        raise ValueError(f"{name} of shape {tuple(gate.shape)} does not broadcast to (B, M, Hkv, D) = {kv_shape}")
+    # PyTorch's rule, by hand: torch.broadcast_shapes costs tens of microseconds per call.
+    shape = gate.shape
+    if len(shape) > 4 or any(g != 1 and g != t for g, t in zip(reversed(shape), reversed(kv_shape))):
+        raise ValueError(f"{name} of shape {tuple(shape)} does not broadcast to (B, M, Hkv, D) = {kv_shape}")
     return gate
 
 
 def _check_cache_writable(name: str, cache: torch.Tensor) -> None:
-    if any(st == 0 and sz > 1 for st, sz in zip(cache.stride(), cache.shape)):
+    strides = cache.stride()
+    if 0 in strides and any(st == 0 and sz > 1 for st, sz in zip(strides, cache.shape)):
         raise ValueError(f"{name} has a stride-0 (expanded) dimension: it is updated in place, so its "
                          f"elements must not alias; got strides {cache.stride()}")
     if torch.is_grad_enabled() and cache.requires_grad:
@@ -116,6 +118,12 @@ def _check_cache_writable(name: str, cache: torch.Tensor) -> None:
         if base.is_leaf:
             raise ValueError(f"{name} is (a view of) a leaf tensor that requires grad and cannot be updated in "
                              f"place; pass a non-leaf (e.g. {name}.clone()) to differentiate through its values")
+
+
+def lengths_on_host(cache_seqlens: torch.Tensor) -> bool:
+    """Whether the lengths' values can be read without a device-to-host sync (then they are checked and give
+    the exact max_seqlen_k)."""
+    return cache_seqlens.device.type == "cpu"
 
 
 def _check_seqlens(cache_seqlens, batch: int, seqlen_q: int, cache_len: int,
@@ -140,8 +148,8 @@ def _check_seqlens(cache_seqlens, batch: int, seqlen_q: int, cache_len: int,
     if cache_seqlens.device.type != "cpu" and cache_seqlens.device != device:
         raise ValueError(f"cache_seqlens must be on {device} like q (or on the CPU), got {cache_seqlens.device}")
     max_seqlen_k = None
-    if cache_seqlens.device.type == "cpu":
-        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+    if lengths_on_host(cache_seqlens):
+        lo, hi = (int(x) for x in cache_seqlens.aminmax())
         if lo < 0 or hi > limit:
             bad = int(((cache_seqlens < 0) | (cache_seqlens > limit)).nonzero()[0, 0])
             raise ValueError(f"cache_seqlens[{bad}] = {int(cache_seqlens[bad])} is outside [0, S - M] = "
@@ -151,8 +159,15 @@ def _check_seqlens(cache_seqlens, batch: int, seqlen_q: int, cache_len: int,
     return lengths, max_seqlen_k
 
 
+def _check_hint(max_seqlen_k, seqlen_q: int, cache_len: int) -> int:
+    if isinstance(max_seqlen_k, bool) or not isinstance(max_seqlen_k, numbers.Integral):
+        raise TypeError(f"max_seqlen_k must be a Python int or None, got {type(max_seqlen_k).__name__}")
+    # A bound outside [M, S] cannot be true; clamped, it still sizes the plan (a hint is never trusted).
+    return min(max(int(max_seqlen_k), seqlen_q), cache_len)
+
+
 def check_inputs(q, k, v, k_cache, v_cache, cache_seqlens, gate=None, gate_v=None, *,
-                 softmax_scale=None, causal=True, backend="auto") -> Problem:
+                 softmax_scale=None, causal=True, backend="auto", max_seqlen_k=None) -> Problem:
     """Validates a call of ``gated_kv_attention``; raises ValueError/TypeError naming the argument."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -190,7 +205,8 @@ def check_inputs(q, k, v, k_cache, v_cache, cache_seqlens, gate=None, gate_v=Non
             k_cache.storage_offset() == v_cache.storage_offset():
         raise ValueError("k_cache and v_cache must be distinct tensors, got the same memory for both")
 
-    lengths, max_seqlen_k = _check_seqlens(cache_seqlens, batch, seqlen_q, cache_len, q.device)
+    hint = None if max_seqlen_k is None else _check_hint(max_seqlen_k, seqlen_q, cache_len)
+    lengths, exact = _check_seqlens(cache_seqlens, batch, seqlen_q, cache_len, q.device)
 
     if gate is None and gate_v is not None:
         raise ValueError("gate_v was given without gate: pass gate (the key retention) as well")
@@ -207,4 +223,5 @@ def check_inputs(q, k, v, k_cache, v_cache, cache_seqlens, gate=None, gate_v=Non
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
 
     return Problem(q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache, cache_seqlens=lengths, gate=gate,
-                   gate_v=gate_v, softmax_scale=float(softmax_scale), causal=causal, max_seqlen_k=max_seqlen_k)
+                   gate_v=gate_v, softmax_scale=float(softmax_scale), causal=causal, max_seqlen_k=exact,
+                   seqlen_k_hint=hint if exact is None else None)

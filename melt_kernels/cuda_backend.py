@@ -44,6 +44,7 @@ _GATE_DTYPES = {torch.float16: _cuda.GATE_FLOAT16, torch.bfloat16: _cuda.GATE_BF
 # Blocks of 128 threads per multiprocessor that the split heuristic counts on (shared memory allows 2 at D=128).
 _BLOCKS_PER_SM = 2
 MAX_SPLITS = 64
+_INT_MAX = 2**31 - 1
 
 
 def _row_strides(t: torch.Tensor) -> tuple:
@@ -53,6 +54,10 @@ def _row_strides(t: torch.Tensor) -> tuple:
 
 def _kernel_reason(q, k, v, k_cache, v_cache) -> Optional[str]:
     """Why the kernels cannot take these tensors (device aside), or None."""
+    batch, seqlen_q, heads_q, _ = q.shape
+    if k_cache.shape[1] > _INT_MAX or batch * heads_q * seqlen_q > _INT_MAX:
+        return (f"backend 'cuda' indexes cache positions and query rows in 32 bits; S = {k_cache.shape[1]} "
+                f"positions and B * Hq * M = {batch * heads_q * seqlen_q} rows must stay below 2**31")
     if q.dtype not in _DTYPES:
         return (f"backend 'cuda' runs float16 and bfloat16, got {str(q.dtype).replace('torch.', '')} "
                 f"(backend 'triton' runs it)")
@@ -75,8 +80,9 @@ def _parse_target(target: str) -> tuple[str, int, int, bool]:
     return kind, major, minor, digits != number
 
 
+@functools.lru_cache(maxsize=None)
 def _arch_reason(device: torch.device) -> Optional[str]:
-    """Why this build has no code for the GPU of ``device``, or None."""
+    """Why this build has no code for the GPU of ``device``, or None (asked at every call: cached)."""
     cap = torch.cuda.get_device_capability(device)
     for target in _cuda.built_archs():
         kind, major, minor, specific = _parse_target(target)
@@ -135,7 +141,8 @@ def _launch(entry, q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v, softm
             splits: Optional[int], sms: int, **extra):
     batch, seqlen_q, heads_q, head_dim = q.shape
     heads_kv, cache_len = k.shape[2], k_cache.shape[1]
-    max_prefix = max(0, (cache_len if max_seqlen_k is None else max_seqlen_k) - seqlen_q)
+    # Only the number of splits depends on it: each split takes its share of its row's true key tiles.
+    max_prefix = max(0, min(cache_len if max_seqlen_k is None else max_seqlen_k, cache_len) - seqlen_q)
     block_m, block_n = _cuda.BLOCK_M, _cuda.BLOCK_N
     row_tiles = -(-seqlen_q * (heads_q // heads_kv) // block_m)
     if splits is None:
@@ -197,12 +204,13 @@ def gated_kv_attention_fwd_emulated(q, k, v, k_cache, v_cache, cache_seqlens, ga
 
 def gated_kv_attention_bwd(q, k_cache, v_cache, k_new, v_new, cache_seqlens, out, lse, dout,
                            dlse: Optional[torch.Tensor], softmax_scale: float, causal: bool,
-                           need_cache_grad: bool, max_seqlen_k: Optional[int] = None):
+                           dk_cache: Optional[torch.Tensor] = None, dv_cache: Optional[torch.Tensor] = None,
+                           max_seqlen_k: Optional[int] = None):
     """Attention's backward for this backend: the Triton backend's kernels, imported on first use."""
     from melt_kernels.triton_backend import BACKEND as TRITON
 
     return TRITON.bwd(q, k_cache, v_cache, k_new, v_new, cache_seqlens, out, lse, dout, dlse, softmax_scale, causal,
-                      need_cache_grad, max_seqlen_k)
+                      dk_cache, dv_cache, max_seqlen_k)
 
 
 BACKEND = Backend("cuda", gated_kv_attention_fwd, gated_kv_attention_bwd, unsupported)

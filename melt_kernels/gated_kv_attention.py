@@ -6,11 +6,10 @@ import torch
 from melt_kernels.autograd import run
 from melt_kernels.backends import select_backend
 from melt_kernels.checks import check_inputs
-from melt_kernels.library import compiled_call
 
 
 def gated_kv_attention(q, k, v, k_cache, v_cache, cache_seqlens, gate=None, gate_v=None, *,
-                       softmax_scale=None, causal=True, return_lse=False, backend="auto"):
+                       softmax_scale=None, causal=True, return_lse=False, backend="auto", max_seqlen_k=None):
     """Blends the active tokens' keys/values into a shared KV cache in place, then attends over it.
 
     This is the MELT step of a looped LM: at every loop iteration the fresh
@@ -41,6 +40,16 @@ def gated_kv_attention(q, k, v, k_cache, v_cache, cache_seqlens, gate=None, gate
         return_lse: also return the log-sum-exp of the scaled scores.
         backend: "auto", "triton", "cuda" or "reference" (see
             ``melt_kernels.available_backends()``).
+        max_seqlen_k: optional Python int, an upper bound on max_b(L_b) + M
+            known on the host (as vLLM's ``max_seq_len``; ``MeltCache`` keeps
+            the lengths on the host for it).  With ``cache_seqlens`` on the
+            GPU the kernels size their split-KV work by it instead of by the
+            capacity S, with no device-to-host sync.  It is a hint: a wrong
+            value costs speed, never correctness (the last split of each row
+            reaches the row's true length).  Ignored when the lengths are on
+            the host (the exact bound is taken from them).  Leave it None
+            when capturing a CUDA graph that is replayed at growing lengths:
+            the plan, sized by S, then stays balanced at every replay.
 
     q, k, v and the caches share one dtype (float16, bfloat16, float32;
     float64 on the reference backend) and one device; Hq is a multiple of
@@ -61,11 +70,15 @@ def gated_kv_attention(q, k, v, k_cache, v_cache, cache_seqlens, gate=None, gate
     input raises ValueError/TypeError before anything is written.
     """
     if torch.compiler.is_compiling():
-        # Traced as the registered custom op melt::gated_kv_attention (melt_kernels.library).
+        # Traced as the custom op melt::gated_kv_attention.  Its module is imported here, by the first trace,
+        # not with the package: registering the op needs torch._dynamo, which costs ~1.5 s to import.
+        from melt_kernels.library import compiled_call
+
         out, lse = compiled_call(q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v, softmax_scale, causal,
-                                 backend)
+                                 backend, max_seqlen_k)
     else:
         problem = check_inputs(q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v,
-                               softmax_scale=softmax_scale, causal=causal, backend=backend)
+                               softmax_scale=softmax_scale, causal=causal, backend=backend,
+                               max_seqlen_k=max_seqlen_k)
         out, lse = run(problem, select_backend(backend, problem))
     return (out, lse) if return_lse else out

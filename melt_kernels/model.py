@@ -273,8 +273,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 cache_seqlens: torch.Tensor, loop: int, rope: tuple[torch.Tensor, torch.Tensor], *, shared: bool,
                 latent: Optional[torch.Tensor] = None, backend: str = "auto",
-                transition: Optional[tuple[torch.Tensor, torch.Tensor, float]] = None) \
-            -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                transition: Optional[tuple[torch.Tensor, torch.Tensor, float]] = None,
+                max_seqlen_k: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """One loop of the layer for the active tokens x (B, M, hidden), after input_layernorm.
 
         Updates k_cache, v_cache (B, S, Hkv, D) in place at positions L_b ..
@@ -282,6 +282,8 @@ class Attention(nn.Module):
         ``transition=(k_loop, v_loop, lam)`` (shared only) also writes this
         loop's ungated k/v through into its own LoopLM pair, attends there with
         the same queries, and returns ``(1 - lam) * that + lam * MELT``.
+        ``max_seqlen_k``: max_b(L_b) + M from the cache's host lengths, the op's
+        hint that sizes its kernels' work by the lengths, not the capacity.
         Returns (o_proj output, the latent h for the next loop or None).
         """
         if transition is not None and not shared:
@@ -294,12 +296,14 @@ class Attention(nn.Module):
         elif isinstance(gate, KVGate) and loop > 0:
             alpha = gate(x)
         k, v = self._kv(source, rope)
-        out = gated_kv_attention(q, k, v, k_cache, v_cache, cache_seqlens, alpha, causal=True, backend=backend)
+        out = gated_kv_attention(q, k, v, k_cache, v_cache, cache_seqlens, alpha, causal=True, backend=backend,
+                                 max_seqlen_k=max_seqlen_k)
         if transition is not None:
             k_loop, v_loop, lam = transition
             if source is not x:
                 k, v = self._kv(x, rope)
-            looplm = gated_kv_attention(q, k, v, k_loop, v_loop, cache_seqlens, causal=True, backend=backend)
+            looplm = gated_kv_attention(q, k, v, k_loop, v_loop, cache_seqlens, causal=True, backend=backend,
+                                        max_seqlen_k=max_seqlen_k)
             # Blending before o_proj is blending the layer's outputs: o_proj is linear without bias.
             out = torch.lerp(looplm, out, lam)
         return self.o_proj(out.flatten(-2)), (latent if isinstance(gate, LatentGate) else None)
@@ -334,9 +338,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm_2 = RMSNorm(config.hidden_size, eps, **factory)
 
     def forward(self, h, k_cache, v_cache, cache_seqlens, loop, rope, *, shared, latent=None, backend="auto",
-                transition=None):
+                transition=None, max_seqlen_k=None):
         attn, latent = self.self_attn(self.input_layernorm(h), k_cache, v_cache, cache_seqlens, loop, rope,
-                                      shared=shared, latent=latent, backend=backend, transition=transition)
+                                      shared=shared, latent=latent, backend=backend, transition=transition,
+                                      max_seqlen_k=max_seqlen_k)
         h = h + self.input_layernorm_2(attn)
         return h + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(h))), latent
 
@@ -460,13 +465,15 @@ class LoopedModel(nn.Module):
         positions = lengths.long()[:, None] + torch.arange(seqlen, device=h.device)  # [B, M]
         rope = rope_tables(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
         latents: list[Optional[torch.Tensor]] = [None] * len(self.layers)
+        # The lengths live on the caches' device; their host copy bounds them for the kernels' plans.
+        bound = cache.max_seqlen_k(seqlen)
         hidden, exit_logits = [], []
         for loop in range(self.config.total_ut_steps):
             for i, layer in enumerate(self.layers):
                 k_cache, v_cache = cache.layer(i, loop)
                 mix = None if transition is None else (*transition[0].layer(i, loop), transition[1])
                 h, latents[i] = layer(h, k_cache, v_cache, lengths, loop, rope, shared=shared, latent=latents[i],
-                                      backend=backend, transition=mix)
+                                      backend=backend, transition=mix, max_seqlen_k=bound)
             h = self.norm(h)
             hidden.append(h)
             exit_logits.append(self.early_exit_gate(h)[..., 0])

@@ -107,35 +107,41 @@ def gated_kv_attention_ref_fwd(q, k, v, k_cache, v_cache, cache_seqlens, gate: G
 
 def gated_kv_attention_ref_bwd(q, k_cache, v_cache, k_new, v_new, cache_seqlens, out, lse, dout,
                                dlse: Optional[torch.Tensor], softmax_scale: float, causal: bool,
-                               need_cache_grad: bool, max_seqlen_k: Optional[int] = None):
+                               dk_cache: Optional[torch.Tensor] = None, dv_cache: Optional[torch.Tensor] = None,
+                               max_seqlen_k: Optional[int] = None):
     """Attention's backward by recomputation.
 
     Positions < L_b are read from the live caches; the active slots from
     ``k_new``/``v_new`` (B, M, Hkv, D), the values the forward attended to.
-    Returns (dq, dk_new, dv_new, dk_cache, dv_cache): the cache gradients are
-    (B, S, Hkv, D), zero outside positions < L_b, or None unless
-    ``need_cache_grad``.  ``out`` and ``lse`` are not needed here (kernels use
-    them); they are accepted to keep one signature for every backend.
+    ``dk_cache``/``dv_cache``: None, or (B, S, Hkv, D) buffers to which
+    attention's gradient at positions < L_b is added in place (nothing else
+    of them changes, bit for bit).  ``max_seqlen_k`` must bound
+    max_b(L_b) + M (the window attended over).  Returns (dq, dk_new, dv_new).
+    ``out`` and ``lse`` are not needed here (kernels use them); they are
+    accepted to keep one signature for every backend.
     """
     del out, lse
     window = _window(max_seqlen_k, k_cache.shape[1])
+    buffers = (dk_cache, dv_cache)
     with torch.enable_grad():
         q_ = q.detach().requires_grad_()
         new = [t.detach().requires_grad_() for t in (k_new, v_new)]
-        prefix = [c[:, :window].detach().requires_grad_(need_cache_grad) for c in (k_cache, v_cache)]
+        prefix = [c[:, :window].detach().requires_grad_(b is not None) for c, b in zip((k_cache, v_cache), buffers)]
         keys, values = (splice(c, n, cache_seqlens) for c, n in zip(prefix, new))
         o, lse_ = attention(q_, keys, values, cache_seqlens, softmax_scale, causal)
         outputs, cotangents = [o], [dout]
         if dlse is not None:
             outputs.append(lse_)
             cotangents.append(dlse.to(lse_.dtype))
-        inputs = [q_, *new] + (prefix if need_cache_grad else [])
+        inputs = [q_, *new] + [c for c in prefix if c.requires_grad]
         grads = torch.autograd.grad(outputs, inputs, cotangents, allow_unused=True)
     dq, dk_new, dv_new = (torch.zeros_like(t) if g is None else g for g, t in zip(grads[:3], inputs[:3]))
-    dk_cache = dv_cache = None
-    if need_cache_grad:
-        dk_cache, dv_cache = (torch.zeros_like(c) for c in (k_cache, v_cache))
-        for full, g in ((dk_cache, grads[3]), (dv_cache, grads[4])):
+    settled = torch.arange(window, device=q.device)[None, :] < cache_seqlens.long()[:, None]  # [B, W]
+    prefix_grads = iter(grads[3:])
+    for buffer in buffers:
+        if buffer is not None:
+            g = next(prefix_grads)
             if g is not None:
-                full[:, :window] = g
-    return dq, dk_new, dv_new, dk_cache, dv_cache
+                part = buffer[:, :window]
+                part.copy_(torch.where(settled[:, :, None, None], part + g.to(part.dtype), part))
+    return dq, dk_new, dv_new

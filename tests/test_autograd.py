@@ -6,17 +6,21 @@
   the caches given in every layout, as views of a bigger buffer, and as halves of one packed tensor;
 * a write into a cache by anything but the op, between a call and its backward, makes that backward
   raise; the op's own later calls (loops, chunks, inference calls) do not;
-* what backward keeps alive does not grow with the cache length;
+* what backward keeps alive, and what it allocates, does not grow with the cache length;
 * the version counter moves with every call and the caches' history is rebased onto the op.
 """
 import pytest
 import torch
 from hypothesis import given, strategies as st
 from torch.autograd import gradcheck
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import melt_kernels
 from grad_utils import chain_grads, grad_names, loss_weights, make_chain, run_functional, run_in_place
 from melt_kernels import MeltCache
+from melt_kernels.autograd import GatedKVAttentionFunction, _CommitFunction
+from melt_kernels.backends import triton_interpreted
 from utils import GATE_KINDS, LAYOUTS, make_case
 
 TOL = dict(atol=1e-10, rtol=1e-10)
@@ -245,3 +249,91 @@ def test_gate_gradient_keeps_the_gates_shape_and_dtype():
         grads.append(gate.grad)
     assert grads[0].shape == (2, 1) and grads[0].dtype == torch.float32
     torch.testing.assert_close(grads[0].double(), grads[1].sum((0, 1, 3)).reshape(2, 1), atol=1e-5, rtol=1e-5)
+
+
+class _Allocations(TorchDispatchMode):
+    """The bytes of every tensor storage an op creates inside the block (outputs that share no storage
+    with the op's inputs: not views, not in-place results): all of them, and those made while the op's own
+    backward nodes run (``ours``, switched on and off by :meth:`watch`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes, self.ours, self.inside = [], [], 0
+
+    def watch(self, monkeypatch, function):
+        backward = function.backward
+
+        def counted(ctx, *grads):
+            self.inside += 1
+            try:
+                return backward(ctx, *grads)
+            finally:
+                self.inside -= 1
+        monkeypatch.setattr(function, "backward", staticmethod(counted))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given:
+                self.sizes.append(t.untyped_storage().nbytes())
+                if self.inside:
+                    self.ours.append(t.untyped_storage().nbytes())
+        return out
+
+
+def _backward_allocations(monkeypatch, cache_len: int, backend: str, loss_reads_caches: bool,
+                          cache_requires_grad: bool):
+    """(all sizes, the op's sizes) allocated by the backward of 3 loops x 2 chunks on one cache of
+    ``cache_len`` positions (row lengths 4 and 2 before the first chunk, host lengths), and one cache's bytes."""
+    gen = torch.Generator().manual_seed(0)
+    batch, seqlen_q, heads_kv, head_dim = 2, 3, 2, 16
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    leaf = torch.randn(2, batch, cache_len, heads_kv, head_dim, generator=gen, dtype=dtype)
+    leaf.requires_grad_(cache_requires_grad)
+    k_cache, v_cache = leaf[0] * 1, leaf[1] * 1
+    weight = torch.randn(k_cache.shape, generator=gen, dtype=dtype)
+    lengths = torch.tensor([4, 2], dtype=torch.int32)
+    total = 0
+    for chunk in range(2):
+        for loop in range(3):
+            q = torch.randn(batch, seqlen_q, 4, head_dim, generator=gen, dtype=dtype, requires_grad=True)
+            k, v = (torch.randn(batch, seqlen_q, heads_kv, head_dim, generator=gen, dtype=dtype, requires_grad=True)
+                    for _ in range(2))
+            gate = torch.rand(batch, seqlen_q, heads_kv, 1, generator=gen, dtype=dtype, requires_grad=True)
+            out = melt_kernels.gated_kv_attention(q, k, v, k_cache, v_cache, lengths + chunk * seqlen_q,
+                                                  gate if loop else None, backend=backend)
+            total = total + out.square().sum()
+    if loss_reads_caches:
+        # A gradient made by the user's graph (k_cache) and an expanded one (v_cache) reach the last call.
+        total = total + (k_cache * weight).sum() + v_cache.sum()
+    allocations = _Allocations()
+    with monkeypatch.context() as patch:
+        allocations.watch(patch, GatedKVAttentionFunction)
+        allocations.watch(patch, _CommitFunction)
+        with allocations:
+            total.backward()
+    return allocations, batch * cache_len * heads_kv * head_dim * leaf.element_size()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("loss_reads_caches,cache_requires_grad", [(False, False), (True, False), (False, True)])
+def test_backward_allocations_do_not_grow_with_capacity(monkeypatch, backend, loss_reads_caches,
+                                                        cache_requires_grad):
+    """6 calls on one cache, 5 of which need the cache's gradient: the op's backward nodes allocate one
+    cache-sized buffer per cache for the whole chain (zeros, or a copy of a gradient from the user's
+    graph), and with a 5x larger capacity they allocate only those buffers' growth more.  When nothing but
+    the op touches the caches, that holds for everything the backward allocates."""
+    if backend == "triton" and not triton_interpreted():
+        pytest.skip("the Triton kernels on the CPU need the interpreter")
+    small, small_cache = _backward_allocations(monkeypatch, 24, backend, loss_reads_caches, cache_requires_grad)
+    large, large_cache = _backward_allocations(monkeypatch, 120, backend, loss_reads_caches, cache_requires_grad)
+    for allocations, cache_bytes in ((small, small_cache), (large, large_cache)):
+        assert allocations.ours, "nothing recorded: the test would pass vacuously"
+        big = [n for n in allocations.ours if n >= cache_bytes]
+        assert len(big) == 2, f"{len(big)} cache-sized allocations by the op's backward: {big}"
+    grown = sum(large.ours) - sum(small.ours)
+    assert grown == 2 * (large_cache - small_cache), \
+        f"the op's backward allocates {grown} more bytes for a 5x capacity ({large_cache - small_cache} per cache)"
+    if not loss_reads_caches and not cache_requires_grad:
+        assert sum(large.sizes) - sum(small.sizes) == grown

@@ -84,3 +84,27 @@ def test_advance_before_backward_keeps_gradients():
             cache.advance(2)
         grads.append(torch.autograd.grad(out.square().sum(), q)[0])
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+def test_model_passes_the_host_length_bound(monkeypatch):
+    """Every op call of a model step gets max_seqlen_k = max_b(L_b) + M from the cache's host lengths (the
+    kernels' plans follow the lengths even when the lengths tensor lives on the GPU)."""
+    from melt_kernels import model as model_module
+
+    config = model_module.LoopedLMConfig(vocab_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         num_key_value_heads=1, head_dim=16, intermediate_size=32, total_ut_steps=2,
+                                         gate="kv-head")
+    model = model_module.LoopedLM(config, backend="reference")
+    cache = model.new_cache("melt", batch=2, max_seqlen=40)
+    cache.advance(torch.tensor([3, 9]))
+    seen = []
+    real = model_module.gated_kv_attention
+
+    def record(*args, max_seqlen_k=None, **kwargs):
+        seen.append(max_seqlen_k)
+        return real(*args, max_seqlen_k=max_seqlen_k, **kwargs)
+
+    monkeypatch.setattr(model_module, "gated_kv_attention", record)
+    with torch.no_grad():
+        model(torch.zeros(2, 4, dtype=torch.long), cache)
+    assert seen == [9 + 4] * 4 and cache.max_seqlen_k(1) == 9 + 4 + 1

@@ -6,8 +6,14 @@
   no graph break, and the same out/lse/caches as eager, the caches updated in place;
 * training under torch.compile runs the eager autograd path behind a graph break and gives eager's
   gradients; with fullgraph=True that graph break is reported.
+* ``import melt_kernels`` leaves the registration (which needs torch._dynamo, ~1.5 s to import) to the first
+  trace of the op, and that first trace still compiles with no graph break.
 The Triton backend is compiled too when it can run here (GPU, or TRITON_INTERPRET=1).
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch._dynamo
@@ -109,3 +115,35 @@ def test_fullgraph_training_reports_the_graph_break():
     compiled = torch.compile(_loss, fullgraph=True, backend="aot_eager")
     with pytest.raises(torch._dynamo.exc.Unsupported):
         compiled(case.q, case.k, case.v, case.k_cache, case.v_cache, case.cache_seqlens, case.gate, "reference")
+
+
+_FIRST_TRACE_REGISTERS = r"""
+import sys
+import torch
+import melt_kernels
+
+assert "melt_kernels.library" not in sys.modules and "torch._dynamo" not in sys.modules, "imported eagerly"
+gen = torch.Generator().manual_seed(0)
+q, k, v = (torch.randn(1, 2, 2, 16, generator=gen) for _ in range(3))
+caches = [torch.randn(1, 6, 2, 16, generator=gen) for _ in range(2)]
+caches += [c.clone() for c in caches]
+
+
+def step(q, k, v, k_cache, v_cache):
+    return melt_kernels.gated_kv_attention(q, k, v, k_cache, v_cache, 3, 0.5, backend="reference")
+
+
+with torch.no_grad():
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k, v, *caches[:2])
+    want = step(q, k, v, *caches[2:])
+torch.testing.assert_close(got, want)
+assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+print("ok")
+"""
+
+
+def test_first_trace_registers_the_op():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _FIRST_TRACE_REGISTERS], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-4000:]

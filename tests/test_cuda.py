@@ -109,6 +109,7 @@ def test_unbuilt_extension_says_how_to_build(monkeypatch):
     monkeypatch.delattr(melt_kernels, "_cuda", raising=False)
     monkeypatch.delitem(sys.modules, "melt_kernels.cuda_backend", raising=False)
     monkeypatch.delattr(melt_kernels, "cuda_backend", raising=False)
+    monkeypatch.setattr(backends, "_LOADED", {})  # as in a fresh process: nothing imported yet
     with pytest.raises(ModuleNotFoundError, match="MELT_BUILD_CUDA=1"):
         importlib.import_module("melt_kernels.cuda_backend")
     with pytest.raises(RuntimeError, match="backend 'cuda' is not available here: .*MELT_BUILD_CUDA=1"):
@@ -156,6 +157,36 @@ def test_unsupported_reasons():
     p = problem()
     shifted = check_inputs(p.q, p.k, p.v, base[..., 4:68], p.v_cache, 0)  # rows start 8 bytes past a 16-byte boundary
     assert "16-byte aligned" in unsupported(shifted) and "k_cache" in unsupported(shifted)
+
+
+@needs_extension
+@pytest.mark.parametrize("sizes", [(2048, 1, 32, 8, 128, 4096), (2048, 64, 32, 8, 128, 4096),
+                                   (4096, 512, 64, 8, 128, 8192), (1, 1, 32, 8, 128, 2**31 - 1)])
+def test_launch_grids_within_cuda_limits(sizes):
+    """Every launch of the forward is 1-D and within gridDim.x < 2**31 at the sizes a call can have (B = 2048,
+    Hq = 32 and beyond), with the split count the launcher would choose on a 132-SM GPU; beyond that a
+    clear error before any launch."""
+    batch, seqlen_q, heads_q, heads_kv, _, cache_len = sizes
+    row_tiles = -(-seqlen_q * (heads_q // heads_kv) // _cuda.BLOCK_M)
+    splits = cuda_backend.num_splits(batch * heads_kv * row_tiles, -(-cache_len // _cuda.BLOCK_N), 132)
+    grids = _cuda.grids(sizes, splits)
+    assert grids["attention"] == batch * heads_kv * row_tiles * splits
+    assert all(0 <= blocks < 2**31 for blocks in grids.values()), grids
+    _cuda.check_launch_sizes(sizes, splits)
+    with pytest.raises(ValueError, match="attention launch would need .* blocks"):
+        _cuda.check_launch_sizes((2**15, 1, 2**15, 2**15, 64, 4096), 64)
+    with pytest.raises(ValueError, match="too many query rows"):
+        _cuda.check_launch_sizes((2**16, 2**15, 2**15, 2**15, 64, 2**20), 1)
+
+
+@needs_extension
+def test_sizes_beyond_32_bits_fall_back():
+    """Positions or rows past 2**31 are not for the CUDA kernels: a reason, so that "auto" picks another."""
+    meta = dict(device="meta", dtype=torch.float16)
+    q, k = torch.empty(2**16, 2**8, 2**8, 64, **meta), torch.empty(2**16, 2**8, 2**8, 64, **meta)
+    cache = torch.empty(1, 2**31, 1, 64, **meta)
+    assert "32 bits" in cuda_backend._kernel_reason(q, k, k, k, k)
+    assert "32 bits" in cuda_backend._kernel_reason(q[:1, :1, :1], k[:1, :1, :1], k[:1, :1, :1], cache, cache)
 
 
 @needs_extension

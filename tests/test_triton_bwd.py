@@ -34,7 +34,7 @@ from grad_utils import (attention_low_precision, chain_grads, grad_names, loss_w
 from melt_kernels.backends import triton_interpreted
 from melt_kernels.checks import check_inputs
 from melt_kernels.reference import active_index, gated_kv_attention_ref_bwd, gated_kv_attention_ref_fwd, splice
-from utils import GATE_KINDS, LAYOUTS, Case, assert_within_rule, make_case
+from utils import GATE_KINDS, LAYOUTS, Case, assert_within_rule, bits, make_case
 
 if not (triton_interpreted() or torch.cuda.is_available()):
     pytest.skip("the Triton kernels need a CUDA device, or TRITON_INTERPRET=1 to run on the CPU",
@@ -56,9 +56,10 @@ def _assert_rule(got, exact, low, dtype, name):
         raise AssertionError(f"{name}: {e}") from None
 
 
-def _bwd_problem(case, causal, seed, with_dlse, host_lengths):
+def _bwd_problem(case, causal, seed, with_dlse, host_lengths, cache_grad=None):
     """The launcher's arguments for ``case``: the forward by the reference (caches updated in place), the
-    active slots as it read them, random cotangents.  Returns (args, prefix mask (B, S))."""
+    active slots as it read them, random cotangents, and with ``cache_grad`` ("zeros" or "random") the
+    buffers the cache gradients are added into.  Returns (args, prefix mask (B, S))."""
     p = check_inputs(*case.args(), causal=causal)
     out, lse = gated_kv_attention_ref_fwd(p.q, p.k, p.v, p.k_cache, p.v_cache, p.cache_seqlens, p.gate, p.gate_v,
                                           p.softmax_scale, causal, p.max_seqlen_k)
@@ -67,19 +68,30 @@ def _bwd_problem(case, causal, seed, with_dlse, host_lengths):
     gen = torch.Generator().manual_seed(seed)
     dout = torch.randn(out.shape, generator=gen).to(out.dtype).to(DEVICE)
     dlse = torch.randn(lse.shape, generator=gen).to(DEVICE) if with_dlse else None
+    buffers = [None, None]
+    if cache_grad is not None:
+        buffers = [torch.randn(p.k_cache.shape, generator=gen).mul(cache_grad == "random").to(p.k_cache.dtype)
+                   .to(DEVICE) for _ in range(2)]
     prefix = torch.arange(p.cache_len, device=DEVICE)[None, :] < p.cache_seqlens.long()[:, None]
     return [p.q, p.k_cache, p.v_cache, k_new, v_new, p.cache_seqlens, out, lse, dout, dlse, p.softmax_scale,
-            causal, None, p.max_seqlen_k if host_lengths else None], prefix
+            causal, *buffers, p.max_seqlen_k if host_lengths else None], prefix
+
+
+def _run(fn, args):
+    """(dq, dk_new, dv_new, dk_cache, dv_cache) of a launcher: the cache gradients are the buffers of
+    ``args`` after the call (None when not given)."""
+    return list(fn(*args)) + args[12:14]
 
 
 def _exact_args(args):
-    """The same problem in float64 (the reference recomputes from q, the caches and the active slots)."""
+    """The same problem in float64 (the reference recomputes from q, the caches and the active slots); fresh
+    copies of the buffers, so take them before the launcher under test writes into its own."""
     return [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
 
 
 def _low_precision_bwd(args):
     """Attention's backward by PyTorch autograd through attention_low_precision, in the inputs' dtype."""
-    q, k_cache, v_cache, k_new, v_new, cache_seqlens, out, lse, dout, dlse, scale, causal, need_cache_grad, _ = args
+    q, k_cache, v_cache, k_new, v_new, cache_seqlens, out, lse, dout, dlse, scale, causal, _, _, _ = args
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_() for t in (q, k_new, v_new, k_cache, v_cache)]
         keys, values = (splice(c, n, cache_seqlens) for c, n in zip(leaves[3:], leaves[1:3]))
@@ -106,36 +118,38 @@ def _case(params, dtype):
     return make_case(dtype=dtype, device=DEVICE, **params)
 
 
-@given(params=problem_params, causal=st.booleans(), with_dlse=st.booleans(), need_cache_grad=st.booleans(),
-       host_lengths=st.booleans())
-def test_launcher_matches_reference(params, causal, with_dlse, need_cache_grad, host_lengths):
+@given(params=problem_params, causal=st.booleans(), with_dlse=st.booleans(),
+       cache_grad=st.sampled_from([None, "zeros", "random"]), host_lengths=st.booleans())
+def test_launcher_matches_reference(params, causal, with_dlse, cache_grad, host_lengths):
+    """Every gradient against the float64 reference; the cache gradients are added into the given buffers at
+    positions < L_b and leave every other position bit-identical."""
     case = _case(params, torch.float32)
-    args, prefix = _bwd_problem(case, causal, params["seed"], with_dlse, host_lengths)
-    args[12] = need_cache_grad
-    got = gated_kv_attention_bwd(*args)
-    want = gated_kv_attention_ref_bwd(*_exact_args(args))
+    args, prefix = _bwd_problem(case, causal, params["seed"], with_dlse, host_lengths, cache_grad)
+    exact = _exact_args(args)
+    before = [None if b is None else b.clone() for b in args[12:14]]
+    got = _run(gated_kv_attention_bwd, args)
+    want = _run(gated_kv_attention_ref_bwd, exact)
     for name, g, w in zip(NAMES, got, want):
         if w is None:
             assert g is None, f"{name} returned without need_cache_grad"
             continue
         torch.testing.assert_close(g.double(), w, **FP32_TOL, msg=lambda m: f"{name}: {m}")
-    if need_cache_grad:
-        for name, g in zip(NAMES[3:], got[3:]):
-            assert g.shape == case.k_cache.shape and g.dtype == case.k_cache.dtype
-            assert (g[~prefix] == 0).all(), f"{name} is not zero at positions >= L_b"
+    for name, g, b in zip(NAMES[3:], got[3:], before):
+        if b is not None:
+            assert torch.equal(bits(g)[~prefix.cpu()], bits(b)[~prefix.cpu()]), \
+                f"{name} changed at positions >= L_b"
 
 
 @given(params=problem_params, causal=st.booleans(), with_dlse=st.booleans(),
        dtype=st.sampled_from([torch.float16, torch.bfloat16]))
 def test_launcher_low_precision(params, causal, with_dlse, dtype):
     case = _case(params, dtype)
-    args, _ = _bwd_problem(case, causal, params["seed"], with_dlse, host_lengths=True)
-    args[12] = True
-    got = gated_kv_attention_bwd(*args)
-    exact = gated_kv_attention_ref_bwd(*_exact_args(args))
-    dq, dk_new, dv_new, dk_cache, dv_cache = _low_precision_bwd(args)
-    for name, g, w, low in zip(NAMES, got, exact, (dq, dk_new, dv_new, dk_cache, dv_cache)):
-        _assert_rule(g, w, low, dtype, name)
+    args, _ = _bwd_problem(case, causal, params["seed"], with_dlse, host_lengths=True, cache_grad="zeros")
+    exact = _run(gated_kv_attention_ref_bwd, _exact_args(args))
+    low = _low_precision_bwd(args)
+    got = _run(gated_kv_attention_bwd, args)
+    for name, g, w, lo in zip(NAMES, got, exact, low):
+        _assert_rule(g, w, lo, dtype, name)
 
 
 @pytest.mark.parametrize("head_dim", [16, 40, 128, 256])
@@ -143,22 +157,22 @@ def test_launcher_head_dims(head_dim):
     """The extremes of head_dim and a padded one, on a problem spanning several blocks each way."""
     case = make_case(head_dim, batch=2, seqlen_q=18, heads_q=4, heads_kv=2, head_dim=head_dim, cache_len=40,
                      device=DEVICE)
-    args, _ = _bwd_problem(case, True, head_dim, with_dlse=True, host_lengths=True)
-    args[12] = True
-    for name, g, w in zip(NAMES, gated_kv_attention_bwd(*args), gated_kv_attention_ref_bwd(*_exact_args(args))):
+    args, _ = _bwd_problem(case, True, head_dim, with_dlse=True, host_lengths=True, cache_grad="random")
+    want = _run(gated_kv_attention_ref_bwd, _exact_args(args))
+    for name, g, w in zip(NAMES, _run(gated_kv_attention_bwd, args), want):
         torch.testing.assert_close(g.double(), w, **FP32_TOL, msg=lambda m: f"{name}: {m}")
 
 
 def test_launcher_wide_offsets(monkeypatch):
     """The 64-bit in-slice offsets taken for slices spanning 2**31 elements (forced here on a small problem;
-    test_gpu_int64_offsets runs them for real)."""
+    test_int64_offsets_of_huge_strides runs them for real)."""
     import melt_kernels.kernels.gated_kv_attention_bwd as module
     monkeypatch.setattr(module, "_needs_wide_offsets", lambda tensors, block: True)
     case = make_case(3, batch=2, seqlen_q=18, heads_q=2, heads_kv=1, head_dim=24, cache_len=40, device=DEVICE,
                      layout="padded")
-    args, _ = _bwd_problem(case, True, 3, with_dlse=True, host_lengths=False)
-    args[12] = True
-    for name, g, w in zip(NAMES, gated_kv_attention_bwd(*args), gated_kv_attention_ref_bwd(*_exact_args(args))):
+    args, _ = _bwd_problem(case, True, 3, with_dlse=True, host_lengths=False, cache_grad="random")
+    want = _run(gated_kv_attention_ref_bwd, _exact_args(args))
+    for name, g, w in zip(NAMES, _run(gated_kv_attention_bwd, args), want):
         torch.testing.assert_close(g.double(), w, **FP32_TOL, msg=lambda m: f"{name}: {m}")
 
 
@@ -206,39 +220,22 @@ def test_chained_low_precision(params, causal, dtype):
 _COMPILE_SM90 = r"""
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from sm90 import compile_sm90
 from melt_kernels.kernels import gated_kv_attention_bwd as m
 
-TENSORS = ("q", "k_cache", "v_cache", "k_new", "v_new", "dout", "out", "dk_cache", "dv_cache")
-FP32 = ("lse", "delta", "dlse", "dk_new", "dv_new", "dq")
 NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-
-
-def compile_sm90(fn, dtype, consts, **options):
-    def kind(n):
-        if n in consts:
-            return "constexpr"
-        if n in TENSORS:
-            return "*" + NAMES[dtype]
-        return "*fp32" if n in FP32 else "*i32" if n == "cache_seqlens" else \
-            "fp32" if n in ("softmax_scale", "qk_scale") else "i32"
-    kernel = triton.compile(ASTSource(fn, {n: kind(n) for n in fn.arg_names}, consts),
-                            target=GPUTarget("cuda", 90, 32), options=options)
-    assert ".entry" in kernel.asm["ptx"]
-
-
 for dtype, head_dim, causal, wide in [(torch.bfloat16, 128, True, True), (torch.float16, 256, False, False),
                                      (torch.float32, 48, True, False)]:
     block_d = triton.next_power_of_2(head_dim)
-    t = m._tiles(block_d, 256, dtype)
+    t = m._tiles(block_d, 256, dtype, False)
     common = dict(D=head_dim, BD=block_d, IS_CAUSAL=causal, UPCAST=False, WIDE=wide)
-    compile_sm90(m._bwd_dkdv_kernel, dtype, dict(common, BM=t["BM_KV"], BN=t["BN_KV"]), num_warps=t["warps_kv"],
+    compile_sm90(m._bwd_dkdv_kernel, NAMES[dtype], dict(common, BM=t["BM_KV"], BN=t["BN_KV"], PREFIX_DK=True,
+                                                        PREFIX_DV=not causal), num_warps=t["warps_kv"],
                  num_stages=t["stages_kv"])
-    compile_sm90(m._bwd_dq_kernel, dtype, dict(common, BM=t["BM_Q"], BN=t["BN_Q"]), num_warps=t["warps_q"],
+    compile_sm90(m._bwd_dq_kernel, NAMES[dtype], dict(common, BM=t["BM_Q"], BN=t["BN_Q"]), num_warps=t["warps_q"],
                  num_stages=t["stages_q"])
-    compile_sm90(m._bwd_preprocess_kernel, dtype, dict(D=head_dim, BD=block_d, BM=t["BM_PRE"], HAS_DLSE=causal,
-                                                       WIDE=False), num_warps=4)
+    compile_sm90(m._bwd_preprocess_kernel, NAMES[dtype], dict(D=head_dim, BD=block_d, BM=t["BM_PRE"],
+                                                              HAS_DLSE=causal, WIDE=False), num_warps=4)
 """
 
 
@@ -246,7 +243,7 @@ def test_kernels_compile_for_sm90():
     pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton without its NVIDIA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", _COMPILE_SM90], env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, cwd=os.path.dirname(__file__))
     assert done.returncode == 0, done.stderr[-4000:]
 
 
@@ -257,12 +254,12 @@ def test_gpu_realistic_sizes_and_determinism(dtype):
     gradient, and bit-identical results on a rerun (no atomics)."""
     case = make_case(7, batch=2, seqlen_q=128, heads_q=8, heads_kv=2, head_dim=128, cache_len=1200, dtype=dtype,
                      device="cuda")
-    args, _ = _bwd_problem(case, True, 7, with_dlse=True, host_lengths=False)
-    args[12] = True
-    got = gated_kv_attention_bwd(*args)
-    again = gated_kv_attention_bwd(*args)
-    exact = gated_kv_attention_ref_bwd(*_exact_args(args))
+    args, _ = _bwd_problem(case, True, 7, with_dlse=True, host_lengths=False, cache_grad="zeros")
+    exact = _run(gated_kv_attention_ref_bwd, _exact_args(args))
     low = _low_precision_bwd(args)
+    again_args = args[:12] + [torch.zeros_like(b) for b in args[12:14]] + args[14:]
+    got = _run(gated_kv_attention_bwd, args)
+    again = _run(gated_kv_attention_bwd, again_args)
     for name, g, g2, w, lo in zip(NAMES, got, again, exact, low):
         assert torch.equal(g, g2), f"{name} differs between two runs"
         _assert_rule(g, w, lo, dtype, name)
@@ -282,10 +279,9 @@ def test_gpu_int64_offsets():
         cache.copy_(torch.randn(cache.shape, generator=gen))
     q, k, v = (torch.randn(1, 8, 1, head_dim, generator=gen).to("cuda", torch.bfloat16) for _ in range(3))
     case = Case(q, k, v, k_cache, v_cache, cache_len - 8, 0.5, None)
-    args, prefix = _bwd_problem(case, True, 0, with_dlse=True, host_lengths=True)
-    args[12] = True
-    got = gated_kv_attention_bwd(*args)
-    exact = gated_kv_attention_ref_bwd(*_exact_args(args))
+    args, _ = _bwd_problem(case, True, 0, with_dlse=True, host_lengths=True, cache_grad="zeros")
+    exact = _run(gated_kv_attention_ref_bwd, _exact_args(args))
     low = _low_precision_bwd(args)
+    got = _run(gated_kv_attention_bwd, args)
     for name, g, w, lo in zip(NAMES, got, exact, low):
         _assert_rule(g, w, lo, torch.bfloat16, name)

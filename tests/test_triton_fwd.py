@@ -215,23 +215,8 @@ def test_plan_fills_a_large_gpu():
 # Compiles both kernels for sm_90 with this machine's Triton, no GPU needed: the interpreter runs Python, so
 # only a real compile catches what the compiler rejects (globals, types, shapes) or what it lowers badly.
 _COMPILE_SM90 = r"""
-import sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from sm90 import compile_sm90
 from melt_kernels.kernels import gated_kv_attention_fwd as m
-
-POINTERS = {"SEQLENS": "*i32", "GK": "*fp32", "GV": "*fp32", "LSE": "*fp32", "O_PART": "*fp32",
-            "LSE_PART": "*fp32"}
-SCALARS = {"gk_alpha": "fp32", "gk_beta": "fp32", "gv_alpha": "fp32", "gv_beta": "fp32", "qk_scale": "fp32"}
-
-
-def compile_sm90(fn, dtype, consts, **options):
-    sig = {n: "constexpr" if n in consts else POINTERS.get(n) or SCALARS.get(n) or
-           ("*" + dtype if n in ("Q", "K", "V", "KC", "VC", "O") else "i32") for n in fn.arg_names}
-    kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options=options)
-    assert ".entry" in kernel.asm["ptx"]
-
 
 for dtype, elem, (batch, seqlen_q, heads_q, heads_kv, head_dim) in [
         ("bf16", 2, (1, 1, 32, 8, 128)), ("fp16", 2, (2, 512, 32, 8, 256)), ("fp32", 4, (2, 4, 8, 8, 80))]:
@@ -253,7 +238,7 @@ def test_kernels_compile_for_sm90():
     del nvidia
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", _COMPILE_SM90], env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, cwd=os.path.dirname(__file__))
     assert done.returncode == 0, done.stderr[-4000:]
 
 

@@ -1,0 +1,55 @@
+"""What every Triton launch of this package shares: the device it runs on and the limits of its grid.
+
+* Device: Triton launches on the *current* CUDA device and its current stream, not on the tensors' device;
+  :func:`device_guard` makes the tensors' device current for the launch, as the CUDA backend does.
+* Grids: CUDA caps gridDim.x at 2**31 - 1 and gridDim.y, gridDim.z at 65535, and Triton does not check.  Every
+  launcher here uses 1-D grids (the program id decomposed in the kernel), computes all the grids of a call
+  before its first launch and passes them through :func:`check_grids`, so that a call too large to launch
+  raises before anything is written.
+* Positions: the kernels index cache positions and the rows of a kv head in 32 bits (offsets in memory are
+  64-bit): :func:`size_reason` says when a problem is beyond that.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+MAX_GRID = (2**31 - 1, 65535, 65535)
+MAX_POSITIONS = 2**31 - 1
+
+
+@functools.lru_cache(maxsize=None)
+def _device_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Multiprocessors of ``device``; 4 off CUDA (the interpreter: any small machine)."""
+    if device.type == "cuda":
+        return _device_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return 4
+
+
+def check_grids(grids: dict) -> None:
+    """Raises ValueError naming the kernel when a grid (a tuple of 1 to 3 sizes) exceeds CUDA's limits."""
+    for kernel, grid in grids.items():
+        if any(size > limit for size, limit in zip(grid, MAX_GRID)):
+            raise ValueError(f"{kernel} would need a grid of {grid} programs; CUDA allows at most {MAX_GRID} "
+                             f"(x, y, z): the problem is too large for one launch, split the batch")
+
+
+def device_guard(device: torch.device):
+    """Makes ``device`` the current CUDA device (and its stream the current stream) inside the block."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def size_reason(cache_len: int, seqlen_q: int, groups: int):
+    """Why the kernels cannot index a problem's positions and rows in 32 bits (None when they can)."""
+    if cache_len > MAX_POSITIONS:
+        return f"the Triton kernels index cache positions in 32 bits; S = {cache_len} positions is beyond that"
+    if seqlen_q * groups > MAX_POSITIONS:
+        return (f"the Triton kernels index the rows of a kv head in 32 bits; M * Hq / Hkv = {seqlen_q * groups} "
+                f"rows is beyond that")
+    return None
