@@ -177,13 +177,15 @@ def test_forward_checks_its_inputs(saved):
 def test_registration_needs_only_import_melt_kernels(ouro_dir, tmp_path):
     """A fresh interpreter: `import melt_kernels` is enough for the Auto classes (no trust_remote_code)."""
     to_melt(load_ouro(ouro_dir), "latent").save_pretrained(tmp_path)
-    check = ("import sys, transformers, melt_kernels; "
-             "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
-             "assert type(m).__name__ == 'MeltForCausalLM' and m.config.gate == 'latent', type(m)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", check, str(tmp_path)], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr
+    # Either order of the imports: melt_kernels registers at once, or when transformers is first imported.
+    for imports in ("transformers, melt_kernels", "melt_kernels, transformers"):
+        check = (f"import sys, {imports}; "
+                 "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
+                 "assert type(m).__name__ == 'MeltForCausalLM' and m.config.gate == 'latent', type(m)")
+        done = subprocess.run([sys.executable, "-c", check, str(tmp_path)], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, f"import {imports}: {done.stderr}"
 
 
 @pytest.mark.gpu
