@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from melt_kernels.kernels.gated_kv_attention_fwd import _round
-from melt_kernels.kernels.launch import check_grids, device_guard, num_sms
+from melt_kernels.kernels.launch import aligned, check_grids, device_guard, num_sms
 
 LOG2E = math.log2(math.e)
 
@@ -270,13 +270,19 @@ _TILES_FP32 = {64: ((16, 64, 8, 2), (32, 64, 8, 2)),
 
 
 @functools.lru_cache(maxsize=1024)
-def _tiles(head_dim_p2: int, seqlen_q: int, dtype: torch.dtype, interpreted: bool) -> dict:
+def _tiles(head_dim_p2: int, seqlen_q: int, dtype: torch.dtype, interpreted: bool, aligned: bool = True) -> dict:
     """Tile sizes, warps and pipeline stages of the two main kernels.  The interpreter takes the smallest
-    tiles so that tiny test shapes run every loop more than once."""
+    tiles so that tiny test shapes run every loop more than once.  16-bit tensors that are not ``aligned``
+    (kernels/launch.py) load narrower and hold more registers: smaller tiles keep them within 64 bytes of
+    spills (ptxas, sm_90, Triton 3.6 and 3.9; ``benchmarks/aot_compile.py``)."""
     if interpreted:
         return dict(BM_KV=16, BN_KV=16, BM_Q=16, BN_Q=16, BM_PRE=16, warps_kv=1, warps_q=1, stages_kv=1, stages_q=1)
     table = _TILES_FP32 if dtype == torch.float32 else _TILES_16BIT
     (bm_kv, bn_kv, warps_kv, stages_kv), (bm_q, bn_q, warps_q, stages_q) = table[max(64, head_dim_p2)]
+    if not aligned and dtype != torch.float32:
+        bn_kv = min(bn_kv, 32) if head_dim_p2 >= 128 else bn_kv
+        if head_dim_p2 >= 256:
+            bm_q, bn_q, warps_q = 32, 32, 4
     # Query tiles no taller than the chunk (tl.dot needs 16 rows).
     m_cap = max(16, triton.next_power_of_2(seqlen_q))
     return dict(BM_KV=min(bm_kv, m_cap), BN_KV=bn_kv, BM_Q=min(bm_q, m_cap), BN_Q=bn_q, BM_PRE=min(32, m_cap),
@@ -341,7 +347,7 @@ def gated_kv_attention_bwd(q, k_cache, v_cache, k_new, v_new, cache_seqlens, out
     head_dim_p2 = max(16, triton.next_power_of_2(head_dim))
     # CPU tensors run under the interpreter; meta tensors (launches inspected, not run) get the GPU's plan.
     interpreted = device.type == "cpu"
-    tiles = _tiles(head_dim_p2, seqlen_q, q.dtype, interpreted)
+    tiles = _tiles(head_dim_p2, seqlen_q, q.dtype, interpreted, aligned(q, k_cache, v_cache, k_new, v_new, dout))
     cache_seqlens = cache_seqlens.to(device=device, dtype=torch.int32)
     dout = _unit_last(dout)
     # (B, Hq, M) float32 rows, read by flat index: tiny, so made contiguous here.

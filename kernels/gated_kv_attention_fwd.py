@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from melt_kernels.kernels.launch import check_grids, device_guard, num_sms
+from melt_kernels.kernels.launch import aligned, check_grids, device_guard, num_sms
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
@@ -325,7 +325,7 @@ MIN_SPLIT_LEN = 256
 def plan_launch(batch: int, seqlen_q: int, heads_q: int, heads_kv: int, head_dim: int, max_prefix: int,
                 sms: int, elem_size: int = 2, *, block_r: Optional[int] = None, block_n: Optional[int] = None,
                 split_len: Optional[int] = None, num_warps: Optional[int] = None,
-                num_stages: Optional[int] = None) -> LaunchPlan:
+                num_stages: Optional[int] = None, aligned: bool = True) -> LaunchPlan:
     """Tile sizes, warps, pipeline depth and split count; ``max_prefix`` bounds every row's L_b.
 
     Decode (M * G rows fit one small tile) reads the whole cache once: it is
@@ -334,17 +334,25 @@ def plan_launch(batch: int, seqlen_q: int, heads_q: int, heads_kv: int, head_dim
     several row blocks) is matmul-bound: FlashAttention-like tiles, and
     splits only when the row blocks alone do not fill one wave.  float32
     (``elem_size`` 4) multiplies in IEEE float32 on the FMA units, which
-    needs small tiles to stay in registers.  The choices keep every
-    configuration free of register spills for sm_90 (ptxas, Triton 3.9).
+    needs small tiles to stay in registers; so do 16-bit head_dims above 128
+    on tensors that are not ``aligned`` (kernels/launch.py).  The choices keep
+    every configuration within 64 bytes of register spills for sm_90 with
+    Triton 3.6 and 3.9 (``benchmarks/aot_compile.py`` checks it in CI).
     """
     rows = seqlen_q * (heads_q // heads_kv)
     block_d = max(16, triton.next_power_of_2(head_dim))
     wide = elem_size > 2
+    narrow = not aligned and not wide and block_d >= 128
     if block_r is None:
-        block_r = min(max(16, triton.next_power_of_2(rows)), 32 if wide else 64 if block_d > 128 else 128)
+        cap = 32 if wide or (narrow and block_d > 128) else 64 if block_d > 128 else 128
+        block_r = min(max(16, triton.next_power_of_2(rows)), cap)
     if block_n is None:
         if wide:
             block_n = 16 if block_d > 128 else 32
+        elif narrow and block_d > 128:
+            block_n = 16 if block_r > 16 else 32
+        elif narrow:
+            block_n = 32 if block_r > 64 else 64
         else:
             block_n = 32 if block_d > 128 and block_r > 16 else 64
     row_blocks = triton.cdiv(rows, block_r)
@@ -410,7 +418,8 @@ def gated_kv_attention_fwd(q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_
     max_prefix = max(0, min(cache_len if max_seqlen_k is None else max_seqlen_k, cache_len) - seqlen_q)
     device = q.device
     plan = _plan(batch, seqlen_q, heads_q, heads_kv, head_dim, max_prefix, num_sms(device), q.element_size(),
-                 block_r=block_r, block_n=block_n, split_len=split_len, num_warps=num_warps, num_stages=num_stages)
+                 block_r=block_r, block_n=block_n, split_len=split_len, num_warps=num_warps, num_stages=num_stages,
+                 aligned=aligned(q, k, v, k_cache, v_cache))
     rows = seqlen_q * groups
     direct, slots = plan.direct, plan.slots
     grids = fwd_grids(batch, heads_kv, rows, plan)

@@ -40,6 +40,15 @@ def check_grids(grids: dict) -> None:
                              f"(x, y, z): the problem is too large for one launch, split the batch")
 
 
+def aligned(*tensors) -> bool:
+    """Whether every tensor is 16-byte aligned with batch/sequence/head strides in multiples of 16 elements,
+    as Triton's argument specialization needs to vectorise its loads.  A layout that is not (a view one
+    element in, heads padded to an odd width) compiles to narrower loads that hold more registers, so the
+    planners give it smaller tiles."""
+    return all(t.data_ptr() % 16 == 0 and all(st % 16 == 0 for st in t.stride()[:-1])
+               for t in tensors if t is not None)
+
+
 def device_guard(device: torch.device):
     """Makes ``device`` the current CUDA device (and its stream the current stream) inside the block."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
