@@ -20,6 +20,11 @@ against float64 is at most 2x that of PyTorch doing the same math in the low pre
 low dtype, no upcast, as FlashAttention's tests build their baseline), plus one unit in the last place of
 the low dtype at the gradient's largest magnitude (and 1e-5): the gradients are stored in that dtype, so
 rounding alone costs half of it, and on tensors this small the max error of both sides is a noisy statistic.
+A gate broadcast by strides has a gradient that sums d_new * (old - fresh) over every element it serves
+(all tokens and channels, keys and values, for a (Hkv, 1) gate): its one-ulp allowance is taken at the L2
+norm of those terms (grad_utils.term_norms; independent roundings of n terms add up in quadrature), not at
+the sum, which cancels down to a small fraction of them.  The chains' cotangents are representable in the
+dtype of what they weigh (grad_utils.loss_weights), as the gradient reaching a bfloat16 output is.
 """
 import os
 import subprocess
@@ -27,10 +32,10 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import example, given, strategies as st
 
 from grad_utils import (attention_low_precision, chain_grads, grad_names, loss_weights, make_chain,
-                        run_functional, run_in_place)
+                        run_functional, run_in_place, term_norms)
 from melt_kernels.backends import triton_interpreted
 from melt_kernels.checks import check_inputs
 from melt_kernels.reference import active_index, gated_kv_attention_ref_bwd, gated_kv_attention_ref_fwd, splice
@@ -48,10 +53,10 @@ HEAD_DIMS = (16, 24, 40, 64, 72, 128, 256)
 NAMES = ("dq", "dk_new", "dv_new", "dk_cache", "dv_cache")
 
 
-def _assert_rule(got, exact, low, dtype, name):
+def _assert_rule(got, exact, low, dtype, name, magnitude=None):
     try:
         # Gate gradients come back in the gate's float32 but are computed from ``dtype`` quantities.
-        assert_within_rule(got, exact, low, dtype=dtype)
+        assert_within_rule(got, exact, low, dtype=dtype, magnitude=magnitude)
     except AssertionError as e:
         raise AssertionError(f"{name}: {e}") from None
 
@@ -190,6 +195,10 @@ def test_chained_matches_reference(params, causal, cache_requires_grad, use):
 
 
 @given(params=chain_params, causal=st.booleans(), dtype=st.sampled_from([torch.float16, torch.bfloat16]))
+# Issue 13: the float64 reference got cotangents a bfloat16 output cannot receive (now rounded, loss_weights).
+@example(params=dict(seed=1, loops=1, chunks=1, batch=1, seqlen_q=6, heads_kv=1, groups=1, head_dim=16, extra=1,
+                     gate_kind="broadcast", layout="contiguous", int_seqlens=False), causal=False,
+         dtype=torch.bfloat16)
 def test_chained_low_precision(params, causal, dtype):
     chain = _chain(params, dtype)
     weights = loss_weights(chain, params["seed"], (True, True, True))
@@ -197,8 +206,10 @@ def test_chained_low_precision(params, causal, dtype):
     got = chain_grads(kernel, weights, lambda c: run_in_place(c, causal, "triton"))
     exact = chain_grads(chain.clone(torch.float64), weights, lambda c: run_functional(c, causal))
     low = chain_grads(chain.clone(), weights, lambda c: run_functional(c, causal, attention_low_precision))
-    for name, g, w, lo in zip(grad_names(kernel), got, exact, low):
-        _assert_rule(g, w, lo, dtype, name)
+    magnitudes = term_norms(kernel, weights, causal)
+    assert len(magnitudes) == len(got)
+    for name, g, w, lo, magnitude in zip(grad_names(kernel), got, exact, low, magnitudes):
+        _assert_rule(g, w, lo, dtype, name, magnitude)
 
 
 # Compiles the kernels for sm_90 with this machine's Triton, no GPU needed, in the configurations the launcher
