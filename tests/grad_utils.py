@@ -206,6 +206,29 @@ def term_norms(chain: Chain, weights: dict, causal: bool) -> list:
     return [n for n, t in zip(norms, chain.leaves()) if t.requires_grad]
 
 
+def stored_output_effect(chain: Chain, weights: dict, causal: bool) -> list:
+    """For every leaf of ``chain`` that requires grad (:func:`chain_grads` order): the largest change of its
+    exact gradient when each call's backward takes rowsum(dout * out) over ``out`` rounded to the chain's
+    dtype, as FlashAttention-style backward kernels do (delta = rowsum(dout * out) - dlse, from the stored
+    output), instead of over the exact output.  That change is the exact gradient for an lse cotangent moved
+    by -rowsum(dout * (round(out) - out)): it does not shrink with the rounding of anything the kernel
+    computes, and on a row with a few keys it can exceed one ulp of the gradient.  Needs the outputs' cotangents
+    only (out enters the loss directly); zero without them or in float64."""
+    dtype = chain.steps[0].q.dtype
+    exact = chain.clone(torch.float64)
+    with torch.no_grad():
+        results, _, _ = run_functional(exact, causal)
+    moved = []
+    for (out, _), w_out in zip(results, weights["out"]):
+        shift = None if w_out is None else (w_out * (out.to(dtype).double() - out)).sum(-1).transpose(1, 2)
+        moved.append(None if shift is None else -shift)  # (B, Hq, M), lse's layout
+    if dtype == torch.float64 or all(m is None for m in moved):
+        return [0.0 for t in chain.leaves() if t.requires_grad]
+    effect = chain_grads(exact, dict(out=[None] * len(moved), lse=moved, cache=[None, None]),
+                         lambda c: run_functional(c, causal))
+    return [g.abs().max().item() for g in effect]
+
+
 def grad_names(chain: Chain) -> list:
     """Names of the leaves that require grad, in :func:`chain_grads` order, for failure messages."""
     names = []

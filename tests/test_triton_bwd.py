@@ -24,7 +24,10 @@ A gate broadcast by strides has a gradient that sums d_new * (old - fresh) over 
 (all tokens and channels, keys and values, for a (Hkv, 1) gate): its one-ulp allowance is taken at the L2
 norm of those terms (grad_utils.term_norms; independent roundings of n terms add up in quadrature), not at
 the sum, which cancels down to a small fraction of them.  The chains' cotangents are representable in the
-dtype of what they weigh (grad_utils.loss_weights), as the gradient reaching a bfloat16 output is.
+dtype of what they weigh (grad_utils.loss_weights), as the gradient reaching a bfloat16 output is.  Like
+FlashAttention's, the backward takes delta = rowsum(dout * out) over the stored output, rounded to q's dtype
+(keeping it in float32 would double the output's saved memory): the chains allow the exact effect of that
+rounding (grad_utils.stored_output_effect; about one ulp of dq on a row with two keys) on top of the rule.
 """
 import os
 import subprocess
@@ -35,7 +38,7 @@ import torch
 from hypothesis import example, given, strategies as st
 
 from grad_utils import (attention_low_precision, chain_grads, grad_names, loss_weights, make_chain,
-                        run_functional, run_in_place, term_norms)
+                        run_functional, run_in_place, stored_output_effect, term_norms)
 from melt_kernels.backends import triton_interpreted
 from melt_kernels.checks import check_inputs
 from melt_kernels.reference import active_index, gated_kv_attention_ref_bwd, gated_kv_attention_ref_fwd, splice
@@ -53,10 +56,10 @@ HEAD_DIMS = (16, 24, 40, 64, 72, 128, 256)
 NAMES = ("dq", "dk_new", "dv_new", "dk_cache", "dv_cache")
 
 
-def _assert_rule(got, exact, low, dtype, name, magnitude=None):
+def _assert_rule(got, exact, low, dtype, name, magnitude=None, allowance=0.0):
     try:
         # Gate gradients come back in the gate's float32 but are computed from ``dtype`` quantities.
-        assert_within_rule(got, exact, low, dtype=dtype, magnitude=magnitude)
+        assert_within_rule(got, exact, low, dtype=dtype, magnitude=magnitude, allowance=allowance)
     except AssertionError as e:
         raise AssertionError(f"{name}: {e}") from None
 
@@ -199,6 +202,10 @@ def test_chained_matches_reference(params, causal, cache_requires_grad, use):
 @example(params=dict(seed=1, loops=1, chunks=1, batch=1, seqlen_q=6, heads_kv=1, groups=1, head_dim=16, extra=1,
                      gate_kind="broadcast", layout="contiguous", int_seqlens=False), causal=False,
          dtype=torch.bfloat16)
+# Seed 202 of the dev profile: a row of two keys, where delta from the rounded output costs dq 2.3 ulps.
+@example(params=dict(seed=3388, loops=1, chunks=2, batch=1, seqlen_q=1, heads_kv=2, groups=1, head_dim=16,
+                     extra=0, gate_kind="none", layout="contiguous", int_seqlens=False), causal=False,
+         dtype=torch.float16)
 def test_chained_low_precision(params, causal, dtype):
     chain = _chain(params, dtype)
     weights = loss_weights(chain, params["seed"], (True, True, True))
@@ -207,9 +214,10 @@ def test_chained_low_precision(params, causal, dtype):
     exact = chain_grads(chain.clone(torch.float64), weights, lambda c: run_functional(c, causal))
     low = chain_grads(chain.clone(), weights, lambda c: run_functional(c, causal, attention_low_precision))
     magnitudes = term_norms(kernel, weights, causal)
-    assert len(magnitudes) == len(got)
-    for name, g, w, lo, magnitude in zip(grad_names(kernel), got, exact, low, magnitudes):
-        _assert_rule(g, w, lo, dtype, name, magnitude)
+    allowances = stored_output_effect(kernel, weights, causal)
+    assert len(magnitudes) == len(allowances) == len(got)
+    for name, g, w, lo, magnitude, allowance in zip(grad_names(kernel), got, exact, low, magnitudes, allowances):
+        _assert_rule(g, w, lo, dtype, name, magnitude, allowance)
 
 
 # Compiles the kernels for sm_90 with this machine's Triton, no GPU needed, in the configurations the launcher
