@@ -206,23 +206,22 @@ def term_norms(chain: Chain, weights: dict, causal: bool) -> list:
     return [n for n, t in zip(norms, chain.leaves()) if t.requires_grad]
 
 
-def stored_output_effect(chain: Chain, weights: dict, causal: bool) -> list:
+def stored_output_effect(chain: Chain, weights: dict, causal: bool, outs: list) -> list:
     """For every leaf of ``chain`` that requires grad (:func:`chain_grads` order): the largest change of its
-    exact gradient when each call's backward takes rowsum(dout * out) over ``out`` rounded to the chain's
-    dtype, as FlashAttention-style backward kernels do (delta = rowsum(dout * out) - dlse, from the stored
-    output), instead of over the exact output.  That change is the exact gradient for an lse cotangent moved
-    by -rowsum(dout * (round(out) - out)): it does not shrink with the rounding of anything the kernel
-    computes, and on a row with a few keys it can exceed one ulp of the gradient.  Needs the outputs' cotangents
-    only (out enters the loss directly); zero without them or in float64."""
-    dtype = chain.steps[0].q.dtype
+    exact gradient when each call's backward takes delta = rowsum(dout * out) - dlse over ``outs`` (per call,
+    the output a kernel stored: rounded to q's dtype, with its forward's own error), as FlashAttention-style
+    backward kernels do, instead of over the exact output.  That change is the exact gradient for an lse
+    cotangent moved by -rowsum(dout * (stored - exact)): it does not shrink with the rounding of anything the
+    backward computes, and on a row with a few keys it can exceed the gradient's ulp several times.  dout is
+    the loss's weight of each out (out enters the loss directly); zero without it."""
     exact = chain.clone(torch.float64)
     with torch.no_grad():
         results, _, _ = run_functional(exact, causal)
     moved = []
-    for (out, _), w_out in zip(results, weights["out"]):
-        shift = None if w_out is None else (w_out * (out.to(dtype).double() - out)).sum(-1).transpose(1, 2)
+    for (out, _), stored, w_out in zip(results, outs, weights["out"]):
+        shift = None if w_out is None else (w_out * (stored.double().cpu() - out.cpu())).sum(-1).transpose(1, 2)
         moved.append(None if shift is None else -shift)  # (B, Hq, M), lse's layout
-    if dtype == torch.float64 or all(m is None for m in moved):
+    if all(m is None for m in moved):
         return [0.0 for t in chain.leaves() if t.requires_grad]
     effect = chain_grads(exact, dict(out=[None] * len(moved), lse=moved, cache=[None, None]),
                          lambda c: run_functional(c, causal))
