@@ -84,14 +84,37 @@ void fwd(const TensorArg& q, const TensorArg& k, const TensorArg& v, const Tenso
                                  dtype, reinterpret_cast<void*>(stream));
 }
 
-void fwd_emulated(const TensorArg& q, const TensorArg& k, const TensorArg& v, const TensorArg& k_cache,
-                  const TensorArg& v_cache, const TensorArg& out, uintptr_t seqlens, uintptr_t lse, uintptr_t o_part,
-                  uintptr_t lse_part, const Sizes& sizes, const GateArg& gate_k, const GateArg& gate_v,
-                  double softmax_scale, bool causal, int num_splits, int dtype) {
+py::list fwd_emulated(const TensorArg& q, const TensorArg& k, const TensorArg& v, const TensorArg& k_cache,
+                      const TensorArg& v_cache, const TensorArg& out, uintptr_t seqlens, uintptr_t lse,
+                      uintptr_t o_part, uintptr_t lse_part, const Sizes& sizes, const GateArg& gate_k,
+                      const GateArg& gate_v, double softmax_scale, bool causal, int num_splits, int dtype, int order,
+                      uint64_t seed, bool record, int fault) {
     const melt::FwdArgs a = fwd_args(q, k, v, k_cache, v_cache, out, seqlens, lse, o_part, lse_part, sizes, gate_k,
                                      gate_v, softmax_scale, causal, num_splits);
-    py::gil_scoped_release release;  // the emulator's threads never touch Python
-    melt::gated_kv_attention_fwd_emulated(a, dtype);
+    melt::EmulateOptions options;
+    options.order = order;
+    options.seed = seed;
+    options.record = record;
+    options.fault = fault;
+    std::vector<melt::LaunchRecord> records;
+    {
+        py::gil_scoped_release release;  // the emulator's threads never touch Python
+        records = melt::gated_kv_attention_fwd_emulated(a, dtype, options);
+    }
+    py::list launches;
+    for (const auto& r : records) {
+        py::dict d;
+        d["kernel"] = r.kernel;
+        d["blocks"] = r.blocks;
+        d["reads"] = r.reads;
+        d["writes"] = r.writes;
+        d["conflict_bytes"] = r.conflict_bytes;
+        py::list conflicts;
+        for (const auto& c : r.conflicts) conflicts.append(py::make_tuple(c.address, c.writer, c.other, c.other_writes));
+        d["conflicts"] = conflicts;
+        launches.append(d);
+    }
+    return launches;
 }
 
 void blend_host(const TensorArg& k, const TensorArg& v, const TensorArg& k_cache, const TensorArg& v_cache,
@@ -153,12 +176,22 @@ PYBIND11_MODULE(_cuda, m) {
           py::arg("seqlens"), py::arg("lse"), py::arg("o_part"), py::arg("lse_part"), py::arg("sizes"),
           py::arg("gate"), py::arg("gate_v"), py::arg("softmax_scale"), py::arg("causal"), py::arg("num_splits"),
           py::arg("dtype"), py::arg("stream"));
+    m.attr("ORDER_FORWARD") = static_cast<int>(melt::kOrderForward);
+    m.attr("ORDER_REVERSE") = static_cast<int>(melt::kOrderReverse);
+    m.attr("ORDER_SHUFFLE") = static_cast<int>(melt::kOrderShuffle);
+    m.attr("FAULT_NONE") = static_cast<int>(melt::kFaultNone);
+    m.attr("FAULT_NON_OWNER_READS_ACTIVE") = static_cast<int>(melt::kFaultNonOwnerReadsActive);
     m.def("fwd_emulated", &fwd_emulated,
-          "fwd's launches with the kernels' own source run by a host emulator over host memory (CPU tests).",
+          "fwd's launches with the kernels' own source run by a host emulator over host memory (CPU tests): "
+          "blocks in `order` (ORDER_*; ORDER_SHUFFLE draws from `seed`); with `record`, one dict per launch "
+          "(kernel, blocks, reads, writes, conflict_bytes, conflicts: (address, writer block, other block, "
+          "other writes)) listing the bytes one block writes and another block of the launch touches; "
+          "`fault` (FAULT_*) plants a race for the tests.",
           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"), py::arg("out"),
           py::arg("seqlens"), py::arg("lse"), py::arg("o_part"), py::arg("lse_part"), py::arg("sizes"),
           py::arg("gate"), py::arg("gate_v"), py::arg("softmax_scale"), py::arg("causal"), py::arg("num_splits"),
-          py::arg("dtype"));
+          py::arg("dtype"), py::arg("order") = static_cast<int>(melt::kOrderForward), py::arg("seed") = 0,
+          py::arg("record") = false, py::arg("fault") = static_cast<int>(melt::kFaultNone));
     m.def("fused_update", &melt::fused_update, "Whether the attention blocks blend the active slots themselves.",
           py::arg("seqlen_q"), py::arg("heads_q"), py::arg("heads_kv"));
     m.def("grids", &grids, "Blocks of each 1-D launch of a forward call (blend, attention, combine; 0: not launched).",

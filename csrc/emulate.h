@@ -4,8 +4,13 @@
 // is a block barrier; ldmatrix, mma.sync and shuffles are warp collectives
 // computed from every lane's operands exactly as the PTX ISA lays out the
 // fragments; cp.async is a synchronous copy.  It checks indexing, fragment
-// layouts, masking and the online softmax; it cannot show races, timing or
-// anything the hardware itself does.
+// layouts, masking and the online softmax; it cannot show timing or anything
+// the hardware itself does.  Races between the blocks of a launch it shows in
+// two ways (EmulateOptions): blocks run in a chosen order (forward, reverse,
+// shuffled), and with recording on, every global access of the kernels (made
+// through record_access: load_global/store_global of the kernels' source and
+// cp_async_16's source) is logged per block, and any byte that one block
+// writes and another block of the same launch touches is reported.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -13,13 +18,19 @@
 #include <vector_functions.h>
 #include <vector_types.h>
 
+#include <algorithm>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <numeric>
+#include <random>
 #include <thread>
+#include <unordered_map>
 #include <vector>
+
+#include "gated_kv_attention.h"
 
 #define __launch_bounds__(...)
 
@@ -52,7 +63,66 @@ struct Block {
 
 inline thread_local Block* block = nullptr;
 
+// One global access of one thread.
+struct Access {
+    uintptr_t address;
+    uint32_t bytes;
+    bool write;
+};
+
+// The log of the running thread (null: not recording).
+inline thread_local std::vector<Access>* access_log = nullptr;
+
+// How the current call runs its launches (set by the emulated entry point for one call).
+struct Run {
+    EmulateOptions options;
+    std::vector<LaunchRecord>* records = nullptr;  // null: not recording
+    uint64_t launches = 0;                          // launches so far in this call
+};
+
+inline Run run;
+
+// The bytes that a block of the launch writes and that another block reads or writes.
+inline LaunchRecord find_conflicts(const char* kernel, const std::vector<std::vector<Access>>& logs) {
+    LaunchRecord r;
+    r.kernel = kernel;
+    r.blocks = static_cast<int64_t>(logs.size());
+    auto report = [&r](uintptr_t address, int64_t writer, int64_t other, bool other_writes) {
+        ++r.conflict_bytes;
+        if (r.conflicts.size() < kMaxReportedConflicts) r.conflicts.push_back({address, writer, other, other_writes});
+    };
+    std::unordered_map<uintptr_t, int64_t> writer;  // byte -> the first block that wrote it
+    for (int64_t b = 0; b < r.blocks; ++b) {
+        for (const Access& a : logs[b]) {
+            if (!a.write) {
+                ++r.reads;
+                continue;
+            }
+            ++r.writes;
+            for (uintptr_t byte = a.address; byte < a.address + a.bytes; ++byte) {
+                const auto [it, first] = writer.emplace(byte, b);
+                if (!first && it->second != b) report(byte, it->second, b, true);
+            }
+        }
+    }
+    for (int64_t b = 0; b < r.blocks; ++b) {
+        for (const Access& a : logs[b]) {
+            if (a.write) continue;
+            for (uintptr_t byte = a.address; byte < a.address + a.bytes; ++byte) {
+                const auto it = writer.find(byte);
+                if (it != writer.end() && it->second != b) report(byte, it->second, b, false);
+            }
+        }
+    }
+    return r;
+}
+
 }  // namespace emu
+
+// Logs one global access of the running thread when recording (the kernels' load_global/store_global).
+inline void record_access(const void* p, size_t bytes, bool write) {
+    if (emu::access_log) emu::access_log->push_back({reinterpret_cast<uintptr_t>(p), static_cast<uint32_t>(bytes), write});
+}
 
 inline thread_local uint3 threadIdx;
 inline thread_local uint3 blockIdx;
@@ -86,6 +156,7 @@ inline float __shfl_xor_sync(unsigned, float x, int mask) {
 
 inline void cp_async_16(void* dst, const void* src, bool valid) {
     if (valid) {
+        record_access(src, 16, false);
         std::memcpy(dst, src, 16);
     } else {
         std::memset(dst, 0, 16);
@@ -182,25 +253,43 @@ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32
 
 inline float fast_exp2(float x) { return std::exp2(x); }
 
-// Runs `kernel` over a grid of `blocks` blocks of `threads` threads, one block at a time.
+// Runs `kernel` over a grid of `blocks` blocks of `threads` threads, one block at a time, in the order
+// of emu::run; when recording, logs each block's global accesses and checks the launch for races.
 template <typename K>
-inline void launch_emulated(int64_t blocks, int threads, size_t smem_bytes, K&& kernel) {
-    for (int64_t bid = 0; bid < blocks; ++bid) {
+inline void launch_emulated(const char* name, int64_t blocks, int threads, size_t smem_bytes, K&& kernel) {
+    emu::Run& run = emu::run;
+    std::vector<int64_t> order(blocks);
+    std::iota(order.begin(), order.end(), int64_t{0});
+    if (run.options.order == kOrderReverse) {
+        std::reverse(order.begin(), order.end());
+    } else if (run.options.order == kOrderShuffle) {
+        std::mt19937_64 rng(run.options.seed * 0x9E3779B97F4A7C15ull + run.launches);
+        std::shuffle(order.begin(), order.end(), rng);
+    }
+    ++run.launches;
+    const bool record = run.records != nullptr;
+    std::vector<std::vector<emu::Access>> block_logs(record ? blocks : 0);
+    for (const int64_t bid : order) {
         emu::Block blk(threads, smem_bytes);
+        std::vector<std::vector<emu::Access>> thread_logs(record ? threads : 0);
         std::vector<std::thread> pool;
         pool.reserve(threads);
         for (int tid = 0; tid < threads; ++tid) {
             pool.emplace_back([&, tid] {
                 emu::block = &blk;
+                emu::access_log = record ? &thread_logs[tid] : nullptr;
                 threadIdx = make_uint3(tid, 0, 0);
                 blockIdx = make_uint3(static_cast<unsigned>(bid), 0, 0);
                 blockDim = dim3(threads, 1, 1);
                 gridDim = dim3(static_cast<unsigned>(blocks), 1, 1);
                 kernel();
+                emu::access_log = nullptr;
             });
         }
         for (auto& t : pool) t.join();
+        for (auto& log : thread_logs) block_logs[bid].insert(block_logs[bid].end(), log.begin(), log.end());
     }
+    if (record) run.records->push_back(emu::find_conflicts(name, block_logs));
 }
 
 }  // namespace melt

@@ -60,6 +60,28 @@ static_assert(kBlockM <= kBlockN, "fused (M*G <= kBlockM) must imply a single ac
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
+// ---------------------------------------------------------------------------
+// Global memory.  Every load and store of global memory in the kernels goes
+// through these two (cp.async copies through cp_async_16): on the GPU they are
+// the plain accesses, inlined; the emulator also records them per block, which
+// is how it finds races between the blocks of a launch (emulate.h).
+
+template <typename T>
+MELT_HD T load_global(const T* p) {
+#ifdef MELT_EMULATE
+    record_access(p, sizeof(T), false);
+#endif
+    return *p;
+}
+
+template <typename T>
+MELT_HD void store_global(T* p, const T& value) {
+#ifdef MELT_EMULATE
+    record_access(p, sizeof(T), true);
+#endif
+    *p = value;
+}
+
 MELT_HD int imin(int a, int b) { return a < b ? a : b; }
 MELT_HD int imax(int a, int b) { return a > b ? a : b; }
 MELT_HD int ceil_div(int a, int b) { return (a + b - 1) / b; }
@@ -175,10 +197,10 @@ MELT_HD __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat
 MELT_HD float gate_at(const Gate& g, int b, int i, int h, int d) {
     const int64_t o = b * g.stride[0] + i * g.stride[1] + h * g.stride[2] + d * g.stride[3];
     switch (g.kind) {
-        case kGateF16: return __half2float(static_cast<const __half*>(g.ptr)[o]);
-        case kGateBF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(g.ptr)[o]);
-        case kGateF32: return static_cast<const float*>(g.ptr)[o];
-        case kGateF64: return static_cast<float>(static_cast<const double*>(g.ptr)[o]);
+        case kGateF16: return __half2float(load_global(static_cast<const __half*>(g.ptr) + o));
+        case kGateBF16: return __bfloat162float(load_global(static_cast<const __nv_bfloat16*>(g.ptr) + o));
+        case kGateF32: return load_global(static_cast<const float*>(g.ptr) + o);
+        case kGateF64: return static_cast<float>(load_global(static_cast<const double*>(g.ptr) + o));
         default: return g.alpha;
     }
 }
@@ -210,9 +232,10 @@ MELT_HD uint4 update_slot(const Tensor4& fresh, const Tensor4& cache, const Gate
                        h * fresh.stride[2] + d0;
     T* p_slot = static_cast<T*>(cache.ptr) + b * cache.stride[0] + static_cast<int64_t>(L + i) * cache.stride[1] +
                 h * cache.stride[2] + d0;
-    uint4 b_new = *reinterpret_cast<const uint4*>(p_fresh);
-    if (gate.kind != kGateNone) b_new = blend_chunk<T>(*reinterpret_cast<const uint4*>(p_slot), b_new, gate, b, i, h, d0);
-    *reinterpret_cast<uint4*>(p_slot) = b_new;
+    uint4 b_new = load_global(reinterpret_cast<const uint4*>(p_fresh));
+    if (gate.kind != kGateNone)
+        b_new = blend_chunk<T>(load_global(reinterpret_cast<const uint4*>(p_slot)), b_new, gate, b, i, h, d0);
+    store_global(reinterpret_cast<uint4*>(p_slot), b_new);
     return b_new;
 }
 
@@ -229,7 +252,7 @@ MELT_HD void blend_at(const FwdArgs& p, int64_t idx) {
     idx /= p.heads_kv;
     const int i = static_cast<int>(idx % p.seqlen_q);
     const int b = static_cast<int>(idx / p.seqlen_q);
-    const int L = settled_length(p.seqlens[b], p.cache_len, p.seqlen_q);
+    const int L = settled_length(load_global(p.seqlens + b), p.cache_len, p.seqlen_q);
     update_slot<T>(is_v ? p.v : p.k, is_v ? p.v_cache : p.k_cache, is_v ? p.gate_v : p.gate_k, b, i, h, d0, L);
 }
 
@@ -355,9 +378,15 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const __grid_consta
     const int group = p.heads_q / p.heads_kv;
     const int n_rows = p.seqlen_q * group;
     const int row0 = blk.row_tile * kBlockM;
-    const Schedule sch = make_schedule(p.seqlens[blk.b], p.cache_len, p.seqlen_q,
-                                       last_active_key(blk.row_tile, n_rows, group, p.seqlen_q, p.causal),
-                                       p.num_splits, blk.split, fused);
+    Schedule sch = make_schedule(load_global(p.seqlens + blk.b), p.cache_len, p.seqlen_q,
+                                 last_active_key(blk.row_tile, n_rows, group, p.seqlen_q, p.causal), p.num_splits,
+                                 blk.split, fused);
+#ifdef MELT_EMULATE
+    // Test-only fault (emulator builds): the splits that do not own the active slots read them too, before
+    // or after the owner rewrites them, the race that the emulator's access recording must report.
+    if (emu::run.options.fault == kFaultNonOwnerReadsActive && fused && !sch.writes_active && sch.begin < sch.end)
+        sch.end = sch.n_tiles;
+#endif
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const bool warp_active = row0 + warp * 16 < n_rows;
     // This thread's accumulator rows: lane/4 and lane/4 + 8 of the warp's 16.
@@ -541,7 +570,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const __grid_consta
             const int i = row / group, h_q = blk.h * group + row % group;
             T* p_dst = static_cast<T*>(p.out.ptr) + blk.b * p.out.stride[0] + i * p.out.stride[1] +
                        h_q * p.out.stride[2] + d0;
-            *reinterpret_cast<uint4*>(p_dst) = *reinterpret_cast<const uint4*>(s_q + rr * kStride + d0);
+            store_global(reinterpret_cast<uint4*>(p_dst), *reinterpret_cast<const uint4*>(s_q + rr * kStride + d0));
         }
         if (lane % 4 == 0) {
 #pragma unroll
@@ -549,7 +578,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const __grid_consta
                 if (!m_row[r]) continue;
                 const int row = row0 + warp * 16 + lane / 4 + 8 * r;
                 const int h_q = blk.h * group + row % group;
-                p.lse[(static_cast<int64_t>(blk.b) * p.heads_q + h_q) * p.seqlen_q + i_tok[r]] = b_lse[r];
+                store_global(p.lse + (static_cast<int64_t>(blk.b) * p.heads_q + h_q) * p.seqlen_q + i_tok[r], b_lse[r]);
             }
         }
     } else {
@@ -563,9 +592,9 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const __grid_consta
             float* p_o = p.o_part + o_row * D + (lane % 4) * 2;
 #pragma unroll
             for (int dt = 0; dt < D / 8; ++dt)
-                *reinterpret_cast<float2*>(p_o + dt * 8) =
-                    make_float2(b_o[dt][2 * r] * b_inv[r], b_o[dt][2 * r + 1] * b_inv[r]);
-            if (lane % 4 == 0) p.lse_part[o_row] = b_lse[r];
+                store_global(reinterpret_cast<float2*>(p_o + dt * 8),
+                             make_float2(b_o[dt][2 * r] * b_inv[r], b_o[dt][2 * r + 1] * b_inv[r]));
+            if (lane % 4 == 0) store_global(p.lse_part + o_row, b_lse[r]);
         }
     }
 }
@@ -582,12 +611,13 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const __grid_constant
     if (i_row >= total_rows) return;
 
     float b_max = -INFINITY;
-    for (int s = lane; s < p.num_splits; s += 32) b_max = fmaxf(b_max, p.lse_part[s * total_rows + i_row]);
+    for (int s = lane; s < p.num_splits; s += 32) b_max = fmaxf(b_max, load_global(p.lse_part + s * total_rows + i_row));
 #pragma unroll
     for (int o = 16; o > 0; o /= 2) b_max = fmaxf(b_max, __shfl_xor_sync(0xffffffffu, b_max, o));
     float b_sum = 0.f;
     if (b_max != -INFINITY)
-        for (int s = lane; s < p.num_splits; s += 32) b_sum += expf(p.lse_part[s * total_rows + i_row] - b_max);
+        for (int s = lane; s < p.num_splits; s += 32)
+            b_sum += expf(load_global(p.lse_part + s * total_rows + i_row) - b_max);
 #pragma unroll
     for (int o = 16; o > 0; o /= 2) b_sum += __shfl_xor_sync(0xffffffffu, b_sum, o);
     const float lse = b_max == -INFINITY ? -INFINITY : logf(b_sum) + b_max;
@@ -596,13 +626,13 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const __grid_constant
 #pragma unroll
     for (int e = 0; e < kVec; ++e) b_acc[e] = 0.f;
     for (int s = 0; s < p.num_splits; ++s) {
-        const float w = lse == -INFINITY ? 0.f : expf(p.lse_part[s * total_rows + i_row] - lse);
+        const float w = lse == -INFINITY ? 0.f : expf(load_global(p.lse_part + s * total_rows + i_row) - lse);
         const float* p_o = p.o_part + (s * total_rows + i_row) * D + lane * kVec;
         float b_part[kVec];
         if constexpr (kVec == 4) {
-            *reinterpret_cast<float4*>(b_part) = *reinterpret_cast<const float4*>(p_o);
+            *reinterpret_cast<float4*>(b_part) = load_global(reinterpret_cast<const float4*>(p_o));
         } else {
-            *reinterpret_cast<float2*>(b_part) = *reinterpret_cast<const float2*>(p_o);
+            *reinterpret_cast<float2*>(b_part) = load_global(reinterpret_cast<const float2*>(p_o));
         }
 #pragma unroll
         for (int e = 0; e < kVec; ++e) b_acc[e] += w * b_part[e];
@@ -618,11 +648,11 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const __grid_constant
     T* p_dst = static_cast<T*>(p.out.ptr) + b * p.out.stride[0] + i * p.out.stride[1] + h_q * p.out.stride[2] +
                lane * kVec;
     if constexpr (kVec == 4) {
-        *reinterpret_cast<uint2*>(p_dst) = make_uint2(b_out[0], b_out[1]);
+        store_global(reinterpret_cast<uint2*>(p_dst), make_uint2(b_out[0], b_out[1]));
     } else {
-        *reinterpret_cast<uint32_t*>(p_dst) = b_out[0];
+        store_global(reinterpret_cast<uint32_t*>(p_dst), b_out[0]);
     }
-    if (lane == 0) p.lse[(static_cast<int64_t>(b) * p.heads_q + h_q) * p.seqlen_q + i] = lse;
+    if (lane == 0) store_global(p.lse + (static_cast<int64_t>(b) * p.heads_q + h_q) * p.seqlen_q + i, lse);
 }
 
 // ---------------------------------------------------------------------------
@@ -686,14 +716,16 @@ void gated_kv_attention_fwd_dtype(const FwdArgs& p, cudaStream_t stream) {
 
 #else
 
-// The same launches run by the emulator on host memory, block after block.
+// The same launches run by the emulator on host memory, block after block (in the order of emu::run).
 template <typename T, int D>
 void gated_kv_attention_fwd_emulated_launch(const FwdArgs& p) {
     const FwdLaunch l = fwd_launch(p);
-    if (l.blend_chunks > 0) launch_emulated(l.blend_blocks, 256, 0, [&] { blend_kernel<T>(p, l.blend_chunks); });
-    launch_emulated(l.attention_blocks, kThreads, FwdSmem<T, D>::kBytes,
+    if (l.blend_chunks > 0)
+        launch_emulated("blend", l.blend_blocks, 256, 0, [&] { blend_kernel<T>(p, l.blend_chunks); });
+    launch_emulated("attention", l.attention_blocks, kThreads, FwdSmem<T, D>::kBytes,
                     [&] { attention_kernel<T, D>(p, l.n_row_tiles, l.fused); });
-    if (l.combine_blocks > 0) launch_emulated(l.combine_blocks, kThreads, 0, [&] { combine_kernel<T, D>(p); });
+    if (l.combine_blocks > 0)
+        launch_emulated("combine", l.combine_blocks, kThreads, 0, [&] { combine_kernel<T, D>(p); });
 }
 
 template <typename T>

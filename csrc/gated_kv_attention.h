@@ -106,8 +106,48 @@ std::vector<BlockPlan> plan_fwd(const std::vector<int>& seqlens, int cache_len, 
 // The cache update of the chunk path's blend kernel, over host memory.
 void blend_host(const FwdArgs& args, int dtype);
 
+// How the host emulator runs a call.  Blocks of a launch run one at a time,
+// in `order` (kShuffle: a permutation drawn from `seed`, another per launch);
+// with `record`, every global-memory access of every block is logged and each
+// launch is checked for races: a byte that one block writes and another block
+// of the same launch reads or writes.  `fault` plants a bug for the tests of
+// that check (emulator builds only; the GPU code has no such switch).
+enum BlockOrder : int { kOrderForward = 0, kOrderReverse = 1, kOrderShuffle = 2 };
+enum EmulatedFault : int {
+    kFaultNone = 0,
+    kFaultNonOwnerReadsActive = 1,  // decode path: splits that do not own the active slots read them too
+};
+
+struct EmulateOptions {
+    int order = kOrderForward;
+    uint64_t seed = 0;
+    bool record = false;
+    int fault = kFaultNone;
+};
+
+// A byte of global memory that block `writer` wrote and block `other` of the
+// same launch read (or wrote too, `other_writes`).
+struct AccessConflict {
+    uintptr_t address = 0;
+    int64_t writer = 0, other = 0;
+    bool other_writes = false;
+};
+
+// One launch as the emulator ran it, with `record`.
+struct LaunchRecord {
+    std::string kernel;
+    int64_t blocks = 0;
+    int64_t reads = 0, writes = 0;          // accesses (a thread's load or store, up to 16 bytes)
+    int64_t conflict_bytes = 0;             // bytes in conflict (each counted once per other block)
+    std::vector<AccessConflict> conflicts;  // the first kMaxReportedConflicts of them
+};
+
+constexpr int kMaxReportedConflicts = 16;
+
 // The whole launch sequence of gated_kv_attention_fwd with the kernels' own
-// source run by the host emulator (emulate.h) over host memory.
-void gated_kv_attention_fwd_emulated(const FwdArgs& args, int dtype);
+// source run by the host emulator (emulate.h) over host memory; with
+// options.record, one record per launch.
+std::vector<LaunchRecord> gated_kv_attention_fwd_emulated(const FwdArgs& args, int dtype,
+                                                          const EmulateOptions& options);
 
 }  // namespace melt

@@ -164,10 +164,10 @@ def _bwd_dkdv_kernel(q, k_cache, v_cache, k_new, v_new, cache_seqlens, dout, lse
                     m_vis = m_vis & (is_prefix | (o_n[:, None] <= o_m[None, :]))
                 # where, not a product: masked lanes may hold inf.
                 b_pT = tl.where(m_vis, b_pT, 0.)
-                b_dv += _dot(b_pT.to(b_do.dtype), b_do, UPCAST)
+                b_dv += _dot(_round(b_pT, b_do.dtype, UPCAST), b_do, UPCAST)
                 b_dpT = _dot(b_v, tl.trans(b_do), UPCAST)  # [BN, BM]
                 b_dsT = b_pT * (b_dpT - b_delta[None, :])
-                b_dk += _dot(b_dsT.to(b_q.dtype), b_q, UPCAST)
+                b_dk += _dot(_round(b_dsT, b_q.dtype, UPCAST), b_q, UPCAST)
         b_dk *= softmax_scale
 
         m_nd = m_n[:, None] & m_d[None, :]
@@ -207,7 +207,7 @@ def _dq_over(b_dq, b_q, b_do, b_lse2, b_delta, o_m, p_k, p_v, stride_k, stride_v
         b_p = tl.where(m_vis, b_p, 0.)
         b_dp = _dot(b_do, tl.trans(b_v), UPCAST)  # [BM, BN]
         b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dq += _dot(b_ds.to(b_k.dtype), b_k, UPCAST)
+        b_dq += _dot(_round(b_ds, b_k.dtype, UPCAST), b_k, UPCAST)
     return b_dq
 
 
@@ -252,7 +252,7 @@ def _bwd_dq_kernel(q, k_cache, v_cache, k_new, v_new, cache_seqlens, dout, lse, 
                     IS_CAUSAL, BN, UPCAST, WIDE)
     b_dq *= softmax_scale
     p_dq = dq + i_s.to(tl.int64) * stride_dqs + i_b * stride_dqb + i_hq * stride_dqh
-    tl.store(_tile(p_dq, o_m, stride_dqm, o_d, WIDE), b_dq.to(dq.dtype.element_ty),
+    tl.store(_tile(p_dq, o_m, stride_dqm, o_d, WIDE), _round(b_dq, dq.dtype.element_ty, UPCAST),
              mask=m_m[:, None] & m_d[None, :])
 
 

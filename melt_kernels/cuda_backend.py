@@ -189,17 +189,65 @@ def gated_kv_attention_fwd(q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_
 
 
 def gated_kv_attention_fwd_emulated(q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v, softmax_scale, causal,
-                                    max_seqlen_k=None, *, splits: Optional[int] = None, sms: int = 4):
+                                    max_seqlen_k=None, *, splits: Optional[int] = None, sms: int = 4,
+                                    order="forward", record: bool = False, fault: Optional[str] = None):
     """:func:`gated_kv_attention_fwd` on CPU tensors: the same launches, the kernels' own source run by the
     host emulator of ``csrc/emulate.h`` (one std::thread per GPU thread; slow, for small tests).  ``sms`` is
-    the multiprocessor count the split heuristic assumes."""
+    the multiprocessor count the split heuristic assumes.
+
+    The blocks of each launch run one at a time in ``order``: "forward", "reverse", or an int, the seed of a
+    shuffle (another permutation per launch).  With ``record``, returns (out, lse, launches): per launch a dict
+    (kernel, blocks, reads, writes: the global accesses made, conflict_bytes, conflicts) where ``conflicts``
+    lists (address, tensor, writer block, other block, "write"/"read") for the first bytes of global memory
+    that one block writes and another block of the same launch reads or writes: a race on a GPU, where blocks
+    run in any order and at once.  ``fault="non_owner_reads_active"`` plants such a race (tests only).
+    """
     if q.device.type != "cpu":
         raise RuntimeError(f"the emulator runs on CPU tensors, got tensors on {q.device.type}")
     reason = _kernel_reason(q, k, v, k_cache, v_cache)
     if reason is not None:
         raise RuntimeError(reason)
-    return _launch(_cuda.fwd_emulated, q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v, softmax_scale,
-                   causal, max_seqlen_k, splits, sms)
+    if isinstance(order, bool) or not (order in ("forward", "reverse") or isinstance(order, int)):
+        raise ValueError(f"order must be 'forward', 'reverse' or an int (the seed of a shuffle), got {order!r}")
+    faults = {None: _cuda.FAULT_NONE, "non_owner_reads_active": _cuda.FAULT_NON_OWNER_READS_ACTIVE}
+    if fault not in faults:
+        raise ValueError(f"fault must be one of {sorted(f for f in faults if f)} or None, got {fault!r}")
+    options = dict(order={"forward": _cuda.ORDER_FORWARD, "reverse": _cuda.ORDER_REVERSE}.get(order,
+                                                                                             _cuda.ORDER_SHUFFLE),
+                   seed=0 if isinstance(order, str) else order % 2**64, record=record, fault=faults[fault])
+    call = {}
+
+    def entry(**kwargs):
+        call.update(kwargs)
+        call["launches"] = _cuda.fwd_emulated(**kwargs, **options)
+
+    out, lse = _launch(entry, q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v, softmax_scale, causal,
+                       max_seqlen_k, splits, sms)
+    if not record:
+        return out, lse
+    named = dict(q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache, out=out, lse=lse, cache_seqlens=cache_seqlens,
+                 gate=gate, gate_v=gate_v)
+    spans = [(name, t.data_ptr(), t.data_ptr() + _extent_bytes(t)) for name, t in named.items()
+             if isinstance(t, torch.Tensor)]
+    splits, rows, head_dim = call["num_splits"], q.shape[0] * q.shape[1] * q.shape[2], q.shape[3]
+    if call["o_part"]:  # the float32 workspaces of the splits' partial results
+        spans += [("o_part", call["o_part"], call["o_part"] + 4 * splits * rows * head_dim),
+                  ("lse_part", call["lse_part"], call["lse_part"] + 4 * splits * rows)]
+
+    def tensor_at(address):
+        return next((name for name, lo, hi in spans if lo <= address < hi), "?")
+
+    launches = [dict(launch, conflicts=[(address, tensor_at(address), writer, other, "write" if writes else "read")
+                                        for address, writer, other, writes in launch["conflicts"]])
+                for launch in call["launches"]]
+    return out, lse, launches
+
+
+def _extent_bytes(t: torch.Tensor) -> int:
+    """Bytes from ``t``'s first element to just past its last (strides honoured)."""
+    if t.numel() == 0:
+        return 0
+    return (sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) + 1) * t.element_size()
 
 
 def gated_kv_attention_bwd(q, k_cache, v_cache, k_new, v_new, cache_seqlens, out, lse, dout,

@@ -63,22 +63,32 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cac
 
     Returns out (B, M, Hq, D) in q.dtype and lse (B, Hq, M) in the compute dtype.
     The caches may be cut to any window that covers max_b(L_b) + M positions.
+    Positions past L_b + M - 1 of row b are selected away (``torch.where``), not
+    weighted by a zero probability (0 * NaN is NaN): whatever they hold, NaN
+    and inf included, reaches neither row b's result nor any gradient.  The
+    active slots L_b+i+1 .. L_b+M-1 that a causal token i does not see are this
+    call's own updated slots (finite unless k, v or a gated slot's old value
+    are not); they get a zero probability, as in FlashAttention and SDPA.
     """
     batch, seqlen_q, heads_q, head_dim = q.shape
     window, heads_kv = k_cache.shape[1], k_cache.shape[2]
     groups = heads_q // heads_kv
     ct = compute_dtype(q.dtype)
+    positions = torch.arange(window, device=q.device)
+    lengths = cache_seqlens.long()
+    in_row = (positions[None, :] < (lengths + seqlen_q)[:, None])[:, :, None, None]  # [B, W, 1, 1]
+    keys, values = (torch.where(in_row, c.to(ct), 0) for c in (k_cache, v_cache))
     q_g = q.to(ct).reshape(batch, seqlen_q, heads_kv, groups, head_dim)
-    scores = torch.einsum("bmhgd,bshd->bhgms", q_g, k_cache.to(ct)) * softmax_scale  # [B, Hkv, G, M, W]
+    scores = torch.einsum("bmhgd,bshd->bhgms", q_g, keys) * softmax_scale  # [B, Hkv, G, M, W]
     # Active token i of row b sees keys [0, L_b + i] (causal) or [0, L_b + M - 1].
     rows = torch.arange(seqlen_q, device=q.device) if causal else torch.full((seqlen_q,), seqlen_q - 1,
                                                                                device=q.device)
-    last = cache_seqlens.long()[:, None] + rows[None, :]  # [B, M]
-    visible = torch.arange(window, device=q.device)[None, None, :] <= last[:, :, None]  # [B, M, W]
+    last = lengths[:, None] + rows[None, :]  # [B, M]
+    visible = positions[None, None, :] <= last[:, :, None]  # [B, M, W]
     scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G, M]
     probs = torch.exp(scores - lse[..., None])
-    out = torch.einsum("bhgms,bshd->bmhgd", probs, v_cache.to(ct))
+    out = torch.einsum("bhgms,bshd->bmhgd", probs, values)
     return out.reshape(batch, seqlen_q, heads_q, head_dim).to(q.dtype), lse.reshape(batch, heads_q, seqlen_q)
 
 

@@ -131,14 +131,24 @@ def run_functional(chain: Chain, causal: bool, attend: Callable = attention) -> 
 
 
 def loss_weights(chain: Chain, seed: int, use: tuple) -> dict:
-    """Fixed random cotangents for (out, lse, caches) of a chain; ``use`` says which enter the loss."""
+    """Fixed random cotangents for (out, lse, caches) of a chain; ``use`` says which enter the loss.
+
+    Each is representable in the dtype of the tensor it weighs in ``chain`` (out and the caches in the
+    chain's dtype, lse in float32 unless float64), as FlashAttention's tests draw dout in the low dtype: the
+    gradient reaching a bfloat16 output is bfloat16 whatever the loss, so a float64 reference fed unrounded
+    cotangents would blame the kernel for the rounding of its own inputs."""
     gen = torch.Generator().manual_seed(seed)
     batch, seqlen_q, heads_q, head_dim = chain.steps[0].q.shape
-    draw = lambda *shape: torch.randn(shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    dtype = chain.steps[0].q.dtype
+    lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def draw(shape, like):
+        return torch.randn(shape, generator=gen, dtype=torch.float64).to(like).double()
+
     return dict(
-        out=[draw(batch, seqlen_q, heads_q, head_dim) if use[0] else None for _ in chain.steps],
-        lse=[draw(batch, heads_q, seqlen_q) if use[1] else None for _ in chain.steps],
-        cache=[draw(*chain.k_cache.shape) if use[2] else None for _ in range(2)])
+        out=[draw((batch, seqlen_q, heads_q, head_dim), dtype) if use[0] else None for _ in chain.steps],
+        lse=[draw((batch, heads_q, seqlen_q), lse_dtype) if use[1] else None for _ in chain.steps],
+        cache=[draw(chain.k_cache.shape, dtype) if use[2] else None for _ in range(2)])
 
 
 def loss(results, k_cache, v_cache, weights: dict) -> torch.Tensor:
@@ -159,6 +169,63 @@ def chain_grads(chain: Chain, weights: dict, run: Callable) -> list:
     leaves = [t for t in chain.leaves() if t.requires_grad]
     grads = torch.autograd.grad(loss(*run(chain), weights), leaves, allow_unused=True)
     return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
+
+
+def term_norms(chain: Chain, weights: dict, causal: bool) -> list:
+    """For every leaf of ``chain`` that requires grad (:func:`chain_grads` order): the magnitude at which one
+    rounding of its exact gradient is measured.  A gate broadcast by strides (one per kv head, per token, ...)
+    gets the sum of ``d_new * (old - fresh)`` over every element it serves, keys and values alike; for it this
+    is, per gate element, the L2 norm of those terms (independent roundings of n terms add up in quadrature:
+    the sum itself can be far smaller when they cancel), and its largest value over the gate.  For every other
+    leaf (and element-wise gates, whose terms are their gradient) it is None: the gradient's own largest
+    magnitude.  Computed in float64 by the functional chain with each gate use made its own element-wise
+    leaf, whose gradient is then the terms themselves."""
+    exact = chain.clone(torch.float64)
+    steps, uses = [], []
+    for s in exact.steps:
+        kv = tuple(s.k.shape)
+        spread = lambda g: g.detach().expand(kv).clone().requires_grad_() if isinstance(g, torch.Tensor) else g  # noqa: E731
+        gate_k, gate_v = spread(s.gate), spread(s.gate if s.gate_v is None else s.gate_v)
+        steps.append(replace(s, gate=gate_k, gate_v=gate_v))
+        uses.append((gate_k, gate_v))
+    spread_chain = Chain(steps, exact.k_cache, exact.v_cache, exact.lengths, exact.loops, exact.chunks)
+    leaves = [g for pair in uses for g in pair if isinstance(g, torch.Tensor)]
+    terms = iter(torch.autograd.grad(loss(*run_functional(spread_chain, causal), weights), leaves,
+                                     allow_unused=True, materialize_grads=True) if leaves else ())
+    norms = []
+    for s, (gate_k, gate_v) in zip(chain.steps, uses):
+        t_k = next(terms) if isinstance(gate_k, torch.Tensor) else None
+        t_v = next(terms) if isinstance(gate_v, torch.Tensor) else None
+        norms += [None] * 3
+        for gate, own in ((s.gate, [t_k] if s.gate_v is not None else [t_k, t_v]), (s.gate_v, [t_v])):
+            if isinstance(gate, torch.Tensor):
+                squares = sum(t.square() for t in own)
+                norms.append(squares.sum_to_size(gate.shape).sqrt().max().item()
+                             if gate.numel() < squares.numel() else None)
+    norms += [None, None]
+    return [n for n, t in zip(norms, chain.leaves()) if t.requires_grad]
+
+
+def stored_output_effect(chain: Chain, weights: dict, causal: bool, outs: list) -> list:
+    """For every leaf of ``chain`` that requires grad (:func:`chain_grads` order): the largest change of its
+    exact gradient when each call's backward takes delta = rowsum(dout * out) - dlse over ``outs`` (per call,
+    the output a kernel stored: rounded to q's dtype, with its forward's own error), as FlashAttention-style
+    backward kernels do, instead of over the exact output.  That change is the exact gradient for an lse
+    cotangent moved by -rowsum(dout * (stored - exact)): it does not shrink with the rounding of anything the
+    backward computes, and on a row with a few keys it can exceed the gradient's ulp several times.  dout is
+    the loss's weight of each out (out enters the loss directly); zero without it."""
+    exact = chain.clone(torch.float64)
+    with torch.no_grad():
+        results, _, _ = run_functional(exact, causal)
+    moved = []
+    for (out, _), stored, w_out in zip(results, outs, weights["out"]):
+        shift = None if w_out is None else (w_out * (stored.double().cpu() - out.cpu())).sum(-1).transpose(1, 2)
+        moved.append(None if shift is None else -shift)  # (B, Hq, M), lse's layout
+    if all(m is None for m in moved):
+        return [0.0 for t in chain.leaves() if t.requires_grad]
+    effect = chain_grads(exact, dict(out=[None] * len(moved), lse=moved, cache=[None, None]),
+                         lambda c: run_functional(c, causal))
+    return [g.abs().max().item() for g in effect]
 
 
 def grad_names(chain: Chain) -> list:
