@@ -294,13 +294,15 @@ def reference_kl_grads(pair, student, teacher, ids, gate, **options):
 @pytest.mark.parametrize("gate", ["latent", "kv-element"])
 @pytest.mark.parametrize("phase,lam", [("distill", None), ("transition", 0.6)])
 def test_exact_step_is_the_gradient_of_the_chunkwise_loss(pair, gate, phase, lam):
-    """memory="exact": the step's gradient of the KL term (averaged over the batch's positions) is autograd's
-    through the whole chunk-wise reference, earlier chunks' cache writes included; memory="detach" is the
-    gradient with the caches cut at every chunk boundary, and it differs from the exact one."""
+    """memory="exact" and "recompute": the step's gradient of the KL term (averaged over the batch's positions)
+    is autograd's through the whole chunk-wise reference, earlier chunks' cache writes included;
+    memory="detach" is the gradient with the caches cut at every chunk boundary, and it differs from the exact
+    one.  Chunks of 3 + 3 + 1."""
     teacher, student = models(pair, gate, seed=9)
     ids = token_ids(9)
     step = Phase(phase, 1, LossWeights(kl=1.0))
     _, got = step_grads(student, teacher, ids, step, "exact", lam)
+    _, recomputed = step_grads(student, teacher, ids, step, "recompute", lam)
     want = reference_kl_grads(pair, student, teacher, ids, gate, lam=lam)
     _, truncated = step_grads(student, teacher, ids, step, "detach", lam)
     want_truncated = reference_kl_grads(pair, student, teacher, ids, gate, lam=lam, truncate=True)
@@ -310,19 +312,22 @@ def test_exact_step_is_the_gradient_of_the_chunkwise_loss(pair, gate, phase, lam
             assert grad is None
             continue
         torch.testing.assert_close(grad, want[name], **TOL, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(recomputed[name], want[name], **TOL, msg=lambda m: f"{name}: {m}")
         torch.testing.assert_close(truncated[name], want_truncated[name], **TOL, msg=lambda m: f"{name}: {m}")
         differs |= bool((grad - truncated[name]).abs().max() > 1e-8)
     assert differs
 
 
-def test_step_terms_are_the_global_sums(pair):
+@pytest.mark.parametrize("memory", ["exact", "detach", "recompute"])
+def test_step_terms_are_the_global_sums(pair, memory):
     """The step returns the sums of cross-entropy, KL and squared attention error over its rows, which the counts
-    turn into the means the loss is made of; the attention term is against the teacher's outputs loop by loop."""
+    turn into the means the loss is made of; the attention term is against the teacher's outputs loop by loop.
+    Every memory mode computes the same values."""
     teacher, student = models(pair, "kv-head")
     ids = token_ids(10)
     batch = (ids, ids.roll(-1, 1))
     sums = chunkwise_step(student, batch, Phase("distill", 1, LossWeights(kl=1.0, attn=0.1)), chunk_size=3,
-                          teacher=teacher, counts=step_counts(batch, student))
+                          teacher=teacher, counts=step_counts(batch, student), memory=memory)
     with torch.no_grad(), recorded_attention(student) as attn:
         logits = student.prefill(ids, student.new_cache("melt", *ids.shape), 3)
     with torch.no_grad(), recorded_attention(teacher) as teacher_attn:
@@ -419,7 +424,7 @@ def test_trainer_runs_the_phases_with_the_lam_ramp(tmp_path):
     assert (tmp_path / "checkpoints" / "step-000006" / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("memory", ["exact", "detach"])
+@pytest.mark.parametrize("memory", ["exact", "recompute"])
 def test_resume_mid_phase_gives_the_same_losses(tmp_path, memory):
     """A run checkpointed every 2 steps, resumed in fresh objects from mid-transition (step 2) and from
     mid-distillation (step 5), repeats the uninterrupted run's losses exactly, and its metrics file is the

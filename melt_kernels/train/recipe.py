@@ -41,10 +41,17 @@ Memory (``memory``):
   one chunk's graph is alive at a time; the gradient loses the paths from a
   chunk's loss into the earlier chunks' cache writes (what it costs is
   measured by ``benchmarks/train_memory.py``).
+* ``"recompute"``: the exact gradient with one chunk's graph at a time: a
+  first pass settles the caches without a graph, then each chunk, last
+  first, is run again with a graph and backpropagated, its cache reads
+  collecting the gradient that the earlier chunks' slots receive
+  (:meth:`_Run.recompute`).  Memory: the caches and a buffer of their
+  gradients, plus one chunk's graph; time: about one more forward.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -55,7 +62,7 @@ from melt_kernels.model import LoopedLM
 from melt_kernels.reference import compute_dtype
 from melt_kernels.train.data import IGNORE, Batch
 
-MEMORY_MODES = ("exact", "detach")
+MEMORY_MODES = ("exact", "detach", "recompute")
 
 
 @dataclass(frozen=True)
@@ -214,63 +221,130 @@ def chunkwise_step(model: torch.nn.Module, batch: Batch, phase: Phase, *, chunk_
     ``counts`` = the global batch's scored targets, positions, and attention
     output elements (T * N * positions * hidden): each loss term is the
     global sum over it, so the gradient (after DDP's average over ``world``
-    processes) is the global batch's.  Gradients accumulate into ``.grad``;
-    the caller steps the optimiser.  Returns this process's sums of each
-    term (cross-entropy is computed in every phase, as a metric).
+    processes) is the global batch's.  ``memory`` is one of
+    :data:`MEMORY_MODES` (module docstring).  Gradients accumulate into
+    ``.grad``; the caller steps the optimiser.  Returns this process's sums
+    of each term (cross-entropy is computed in every phase, as a metric).
     """
     if memory not in MEMORY_MODES:
         raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
-    weights = phase.weights
-    need_teacher = phase.name != "pretrain"
-    if need_teacher and teacher is None:
+    if phase.name != "pretrain" and teacher is None:
         raise ValueError(f"the {phase.name!r} phase distils from a teacher: pass teacher=")
     if (phase.name == "transition") != (lam is not None):
         raise ValueError(f"lam is given in (and only in) the transition phase, got lam={lam!r} in {phase.name!r}")
-    core = unwrap(model)
-    ids, targets = batch
-    rows, length = ids.shape
-    cache = core.new_cache("looplm" if phase.name != "distill" else "melt", rows, length)
-    teacher_cache = teacher.new_cache("looplm", rows, length) if need_teacher else None
-    n_scored, n_positions, n_attn = counts
-    sums = {name: torch.zeros((), dtype=torch.float64) for name in ("ce", "kl", "attn")}
+    run = _Run(model, batch, phase, chunk_size, teacher, lam, counts, world)
+    if memory == "recompute":
+        return run.recompute()
     pending = []
-    starts = range(0, length, chunk_size)
-    for index, start in enumerate(starts):
-        last = index == len(starts) - 1
-        chunk, chunk_targets = ids[:, start:start + chunk_size], targets[:, start:start + chunk_size]
-        # Truncated backpropagation runs a backward per chunk: only the last one reduces gradients across processes.
-        sync = contextlib.nullcontext() if memory == "exact" or last or not hasattr(model, "no_sync") \
-            else model.no_sync()
-        with sync:
-            if need_teacher:
-                with torch.no_grad(), recorded_attention(teacher) as teacher_attn:
-                    teacher_logits = teacher(chunk, teacher_cache)
-            with recorded_attention(core) as attn:
-                logits = model(chunk, cache, transition=(teacher_cache, lam) if lam is not None else None)
-            scored = chunk_targets != IGNORE
-            work = compute_dtype(logits.dtype)
-            terms = {"ce": F.cross_entropy(logits[scored].to(work), chunk_targets[scored], reduction="sum")}
-            if need_teacher:
-                terms["kl"] = logit_kl(logits, teacher_logits, reduction="sum")
-                student = stack_attention(attn, core.num_loops, core.config.num_hidden_layers).to(work)
-                want = stack_attention(teacher_attn, teacher.num_loops, teacher.config.num_hidden_layers).to(work)
-                terms["attn"] = (student - want).pow(2).sum()
-            loss = sum(getattr(weights, name) * value * (world / n)
-                       for (name, value), n in zip(terms.items(), (n_scored, n_positions, n_attn))
-                       if getattr(weights, name))
-            for name, value in terms.items():
-                sums[name] += value.detach().double()
+    for index, start in enumerate(run.starts):
+        # A backward per chunk (truncated): only the last one reduces gradients across processes.
+        with run.sync(memory == "detach" and index < len(run.starts) - 1):
+            loss = run.chunk(start, run.cache, run.teacher_cache)
             if memory == "detach":
-                if torch.is_tensor(loss) and loss.requires_grad:
-                    loss.backward()
-                cache.detach_()
+                run.backward(loss)
+                run.cache.detach_()
             else:
                 pending.append(loss)
-    if memory == "exact":
-        total = sum(pending)
-        if torch.is_tensor(total) and total.requires_grad:
-            total.backward()
-    return StepTotals(sums["ce"], sums["kl"], sums["attn"])
+    if pending:
+        run.backward(sum(pending))
+    return run.totals()
+
+
+class _Run:
+    """One step's chunk-wise run: its caches, the per-chunk loss, the running sums."""
+
+    def __init__(self, model, batch, phase, chunk_size, teacher, lam, counts, world):
+        self.model, self.core, self.phase, self.teacher, self.lam = model, unwrap(model), phase, teacher, lam
+        self.ids, self.targets = batch
+        rows, self.length = self.ids.shape
+        self.chunk_size, self.counts, self.world = chunk_size, counts, world
+        self.starts = list(range(0, self.length, chunk_size))
+        self.cache = self.core.new_cache("melt" if phase.name == "distill" else "looplm", rows, self.length)
+        self.teacher_cache = teacher.new_cache("looplm", rows, self.length) if phase.name != "pretrain" else None
+        self.sums = {name: torch.zeros((), dtype=torch.float64) for name in ("ce", "kl", "attn")}
+
+    def sync(self, skip: bool):
+        """DDP's no_sync() when ``skip`` (gradients accumulate locally until a backward outside it)."""
+        return self.model.no_sync() if skip and hasattr(self.model, "no_sync") else contextlib.nullcontext()
+
+    def chunk(self, start: int, cache, teacher_cache, record: bool = True):
+        """Runs the teacher (if any) then the model on the chunk at ``start``; returns its weighted loss (its
+        terms added to the sums when ``record``)."""
+        end = start + self.chunk_size
+        chunk, targets = self.ids[:, start:end], self.targets[:, start:end]
+        if teacher_cache is not None:
+            with torch.no_grad(), recorded_attention(self.teacher) as teacher_attn:
+                teacher_logits = self.teacher(chunk, teacher_cache)
+        with recorded_attention(self.core) as attn:
+            logits = self.model(chunk, cache, transition=None if self.lam is None else (teacher_cache, self.lam))
+        work = compute_dtype(logits.dtype)
+        scored = targets != IGNORE
+        terms = {"ce": F.cross_entropy(logits[scored].to(work), targets[scored], reduction="sum")}
+        if teacher_cache is not None:
+            terms["kl"] = logit_kl(logits, teacher_logits, reduction="sum")
+            student = stack_attention(attn, self.core.num_loops, self.core.config.num_hidden_layers).to(work)
+            want = stack_attention(teacher_attn, self.teacher.num_loops, self.teacher.config.num_hidden_layers)
+            terms["attn"] = (student - want.to(work)).pow(2).sum()
+        if record:
+            for name, value in terms.items():
+                self.sums[name] += value.detach().double()
+        weights = self.phase.weights
+        return sum(getattr(weights, name) * value * (self.world / n)
+                   for (name, value), n in zip(terms.items(), self.counts) if getattr(weights, name))
+
+    @staticmethod
+    def backward(loss) -> None:
+        if torch.is_tensor(loss) and loss.requires_grad:
+            loss.backward()
+
+    def totals(self) -> StepTotals:
+        return StepTotals(self.sums["ce"], self.sums["kl"], self.sums["attn"])
+
+    def recompute(self) -> StepTotals:
+        """memory="recompute": the exact gradient, one chunk's graph at a time.
+
+        A first pass runs every chunk without a graph, which settles the
+        caches.  Then, last chunk first, each chunk is run again with a graph
+        on a replay of the caches (positions before it as leaves that collect
+        their gradient, its own slots rewritten as in the first pass), and its
+        loss is backpropagated together with ``<slots, G>``: G, the gradient
+        that the later chunks' losses sent to this chunk's settled slots
+        (gathered from their replays' leaves).  Every position a chunk reads
+        before it was settled by earlier chunks and is never written again,
+        so the replay computes what the first pass did.
+        """
+        with torch.no_grad():
+            for start in self.starts:
+                self.chunk(start, self.cache, self.teacher_cache)
+        settled = self.cache.keys + self.cache.values
+        grads = [torch.zeros_like(t) for t in settled]  # d(later chunks' loss) / d(settled cache)
+        for index in reversed(range(len(self.starts))):
+            start = self.starts[index]
+            end = min(start + self.chunk_size, self.length)
+            leaves = [t[:, :start].detach().requires_grad_() for t in settled]
+            cache = _replay(self.cache, start, [torch.cat((leaf, t[:, start:end]), dim=1)
+                                                for leaf, t in zip(leaves, settled)])
+            teacher_cache = None if self.teacher_cache is None else \
+                _replay(self.teacher_cache, start, self.teacher_cache.keys + self.teacher_cache.values)
+            with self.sync(index > 0):
+                loss = self.chunk(start, cache, teacher_cache, record=False)
+                later = [(t[:, start:end] * g[:, start:end]).sum() for t, g in zip(cache.keys + cache.values, grads)]
+                self.backward(loss + sum(later))
+            for leaf, g in zip(leaves, grads):
+                if leaf.grad is not None:
+                    g[:, :start] += leaf.grad
+        return self.totals()
+
+
+def _replay(cache, start: int, tensors: list[torch.Tensor]):
+    """A cache like ``cache`` whose K/V tensors are ``tensors`` (keys then values) and whose rows all hold
+    ``start`` settled tokens: what the chunk at ``start`` saw."""
+    replay = copy.copy(cache)
+    half = len(tensors) // 2
+    replay.keys, replay.values = tensors[:half], tensors[half:]
+    replay.seqlens = torch.full_like(cache.seqlens, start)
+    replay.seqlens_host = torch.full_like(cache.seqlens_host, start)
+    return replay
 
 
 def step_counts(batch: Batch, model: LoopedLM) -> tuple[int, int, int]:
