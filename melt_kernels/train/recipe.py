@@ -8,6 +8,7 @@ same weights plus the gates, in two phases, both chunk-wise:
    attention at loop r reads ``lam * KV_MELT + (1 - lam) * KV_LoopLM(r)``,
    the teacher's K/V of the same loop r coming from the teacher run on the
    same chunk with its own per-loop caches, lam ramped linearly 0 -> 1
+   (from 1/steps: :meth:`Phase.lam`)
    (:meth:`melt_kernels.model.LoopedModel.forward`'s ``transition``).  Loss:
    ``transition`` weights, by default the logits' KL distillation alone (the
    paper's text gives phase 1 no loss of its own; both phases distil from
@@ -88,8 +89,11 @@ class Phase:
         return "looplm" if self.name == "pretrain" else "melt"
 
     def lam(self, step: int) -> Optional[float]:
-        """The transition's lam at 0-based ``step`` of the phase: 0 at the first step, 1 at the last."""
-        return step / max(self.steps - 1, 1) if self.name == "transition" else None
+        """The transition's lam at 0-based ``step`` of the phase: ``(step + 1) / steps``, linear up to 1 at the
+        last step.  It starts at 1/steps, not 0: at lam = 0 a student converted from the teacher IS the teacher,
+        its gradient is rounding noise, and Adam (which normalises the gradient's scale away) would turn that
+        noise into a step of size lr on every weight in a random direction."""
+        return (step + 1) / self.steps if self.name == "transition" else None
 
 
 @dataclass
