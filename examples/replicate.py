@@ -73,7 +73,7 @@ SIZES = {
                   chunk=8, batch=4, pretrain_steps=6, transition_steps=3, distill_steps=3, eval_sequences=4,
                   pretrain_lr=3e-3, lr=1e-3, gate_lr=1e-2),
     "full": Size(hidden=128, layers=2, heads=4, kv_heads=2, head_dim=32, intermediate=384, loops=4, seq_len=128,
-                 chunk=16, batch=16, pretrain_steps=500, transition_steps=100, distill_steps=60, eval_sequences=32,
+                 chunk=16, batch=16, pretrain_steps=1200, transition_steps=100, distill_steps=60, eval_sequences=96,
                  pretrain_lr=3e-3, lr=3e-4, gate_lr=1e-2),
 }
 ROWS = ("standard", "looplm", "last-step", "melt-latent", "melt-kv-head", "melt-kv-element",
@@ -172,7 +172,8 @@ class Replication:
         s = self.size
         model = self.new_model(loops)
         recipe = Recipe(seq_len=s.seq_len, chunk_size=s.seq_len, batch_size=s.batch, pretrain_steps=s.pretrain_steps,
-                        transition_steps=0, distill_steps=0, lr=s.pretrain_lr, warmup_steps=s.pretrain_steps // 10)
+                        transition_steps=0, distill_steps=0, lr=s.pretrain_lr, warmup_steps=s.pretrain_steps // 10,
+                        schedule="cosine")
         start = time.perf_counter()
         history = self.trainer(model, recipe).run()
         return model, time.perf_counter() - start, history
@@ -238,7 +239,9 @@ class Replication:
                 self.record(name, model, "melt", seconds, history, gate=gate)
         return {"rows": self.rows, "size": dataclasses.asdict(s), "corpus": self.corpus,
                 "recipe": {"phase1": "interpolated K/V reads, KL", "phase2": "KL + beta x attention MSE",
-                           "beta": Recipe().beta, "memory": Recipe().memory, "pretrain_warmup": "10% of steps"},
+                           "beta": Recipe().beta, "memory": Recipe().memory,
+                           "pretrain_schedule": "AdamW, 10% linear warm-up, cosine to 0.1x",
+                           "post_train_schedule": "AdamW, constant rates"},
                 "environment": {"date": datetime.date.today().isoformat(), "python": platform.python_version(),
                                 "torch": torch.__version__, "processes": self.context.world,
                                 "threads": torch.get_num_threads(), "device": str(self.context.device),

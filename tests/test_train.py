@@ -595,3 +595,46 @@ def test_example_plot_is_written(tmp_path, monkeypatch):
     main(["--pretrain-steps", "2", "--transition-steps", "2", "--distill-steps", "2", "--eval-batch", "4",
           "--plot", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- the replication
+
+
+def test_replicate_quick_writes_every_row(tmp_path, monkeypatch):
+    """examples/replicate.py --quick (every row tiny) writes {"rows": [...]} with a row per model of the
+    comparison, the cache kinds and KV bytes per token the models hold, the gates at init for last-step reuse,
+    and a plot."""
+    pytest.importorskip("matplotlib")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    import runpy
+    main = runpy.run_path(str(ROOT / "examples" / "replicate.py"))["main"]
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    result = main(["--quick", "--json", str(out), "--plot", str(png)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    rows = {r["model"]: r for r in result["rows"]}
+    assert list(rows) == ["standard", "looplm", "last-step", "melt-latent", "melt-kv-head", "melt-kv-element",
+                          "melt-latent-no-interpolation", "melt-latent-no-alignment", "melt-latent-shared-lr"]
+    per_pass = rows["standard"]["kv_bytes_per_token"]
+    for name, row in rows.items():
+        assert math.isfinite(row["eval_loss"]) and math.isfinite(row["eval_loss_decode"]), row
+        assert row["kv_bytes_per_token"] == per_pass * (4 if name == "looplm" else 1)
+        assert (row["cache"] == "melt") == (name.startswith("melt") or name == "last-step")
+        assert (row["gate_retention"] is None) == (row["cache"] != "melt")
+    # A LoopLM cache does not depend on the chunking; MELT's does.
+    for name in ("standard", "looplm"):
+        assert rows[name]["eval_loss"] == pytest.approx(rows[name]["eval_loss_decode"], rel=1e-5)
+    assert rows["last-step"]["gate_retention"] == pytest.approx(1 / (1 + math.exp(10)), rel=1e-3)
+    assert rows["melt-latent-no-interpolation"]["steps"] == {"distill": 6}
+    assert rows["melt-latent"]["steps"] == {"transition": 3, "distill": 3}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_learning_rate_schedules():
+    constant = Recipe(seq_len=16, chunk_size=4, transition_steps=6, distill_steps=4, warmup_steps=3)
+    assert [constant.lr_factor(s) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    cosine = dataclasses.replace(constant, schedule="cosine")
+    factors = [cosine.lr_factor(s) for s in range(10)]
+    assert factors[:3] == [0.25, 0.5, 0.75] and factors[3] == pytest.approx(1.0) and factors[9] == pytest.approx(0.1)
+    assert factors[3:] == sorted(factors[3:], reverse=True)
+    with pytest.raises(ValueError, match="schedule"):
+        Recipe(schedule="linear")

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -64,6 +65,7 @@ from melt_kernels.reference import compute_dtype
 from melt_kernels.train.data import IGNORE, Batch
 
 MEMORY_MODES = ("exact", "detach", "recompute")
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,7 @@ class Recipe:
     gate_lr: float = 5e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    schedule: str = "constant"
     clip: Optional[float] = 1.0
     memory: str = "exact"
 
@@ -128,6 +131,8 @@ class Recipe:
         for name in ("pretrain_steps", "transition_steps", "distill_steps", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.memory not in MEMORY_MODES:
             raise ValueError(f"memory must be one of {MEMORY_MODES}, got {self.memory!r}")
         if isinstance(self.transition, dict):  # read back from a checkpoint's JSON
@@ -143,6 +148,16 @@ class Recipe:
     @property
     def total_steps(self) -> int:
         return sum(p.steps for p in self.phases())
+
+    def lr_factor(self, step: int) -> float:
+        """The learning rates' multiplier at 0-based ``step``: linear warm-up over ``warmup_steps``, then 1
+        (``schedule="constant"``) or a cosine down to 0.1 at the last step (``"cosine"``)."""
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        if self.schedule == "constant":
+            return 1.0
+        progress = (step - self.warmup_steps) / max(self.total_steps - 1 - self.warmup_steps, 1)
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 # ---------------------------------------------------------------- losses

@@ -1,7 +1,7 @@
 """The training loop: a :class:`~melt_kernels.train.recipe.Recipe`'s phases on one model, in 1 or N processes.
 
 AdamW with two parameter groups (the base weights at ``recipe.lr``, the
-MELT gates at ``recipe.gate_lr``), linear warm-up then constant rates, the
+MELT gates at ``recipe.gate_lr``), linear warm-up then constant (or cosine) rates, the
 transition's lam ramp, gradient clipping, DistributedDataParallel under
 ``torchrun``, checkpoints that resume mid-phase with the same subsequent
 losses, a progress bar and metrics as JSON lines.
@@ -95,9 +95,7 @@ class Trainer:
         model.train()
         self.ddp = wrap(model, self.context)
         self.optimizer = torch.optim.AdamW(param_groups(model, recipe), weight_decay=recipe.weight_decay)
-        warmup = recipe.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           lambda step: min(1.0, (step + 1) / (warmup + 1)))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, recipe.lr_factor)
         self.generator = torch.Generator().manual_seed(seed)
         self.step = 0  # optimiser steps done
         self.phases = recipe.phases()
