@@ -29,7 +29,9 @@ class Context:
 
     @property
     def distributed(self) -> bool:
-        return dist.is_available() and dist.is_initialized()
+        """Whether this context spans several processes (a single-process context inside a torchrun group, such
+        as a default one, reduces nothing)."""
+        return self.world > 1 and dist.is_available() and dist.is_initialized()
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """The sum over processes (a copy; ``tensor`` itself when there is one process)."""
