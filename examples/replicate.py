@@ -32,9 +32,7 @@ import argparse
 import dataclasses
 import datetime
 import json
-import os
 import platform
-import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -229,8 +227,8 @@ class Replication:
             self.record("last-step", to_melt(self.looplm, "latent"), "melt", 0.0, [], gate="latent (init)")
         variants = {"melt-latent": ("latent", {}), "melt-kv-head": ("kv-head", {}),
                     "melt-kv-element": ("kv-element", {}),
-                    "melt-latent-no-interpolation": ("latent", dict(transition_steps=0,
-                                                                    distill_steps=s.transition_steps + s.distill_steps)),
+                    "melt-latent-no-interpolation": ("latent", dict(
+                        transition_steps=0, distill_steps=s.transition_steps + s.distill_steps)),
                     "melt-latent-no-alignment": ("latent", dict(beta=0.0)),
                     "melt-latent-shared-lr": ("latent", dict(gate_lr=s.lr))}
         for name, (gate, changes) in variants.items():

@@ -33,6 +33,10 @@ The cache decides the model:
   MELT.  Each loop overwrites or blends the active tokens' slots, so a chunk
   sees the earlier chunks settled after all T loops, and (with T > 1) the
   logits depend on the chunking; chunk size 1 is token-by-token decoding.
+* A LoopLMCache with ``transition=(teacher_cache, lam)``: the interpolated
+  transition of MELT's post-training (SPEC 3.3, phase 1), attention reading
+  ``lam * KV_MELT + (1 - lam) * KV_LoopLM(loop r)`` from pairs of its own,
+  one per loop (:meth:`LoopedModel.forward`).
 
 ``config.gate`` picks how a MELT cache slot is updated across the loops of
 its token (all kinds start as "keep nothing", :data:`KEEP_NOTHING_LOGIT`, so a
@@ -493,7 +497,8 @@ class LoopedModel(nn.Module):
             raise ValueError(f"the transition runs rows of one length, got lengths {lengths.tolist()}")
         if not torch.equal(teacher_cache.seqlens_host, lengths + num_tokens):
             raise ValueError(f"the teacher's cache must hold this chunk (run the teacher on it first): it holds "
-                             f"lengths {teacher_cache.seqlens_host.tolist()}, expected {(lengths + num_tokens).tolist()}")
+                             f"lengths {teacher_cache.seqlens_host.tolist()}, expected "
+                             f"{(lengths + num_tokens).tolist()}")
         if not 0 <= lam <= 1:
             raise ValueError(f"the transition's lam must be in [0, 1], got {lam}")
 
@@ -640,7 +645,8 @@ class LoopedLM(nn.Module):
             raise ValueError(f"need at least one token and a positive chunk_size, got {length} tokens and "
                              f"chunk_size={chunk_size}")
         self.model.check_cache(cache, batch, length)
-        runs = [self(chunk, cache, last_only=last_only, return_loops=True) for chunk in input_ids.split(chunk_size, dim=1)]
+        runs = [self(chunk, cache, last_only=last_only, return_loops=True)
+                for chunk in input_ids.split(chunk_size, dim=1)]
         logits = runs[-1][0] if last_only else torch.cat([r[0] for r in runs], dim=1)
         return (logits, LoopOutput.cat([r[1] for r in runs])) if return_loops else logits
 

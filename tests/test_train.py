@@ -17,10 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, strategies as st
 
 from melt_kernels import LoopLMCache, available_backends
-from melt_kernels.model import GATES, Attention, LoopedLM, LoopedLMConfig, rope_tables
+from melt_kernels.model import GATES, LoopedLM, LoopedLMConfig, rope_tables
 from melt_kernels.ouro import load_ouro, to_melt
 from melt_kernels.train import (IGNORE, CopyTask, LossWeights, Phase, Recipe, TokenStream, Trainer, chunkwise_step,
                                 evaluate, logit_kl, recorded_attention, stack_attention, stdlib_corpus,

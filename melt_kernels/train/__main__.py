@@ -25,13 +25,12 @@ import argparse
 import json
 import os
 import sys
-from typing import Optional
 
 import torch
 
 from melt_kernels.model import GATES
 from melt_kernels.ouro import DTYPES, load_ouro, to_melt
-from melt_kernels.train import checkpoint, distributed
+from melt_kernels.train import distributed
 from melt_kernels.train.data import CopyTask, from_file, stdlib_corpus
 from melt_kernels.train.evaluate import evaluate
 from melt_kernels.train.recipe import MEMORY_MODES, Recipe
@@ -41,7 +40,8 @@ from melt_kernels.train.trainer import Trainer
 def parse_args(argv):
     d = Recipe()
     p = argparse.ArgumentParser(prog="python -m melt_kernels.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--teacher", required=True, help="the LoopLM teacher's checkpoint folder (Ouro or this package's)")
     p.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints/, final/")
     p.add_argument("--gate", choices=GATES, default="latent", help="the student's gate: latent (the MELT paper's, "
