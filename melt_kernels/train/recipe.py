@@ -280,7 +280,8 @@ class _Run:
         self.starts = list(range(0, self.length, chunk_size))
         self.cache = self.core.new_cache("melt" if phase.name == "distill" else "looplm", rows, self.length)
         self.teacher_cache = teacher.new_cache("looplm", rows, self.length) if phase.name != "pretrain" else None
-        self.sums = {name: torch.zeros((), dtype=torch.float64) for name in ("ce", "kl", "attn")}
+        self.sums = {name: torch.zeros((), dtype=torch.float64, device=self.ids.device)
+                     for name in ("ce", "kl", "attn")}
 
     def sync(self, skip: bool):
         """DDP's no_sync() when ``skip`` (gradients accumulate locally until a backward outside it)."""
