@@ -1,125 +1,200 @@
-"""Peak memory of one chunk-wise MELT training step against the sequence length and the cache capacity.
+"""Peak memory of one chunk-wise MELT training step against sequence length and chunk count, per memory mode.
 
-One step as ``melt_kernels.train`` runs it: a fresh MELT cache, the sequence cut into chunks that each run all
-T loops against the settled cache of the earlier chunks (``LoopedLM.prefill``), a cross-entropy loss over every
-position and ONE backward at the end, which also flows through the earlier chunks' cache values.  Two sweeps:
+One optimiser step's forward and backward (melt_kernels.train.recipe.chunkwise_step) of a MELT student
+distilled from a frozen LoopLM teacher (Ouro's architecture, random weights, the paper's latent gate made
+to act), in the recipe's three memory modes:
 
-* length: sequence lengths P with a cache of exactly P positions (what ``melt_kernels.train`` allocates);
-* capacity: one length P in caches of 1, 2, 4 and 8 times P positions (a serving-sized cache reused for
-  training, or a padded batch): what the step holds should follow what it touches, not the capacity.
+* exact: one backward through every chunk (the gradient also reaches, through the cache values later
+  chunks read, the weights and gates that wrote the earlier chunks): every chunk's graph stays alive until
+  the backward, so memory grows with the sequence;
+* detach: truncated backpropagation, a backward per chunk and the settled cache cut from the graph: one
+  chunk's graph at a time, an approximate gradient;
+* recompute: the exact gradient with one chunk's graph at a time: the chunks run once without a graph,
+  then again one by one, last first, with their backward.
 
-Columns (the keys of ``--json``): ``cache_bytes`` (the MELT cache), ``step_peak_bytes`` (the most bytes held by
-tensors at once from the cache's allocation to the end of the backward, above what was held before: weights and
-their gradients, allocated by a first step, are not counted),
-``backward_peak_bytes`` (the most held during the backward above what was held when it began),
-``backward_allocated_bytes`` (all the bytes the backward allocated, freed or not).  On a GPU the
-figures come from ``torch.cuda.max_memory_allocated``; on a CPU from torch.profiler's memory events replayed in
-time order (as ``benchmarks/loop_depth.py``).
+For each it reports the peak bytes of the step (on a CPU from torch.profiler's memory events; on a GPU
+torch.cuda.max_memory_allocated; weights excluded, their gradients included), the median time of a step,
+the caches' bytes, and how far each mode's gradient is from the exact one on the same weights and batch
+(cosine and relative L2 difference, over all trainable parameters and over the gates alone).  Grids: the
+sequence length at a fixed chunk size, then the number of chunks at a fixed length.  Phases: distill (phase
+2) by default, --phases transition adds phase 1 (lam 0.5, the interpolated pairs, one per loop).
 
-    python benchmarks/train_memory.py                 # CPU: tiny model (GPU: a 4-layer bf16 model)
+    python benchmarks/train_memory.py                    # CPU: ~2 minutes
     python benchmarks/train_memory.py --quick --json out.json
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import json
+import math
+import os
+import statistics
+import sys
+import time
 
 import torch
-import torch.nn.functional as F
 
-from loop_depth import PeakMemory
-from melt_kernels.model import LoopedLM, LoopedLMConfig
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from loop_depth import PeakMemory, human, progress  # noqa: E402
 
-MODES = {
-    "quick": dict(config=LoopedLMConfig(gate="kv-head", vocab_size=64, hidden_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                        intermediate_size=64, total_ut_steps=2),
-                  dtype=torch.float32, batch=1, chunk=8, lengths=[16, 32], length=16, capacities=[1, 4]),
-    "cpu": dict(config=LoopedLMConfig(gate="kv-head", vocab_size=256, hidden_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                                      intermediate_size=256, total_ut_steps=4),
-                dtype=torch.float32, batch=2, chunk=32, lengths=[64, 128, 256, 512], length=128,
-                capacities=[1, 2, 4, 8]),
-    "cuda": dict(config=LoopedLMConfig(gate="kv-head", vocab_size=32000, hidden_size=1024, num_hidden_layers=4,
-                                       num_attention_heads=8, num_key_value_heads=8, head_dim=128,
-                                       intermediate_size=2816, total_ut_steps=4),
-                 dtype=torch.bfloat16, batch=4, chunk=512, lengths=[1024, 2048, 4096, 8192], length=2048,
-                 capacities=[1, 2, 4, 8]),
+from melt_kernels.model import GATES, LoopedLM, LoopedLMConfig  # noqa: E402
+from melt_kernels.ouro import to_melt  # noqa: E402
+from melt_kernels.train.recipe import LossWeights, Phase, chunkwise_step, step_counts  # noqa: E402
+
+MODES = ("exact", "detach", "recompute")
+PHASES = {"distill": (Phase("distill", 1, LossWeights(kl=1.0, attn=0.1)), None),
+          "transition": (Phase("transition", 2, LossWeights(kl=1.0)), 0.5)}
+PRESETS = {
+    "quick": dict(config=LoopedLMConfig(vocab_size=256, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        num_key_value_heads=1, head_dim=16, intermediate_size=64, total_ut_steps=2,
+                                        rope_theta=1e4),
+                  lengths=[16, 32], chunk=8, fixed_length=32, chunk_counts=[1, 4], batch=2, repeats=1),
+    "cpu": dict(config=LoopedLMConfig(vocab_size=256, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, head_dim=32, intermediate_size=256, total_ut_steps=4,
+                                      rope_theta=1e4),
+                lengths=[64, 128, 256, 512], chunk=32, fixed_length=256, chunk_counts=[1, 2, 4, 8, 16], batch=4,
+                repeats=3),
+    "cuda": dict(config=LoopedLMConfig(vocab_size=4096, hidden_size=1024, num_hidden_layers=8, num_attention_heads=8,
+                                       num_key_value_heads=8, head_dim=128, intermediate_size=2816,
+                                       total_ut_steps=4),
+                 lengths=[1024, 2048, 4096, 8192], chunk=500, fixed_length=4000, chunk_counts=[1, 2, 4, 8],
+                 batch=2, repeats=5),
 }
 
 
-def _step(model: LoopedLM, ids: torch.Tensor, targets: torch.Tensor, capacity: int, chunk: int, measure):
-    """One training step; ``measure(phase)`` is a context manager around "step" (all of it) or "backward"."""
-    with measure("step"):
-        cache = model.new_cache("melt", ids.shape[0], capacity)
-        logits = model.prefill(ids, cache, chunk)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        with measure("backward"):
-            loss.backward()
-        cache_bytes = cache.nbytes
-        del cache, logits, loss
-    return cache_bytes
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes (CI)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--gate", choices=GATES, default="latent")
+    p.add_argument("--phases", nargs="+", choices=sorted(PHASES), default=["distill"])
+    p.add_argument("--backend", default="auto", choices=["auto", "triton", "cuda", "reference"])
+    p.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="FILE", help="write the records as JSON")
+    args = p.parse_args(argv)
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.preset = "quick" if args.quick else args.device.type
+    return args
 
 
-def step_memory(model: LoopedLM, batch: int, length: int, capacity: int, chunk: int, device) -> dict:
-    """Peak bytes of one training step on a sequence of ``length`` tokens in a cache of ``capacity``."""
-    gen = torch.Generator().manual_seed(length)
-    ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=gen).to(device)
-    targets = torch.randint(0, model.config.vocab_size, (batch, length), generator=gen).to(device)
-    peaks = {}
+def models(config: LoopedLMConfig, gate: str, args):
+    dtype = torch.bfloat16 if args.device.type == "cuda" else torch.float32
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        teacher = LoopedLM(config, backend=args.backend, device=args.device, dtype=dtype)
+        student = to_melt(teacher, gate)
+        # The gates start as "keep nothing"; drawn at random they act, as after training.
+        with torch.no_grad():
+            for name, param in student.named_parameters():
+                if ".melt_gate." in name:
+                    param.normal_(0, param.shape[-1] ** -0.5)
+    teacher.requires_grad_(False)
+    student.model.early_exit_gate.requires_grad_(False)
+    return teacher, student
 
-    @contextlib.contextmanager
-    def measure(phase, wanted=None):
-        if phase != wanted:
-            yield
-            return
-        with PeakMemory(device) as memory:
-            yield
-        peaks[phase] = memory
 
-    # A first step allocates the weights' gradients, which later steps accumulate into: what is measured
-    # below is the step's working memory.  One profiled run per phase (CPU profilers do not nest).
-    _step(model, ids, targets, capacity, chunk, measure)
-    for phase in ("step", "backward"):
-        cache_bytes = _step(model, ids, targets, capacity, chunk, functools.partial(measure, wanted=phase))
-    return dict(length=length, capacity=capacity, cache_bytes=cache_bytes, step_peak_bytes=peaks["step"].peak,
-                backward_peak_bytes=peaks["backward"].peak, backward_allocated_bytes=peaks["backward"].allocated)
+def grads_of(student, teacher, batch, phase, lam, chunk, memory) -> dict[str, torch.Tensor]:
+    student.zero_grad(set_to_none=True)
+    chunkwise_step(student, batch, phase, chunk_size=chunk, teacher=teacher, lam=lam, memory=memory,
+                   counts=step_counts(batch, student))
+    return {n: p.grad.detach().double().flatten() for n, p in student.named_parameters() if p.grad is not None}
+
+
+def compare(got: dict, want: dict, gates_only: bool) -> tuple[float, float]:
+    names = [n for n in want if (".melt_gate." in n) == gates_only or not gates_only]
+    g, w = torch.cat([got[n] for n in names]), torch.cat([want[n] for n in names])
+    cosine = float(torch.dot(g, w) / (g.norm() * w.norm()))
+    return cosine, float((g - w).norm() / w.norm())
+
+
+def measure(student, teacher, phase_name, length, chunk, args, preset, gen) -> list[dict]:
+    phase, lam = PHASES[phase_name]
+    ids = torch.randint(0, student.config.vocab_size, (preset["batch"], length + 1), generator=gen)
+    batch = (ids[:, :-1].to(args.device), ids[:, 1:].to(args.device))
+    exact = None
+    records = []
+    for memory in MODES:
+        grads = grads_of(student, teacher, batch, phase, lam, chunk, memory)  # warm-up; the exact one kept
+        if memory == "exact":
+            exact = grads
+        seconds = []
+        for _ in range(preset["repeats"]):
+            if args.device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            grads_of(student, teacher, batch, phase, lam, chunk, memory)
+            if args.device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - start)
+        student.zero_grad(set_to_none=True)
+        with PeakMemory(args.device) as peak:
+            grads_of(student, teacher, batch, phase, lam, chunk, memory)
+        cos, rel = compare(grads, exact, gates_only=False)
+        gate_cos, gate_rel = compare(grads, exact, gates_only=True)
+        kind = "looplm" if phase_name == "transition" else "melt"
+        cache = student.new_cache(kind, preset["batch"], length).nbytes + \
+            teacher.new_cache("looplm", preset["batch"], length).nbytes
+        records.append(dict(phase=phase_name, memory=memory, seq_len=length, chunk=chunk,
+                            chunks=math.ceil(length / chunk), batch=preset["batch"], peak_bytes=peak.peak,
+                            cache_bytes=cache, ms_per_step=1e3 * statistics.median(seconds), grad_cosine=cos,
+                            grad_rel_diff=rel, gate_grad_cosine=gate_cos, gate_grad_rel_diff=gate_rel))
+    return records
+
+
+def print_table(records) -> None:
+    header = ["phase", "memory", "length", "chunks", "caches", "peak", "ms/step", "grad cos", "rel diff",
+              "gate cos"]
+    rows = [[r["phase"], r["memory"], str(r["seq_len"]), str(r["chunks"]), human(r["cache_bytes"]),
+             human(r["peak_bytes"]), f"{r['ms_per_step']:.0f}", f"{r['grad_cosine']:.4f}",
+             f"{r['grad_rel_diff']:.3f}", f"{r['gate_grad_cosine']:.4f}"] for r in records]
+    widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
+    for row in [header] + rows:
+        print("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the smallest model and two sizes (a smoke test)")
-    parser.add_argument("--backend", default="auto", help="gated_kv_attention's backend (default auto)")
-    parser.add_argument("--json", metavar="FILE", help="write the rows as JSON")
-    args = parser.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    mode = MODES["quick" if args.quick else device.type]
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = LoopedLM(mode["config"], backend=args.backend, device=device, dtype=mode["dtype"])
-    runs = [(length, length) for length in mode["lengths"]] + \
-        [(mode["length"], factor * mode["length"]) for factor in mode["capacities"]]
-    rows = []
-    for length, capacity in dict.fromkeys(runs):
-        row = step_memory(model, mode["batch"], length, capacity, mode["chunk"], device)
-        rows.append(dict(row, sweep="length" if length == capacity else "capacity"))
-    c = mode["config"]
-    print(f"# one chunk-wise training step: {c.num_hidden_layers} layers x T={c.total_ut_steps} loops, hidden "
-          f"{c.hidden_size}, {c.num_key_value_heads} kv heads x {c.head_dim}, {mode['dtype']}, batch {mode['batch']}, chunks of "
-          f"{mode['chunk']}, backend {args.backend}; peak = {PeakMemory.describe(device)}")
-    print(f"{'length':>7} {'capacity':>9} {'cache MiB':>10} {'step peak MiB':>14} {'backward peak MiB':>18} "
-          f"{'backward allocated MiB':>23}")
-    for r in rows:
-        print(f"{r['length']:>7} {r['capacity']:>9} {r['cache_bytes'] / 2**20:>10.2f} "
-              f"{r['step_peak_bytes'] / 2**20:>14.2f} {r['backward_peak_bytes'] / 2**20:>18.2f} "
-              f"{r['backward_allocated_bytes'] / 2**20:>23.2f}")
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.device.type == "cpu" and args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args) -> list[dict]:
+    preset = PRESETS[args.preset]
+    config = preset["config"]
+    teacher, student = models(config, args.gate, args)
+    gen = torch.Generator().manual_seed(args.seed)
+    weights = sum(p.numel() * p.element_size() for p in student.parameters())
+    where = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else \
+        f"cpu, {torch.get_num_threads()} thread(s)"
+    print(f"# chunk-wise training step memory on {where}, torch {torch.__version__}, backend {args.backend!r}")
+    print(f"# student: Ouro's architecture, {config.num_hidden_layers} layers x T={config.total_ut_steps}, hidden "
+          f"{config.hidden_size}, {config.num_attention_heads} heads ({config.num_key_value_heads} kv) x "
+          f"{config.head_dim}, gate {args.gate!r} (random), weights {human(weights)}; teacher the same LoopLM, "
+          f"frozen; batch {preset['batch']}")
+    print(f"# peak = {PeakMemory.describe(args.device)}, over one step's forward and backward (the gradients, "
+          f"{human(weights)} at most, included); caches = student's + teacher's; grad cos / rel diff: the mode's "
+          f"gradient against the exact one (all parameters; gate cos: the gates alone)")
+    todo = [(phase, n, preset["chunk"]) for phase in args.phases for n in preset["lengths"]]
+    todo += [(phase, preset["fixed_length"], math.ceil(preset["fixed_length"] / c)) for phase in args.phases
+             for c in preset["chunk_counts"]]
+    records = []
+    for i, (phase, length, chunk) in enumerate(dict.fromkeys(todo)):
+        progress(f"[{i + 1}/{len(todo)}] {phase}: {length} tokens in chunks of {chunk}")
+        records += measure(student, teacher, phase, length, chunk, args, preset, gen)
+    progress("done")
+    print_table(records)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=str(device), rows=rows), f, indent=1)
-    return rows
+            json.dump({"device": where, "torch": torch.__version__, "gate": args.gate,
+                       "config": {k: v for k, v in vars(config).items()}, "rows": records}, f, indent=1)
+    return records
 
 
 if __name__ == "__main__":

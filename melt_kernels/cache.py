@@ -69,6 +69,13 @@ class _KVCache:
         self.seqlens_host.copy_(new)
         self.seqlens.copy_(new, non_blocking=True)
 
+    def detach_(self) -> None:
+        """Cuts every K/V tensor from the autograd graph that wrote it (truncated backpropagation across chunks:
+        later chunks read the settled values as constants).  The values and the lengths are kept."""
+        for tensors in (self.keys, self.values):
+            for t in tensors:
+                t.detach_()
+
     def reset(self) -> None:
         """Forgets every token (the memory is kept and reused)."""
         self.seqlens_host.zero_()

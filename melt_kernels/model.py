@@ -33,6 +33,10 @@ The cache decides the model:
   MELT.  Each loop overwrites or blends the active tokens' slots, so a chunk
   sees the earlier chunks settled after all T loops, and (with T > 1) the
   logits depend on the chunking; chunk size 1 is token-by-token decoding.
+* A LoopLMCache with ``transition=(teacher_cache, lam)``: the interpolated
+  transition of MELT's post-training (SPEC 3.3, phase 1), attention reading
+  ``lam * KV_MELT + (1 - lam) * KV_LoopLM(loop r)`` from pairs of its own,
+  one per loop (:meth:`LoopedModel.forward`).
 
 ``config.gate`` picks how a MELT cache slot is updated across the loops of
 its token (all kinds start as "keep nothing", :data:`KEEP_NOTHING_LOGIT`, so a
@@ -65,7 +69,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -249,6 +253,19 @@ def make_gate(config: LoopedLMConfig, device=None, dtype=None) -> Optional[nn.Mo
     return KVGate(config.hidden_size, config.num_key_value_heads, width, device=device, dtype=dtype)
 
 
+class LoopCarry(NamedTuple):
+    """What a layer carries from one loop of the active tokens to the next (nothing at loop 0).
+
+    ``latent``: the latent gate's h (None with another gate).  ``k``, ``v``
+    (B, M, Hkv, D): in the interpolated transition only, MELT's slot values
+    after the loop, which a MELT cache would hold.
+    """
+
+    latent: Optional[torch.Tensor] = None
+    k: Optional[torch.Tensor] = None
+    v: Optional[torch.Tensor] = None
+
+
 class Attention(nn.Module):
     """Ouro's attention (GQA, RoPE before caching) on a cache pair through :func:`gated_kv_attention`.
 
@@ -272,41 +289,70 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 cache_seqlens: torch.Tensor, loop: int, rope: tuple[torch.Tensor, torch.Tensor], *, shared: bool,
-                latent: Optional[torch.Tensor] = None, backend: str = "auto",
+                carry: LoopCarry = LoopCarry(), backend: str = "auto",
                 transition: Optional[tuple[torch.Tensor, torch.Tensor, float]] = None,
-                max_seqlen_k: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                max_seqlen_k: Optional[int] = None) -> tuple[torch.Tensor, LoopCarry]:
         """One loop of the layer for the active tokens x (B, M, hidden), after input_layernorm.
 
         Updates k_cache, v_cache (B, S, Hkv, D) in place at positions L_b ..
-        L_b+M-1.  ``latent`` is the latent gate's h_prev (None at loop 0).
-        ``transition=(k_loop, v_loop, lam)`` (shared only) also writes this
-        loop's ungated k/v through into its own LoopLM pair, attends there with
-        the same queries, and returns ``(1 - lam) * that + lam * MELT``.
-        ``max_seqlen_k``: max_b(L_b) + M from the cache's host lengths, the op's
-        hint that sizes its kernels' work by the lengths, not the capacity.
-        Returns (o_proj output, the latent h for the next loop or None).
+        L_b+M-1: with ``shared`` (a MELT pair) through the gate, otherwise
+        written through (a LoopLM pair).  ``carry`` is what the previous loop
+        of this layer left (:class:`LoopCarry`; empty at loop 0).
+
+        ``transition=(k_teacher, v_teacher, lam)`` runs the interpolated
+        transition (SPEC 3.3, phase 1) on this loop's own pair (``shared``
+        False): MELT's new slot values k_m, v_m (what the gate would store in
+        a MELT cache: computed here, rounded to the cache dtype, carried to
+        the next loop) are mixed with the teacher's k/v of this loop for the
+        same tokens (B, M, Hkv, D), and ``lam * k_m + (1 - lam) * k_teacher``
+        (likewise v) is written through and read, in float32 (float64 for
+        float64) rounded once.  ``max_seqlen_k``: max_b(L_b) + M from the
+        cache's host lengths, the op's hint that sizes its kernels' work by the
+        lengths, not the capacity.  Returns (o_proj output, the carry for the
+        next loop).
         """
-        if transition is not None and not shared:
-            raise ValueError("transition interpolates towards the shared (MELT) cache: it needs shared=True")
+        if transition is not None and shared:
+            raise ValueError("the transition writes into this loop's own (interpolated) pair: it needs shared=False")
         q = apply_rotary(self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim)), *rope)
-        gate = self.melt_gate if shared else None
-        source, alpha = x, None
+        gate = self.melt_gate if shared or transition is not None else None
+        source, latent, alpha = x, None, None
         if isinstance(gate, LatentGate):
-            source = latent = x if loop == 0 else gate(x, latent)
+            source = latent = x if loop == 0 else gate(x, carry.latent)
         elif isinstance(gate, KVGate) and loop > 0:
             alpha = gate(x)
         k, v = self._kv(source, rope)
-        out = gated_kv_attention(q, k, v, k_cache, v_cache, cache_seqlens, alpha, causal=True, backend=backend,
-                                 max_seqlen_k=max_seqlen_k)
-        if transition is not None:
-            k_loop, v_loop, lam = transition
-            if source is not x:
-                k, v = self._kv(x, rope)
-            looplm = gated_kv_attention(q, k, v, k_loop, v_loop, cache_seqlens, causal=True, backend=backend,
-                                        max_seqlen_k=max_seqlen_k)
-            # Blending before o_proj is blending the layer's outputs: o_proj is linear without bias.
-            out = torch.lerp(looplm, out, lam)
-        return self.o_proj(out.flatten(-2)), (latent if isinstance(gate, LatentGate) else None)
+        if transition is None:
+            out = gated_kv_attention(q, k, v, k_cache, v_cache, cache_seqlens, alpha, causal=True, backend=backend,
+                                     max_seqlen_k=max_seqlen_k)
+            return self.o_proj(out.flatten(-2)), LoopCarry(latent)
+        k_teacher, v_teacher, lam = transition
+        if alpha is not None:
+            k, v = blend(carry.k, k, alpha), blend(carry.v, v, alpha)
+        out = gated_kv_attention(q, blend(k, k_teacher, lam), blend(v, v_teacher, lam), k_cache, v_cache,
+                                 cache_seqlens, causal=True, backend=backend, max_seqlen_k=max_seqlen_k)
+        return self.o_proj(out.flatten(-2)), LoopCarry(latent, k, v)
+
+
+def blend(old: torch.Tensor, fresh: torch.Tensor, retention: Union[torch.Tensor, float]) -> torch.Tensor:
+    """``retention * old + (1 - retention) * fresh`` in float32 (float64 for float64), rounded once to fresh's
+    dtype: the op's gated slot update (SPEC 2.1), outside the kernel.  Exact at retention 0 and 1."""
+    work = compute_dtype(fresh.dtype)
+    return torch.lerp(fresh.to(work), old.to(work), retention).to(fresh.dtype)
+
+
+def rewrite_slots(k_cache: torch.Tensor, v_cache: torch.Tensor, start: int, k: torch.Tensor, v: torch.Tensor,
+                  backend: str) -> None:
+    """Writes k, v (B, M, Hkv, D) through into positions start .. start+M-1 of every row of the caches.
+
+    The write goes through :func:`gated_kv_attention` on the M slots (a view,
+    from an empty prefix; the output, of throw-away queries, is dropped), so
+    that autograd sees it as one of the op's own in-place writes, like the
+    loops' (SPEC 2.3): the gradient reaching those slots from later chunks
+    flows into k and v.  Costs one M x M attention.
+    """
+    m = k.shape[1]
+    gated_kv_attention(torch.zeros_like(k), k, v, k_cache[:, start:start + m], v_cache[:, start:start + m], 0,
+                       causal=True, backend=backend)
 
 
 class MLP(nn.Module):
@@ -337,13 +383,13 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config, **factory)
         self.post_attention_layernorm_2 = RMSNorm(config.hidden_size, eps, **factory)
 
-    def forward(self, h, k_cache, v_cache, cache_seqlens, loop, rope, *, shared, latent=None, backend="auto",
+    def forward(self, h, k_cache, v_cache, cache_seqlens, loop, rope, *, shared, carry=LoopCarry(), backend="auto",
                 transition=None, max_seqlen_k=None):
-        attn, latent = self.self_attn(self.input_layernorm(h), k_cache, v_cache, cache_seqlens, loop, rope,
-                                      shared=shared, latent=latent, backend=backend, transition=transition,
-                                      max_seqlen_k=max_seqlen_k)
+        attn, carry = self.self_attn(self.input_layernorm(h), k_cache, v_cache, cache_seqlens, loop, rope,
+                                     shared=shared, carry=carry, backend=backend, transition=transition,
+                                     max_seqlen_k=max_seqlen_k)
         h = h + self.input_layernorm_2(attn)
-        return h + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(h))), latent
+        return h + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(h))), carry
 
 
 # ---------------------------------------------------------------- the early exit
@@ -434,26 +480,57 @@ class LoopedModel(nn.Module):
 
     def check_transition(self, cache: Cache, transition: tuple[LoopLMCache, float], batch: int,
                          num_tokens: int) -> None:
-        looplm_cache, lam = transition
-        if not isinstance(cache, MeltCache) or not isinstance(looplm_cache, LoopLMCache):
-            raise TypeError(f"the transition runs a MeltCache with transition=(LoopLMCache, lam), got a "
-                            f"{type(cache).__name__} with a {type(looplm_cache).__name__}")
-        self.check_cache(looplm_cache, batch, num_tokens)
-        if not torch.equal(looplm_cache.seqlens_host, cache.seqlens_host):
-            raise ValueError(f"the transition's LoopLM cache holds lengths {looplm_cache.seqlens_host.tolist()}, "
-                             f"the MELT cache {cache.seqlens_host.tolist()}")
+        """Raises unless ``transition=(teacher_cache, lam)`` can run the chunk of ``num_tokens`` on ``cache``."""
+        teacher_cache, lam = transition
+        if not isinstance(cache, LoopLMCache) or not isinstance(teacher_cache, LoopLMCache):
+            raise TypeError(f"the transition runs on a LoopLMCache (the interpolated pairs, one per loop) with "
+                            f"transition=(the teacher's LoopLMCache, lam), got a {type(cache).__name__} with a "
+                            f"{type(teacher_cache).__name__}")
+        if (teacher_cache.num_loops, teacher_cache.num_layers, teacher_cache.batch) != \
+                (cache.num_loops, cache.num_layers, cache.batch):
+            raise ValueError(f"the teacher's cache holds {teacher_cache.num_loops} loops x "
+                             f"{teacher_cache.num_layers} layers x {teacher_cache.batch} rows, the model's "
+                             f"{cache.num_loops} x {cache.num_layers} x {cache.batch}")
+        if teacher_cache.keys[0].shape[2:] != cache.keys[0].shape[2:] or \
+                teacher_cache.keys[0].dtype != cache.keys[0].dtype:
+            raise ValueError(f"the teacher's cache holds {tuple(teacher_cache.keys[0].shape[2:])} "
+                             f"{teacher_cache.keys[0].dtype} heads, the model's {tuple(cache.keys[0].shape[2:])} "
+                             f"{cache.keys[0].dtype}")
+        lengths = cache.seqlens_host
+        if not bool((lengths == lengths[0]).all()):
+            raise ValueError(f"the transition runs rows of one length, got lengths {lengths.tolist()}")
+        if not torch.equal(teacher_cache.seqlens_host, lengths + num_tokens):
+            raise ValueError(f"the teacher's cache must hold this chunk (run the teacher on it first): it holds "
+                             f"lengths {teacher_cache.seqlens_host.tolist()}, expected "
+                             f"{(lengths + num_tokens).tolist()}")
         if not 0 <= lam <= 1:
             raise ValueError(f"the transition's lam must be in [0, 1], got {lam}")
 
     def forward(self, input_ids: torch.Tensor, cache: Cache, *, backend: str = "auto",
                 transition: Optional[tuple[LoopLMCache, float]] = None,
                 num_tokens: Optional[torch.Tensor] = None) -> LoopOutput:
-        """Runs one chunk input_ids (B, M) through all T loops, then settles it in the cache(s).
+        """Runs one chunk input_ids (B, M) through all T loops, then settles it in the cache.
 
         The chunk occupies positions L_b .. L_b+M-1 of row b (its RoPE
         positions too).  ``num_tokens`` (B,) settles only the first
         num_tokens[b] of row b (the rest are padding whose slots later tokens
         overwrite; causal attention keeps them out of the real tokens' view).
+
+        ``transition=(teacher_cache, lam)`` runs the interpolated transition
+        (SPEC 3.3, phase 1): attention at loop r reads ``lam * KV_MELT + (1 -
+        lam) * KV_LoopLM(r)``, where KV_LoopLM(r) is the teacher's loop-r
+        cache, a LoopLMCache that already holds this chunk (the frozen
+        teacher ran it first), and KV_MELT what this model's MELT cache would
+        hold: the earlier chunks settled after all T loops, the active
+        tokens after the gate's update of loop r.  ``cache`` is then a
+        LoopLMCache of the model's own holding those mixtures, one pair per
+        loop (the settled prefix of the teacher differs per loop, so one
+        shared pair cannot hold them); every row must have the same length.
+        Once the T loops have run, the chunk's slots of the pairs of loops
+        0 .. T-2 are rewritten with MELT's settled values (the last loop's)
+        mixed with that loop's teacher values (:func:`rewrite_slots`).
+        lam = 0 is the teacher (given its weights), lam = 1 is MELT on a
+        MELT cache.
         """
         batch, seqlen = input_ids.shape
         self.check_cache(cache, batch, seqlen)
@@ -464,23 +541,30 @@ class LoopedModel(nn.Module):
         lengths = cache.seqlens
         positions = lengths.long()[:, None] + torch.arange(seqlen, device=h.device)  # [B, M]
         rope = rope_tables(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
-        latents: list[Optional[torch.Tensor]] = [None] * len(self.layers)
+        start = int(cache.seqlens_host[0])
+        carries = [LoopCarry()] * len(self.layers)
         # The lengths live on the caches' device; their host copy bounds them for the kernels' plans.
         bound = cache.max_seqlen_k(seqlen)
         hidden, exit_logits = [], []
         for loop in range(self.config.total_ut_steps):
             for i, layer in enumerate(self.layers):
                 k_cache, v_cache = cache.layer(i, loop)
-                mix = None if transition is None else (*transition[0].layer(i, loop), transition[1])
-                h, latents[i] = layer(h, k_cache, v_cache, lengths, loop, rope, shared=shared, latent=latents[i],
+                mix = None
+                if transition is not None:
+                    mix = (*(t[:, start:start + seqlen] for t in transition[0].layer(i, loop)), transition[1])
+                h, carries[i] = layer(h, k_cache, v_cache, lengths, loop, rope, shared=shared, carry=carries[i],
                                       backend=backend, transition=mix, max_seqlen_k=bound)
             h = self.norm(h)
             hidden.append(h)
             exit_logits.append(self.early_exit_gate(h)[..., 0])
-        step = seqlen if num_tokens is None else num_tokens
-        cache.advance(step)
         if transition is not None:
-            transition[0].advance(step)
+            teacher_cache, lam = transition
+            for loop in range(self.config.total_ut_steps - 1):
+                for i, carry in enumerate(carries):
+                    k_teacher, v_teacher = (t[:, start:start + seqlen] for t in teacher_cache.layer(i, loop))
+                    rewrite_slots(*cache.layer(i, loop), start, blend(carry.k, k_teacher, lam),
+                                  blend(carry.v, v_teacher, lam), backend)
+        cache.advance(seqlen if num_tokens is None else num_tokens)
         return LoopOutput(torch.stack(hidden), torch.stack(exit_logits))
 
 
@@ -545,9 +629,8 @@ class LoopedLM(nn.Module):
 
         Returns logits (B, M, vocab), or (B, 1, vocab) for the last token with
         ``last_only``; with ``return_loops`` a pair (logits, :class:`LoopOutput`).
-        ``transition=(looplm_cache, lam)``, with a MELT ``cache``, runs the
-        interpolated transition (:meth:`Attention.forward`) and settles the
-        chunk in both caches.
+        ``transition=(teacher_cache, lam)``, with a LoopLM ``cache`` of the
+        model's own, runs the interpolated transition (:meth:`LoopedModel.forward`).
         """
         loops = self.model(input_ids, cache, backend=self.backend, transition=transition)
         h = loops.chosen(self.config.exit_threshold)
@@ -555,8 +638,7 @@ class LoopedLM(nn.Module):
         return (logits, loops) if return_loops else logits
 
     def prefill(self, input_ids: torch.Tensor, cache: Cache, chunk_size: Optional[int] = None, *,
-                last_only: bool = False, transition: Optional[tuple[LoopLMCache, float]] = None,
-                return_loops: bool = False):
+                last_only: bool = False, return_loops: bool = False):
         """Chunk-wise prefill: input_ids (B, P) cut into chunks of ``chunk_size`` (default: one chunk).
 
         Each chunk runs all T loops against the settled cache of the earlier
@@ -569,9 +651,7 @@ class LoopedLM(nn.Module):
             raise ValueError(f"need at least one token and a positive chunk_size, got {length} tokens and "
                              f"chunk_size={chunk_size}")
         self.model.check_cache(cache, batch, length)
-        if transition is not None:
-            self.model.check_transition(cache, transition, batch, length)
-        runs = [self(chunk, cache, last_only=last_only, transition=transition, return_loops=True)
+        runs = [self(chunk, cache, last_only=last_only, return_loops=True)
                 for chunk in input_ids.split(chunk_size, dim=1)]
         logits = runs[-1][0] if last_only else torch.cat([r[0] for r in runs], dim=1)
         return (logits, LoopOutput.cat([r[1] for r in runs])) if return_loops else logits

@@ -136,16 +136,25 @@ def causal_attention(q, keys, values, positions):
     return torch.einsum("bhms,bshd->bmhd", scores.softmax(-1), values)
 
 
-def forward(w: dict, config: dict, ids: torch.Tensor, chunk_size: int, cache: str, gate=None) -> dict:
+def forward(w: dict, config: dict, ids: torch.Tensor, chunk_size: int, cache: str, gate=None, teacher=None,
+            truncate=False) -> dict:
     """Chunk-wise float64 run of ids (B, P): {"logits" (last loop), "hidden" (T, B, P, hidden) after each loop's
-    norm, "exit_logits" (T, B, P)}.  ``gate`` (MELT cache only): None (write-through), "latent", "kv-head" or
-    "kv-element", its weights read from ``w`` under the converted checkpoint's names."""
+    norm, "exit_logits" (T, B, P), "kv" (the caches at the end, by (loop, layer) or layer)}.  ``gate`` (MELT
+    cache only): None (write-through), "latent", "kv-head" or "kv-element", its weights read from ``w`` under the
+    converted checkpoint's names.
+
+    ``teacher=(teacher_weights, lam)`` (MELT cache only) is SPEC 3.3's interpolated transition: attention at
+    loop r reads lam * (the MELT cache as it stands) + (1 - lam) * (the teacher's loop-r cache after a LoopLM
+    run of the whole sequence), position by position.  ``truncate`` cuts the caches' gradient at every chunk
+    boundary (truncated backpropagation: later chunks read the settled values as constants)."""
     c = config
     loops, layers, eps, theta = c["total_ut_steps"], c["num_hidden_layers"], c["rms_norm_eps"], c["rope_theta"]
     heads, heads_kv, dim = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
     batch, length = ids.shape
     store = {}
     hidden_parts, exit_parts = [], []
+    if teacher is not None:
+        teacher_kv, lam = forward(teacher[0], config, ids, length, "looplm")["kv"], teacher[1]
 
     def lin(x, name):
         out = x @ w[name + ".weight"].T
@@ -154,6 +163,8 @@ def forward(w: dict, config: dict, ids: torch.Tensor, chunk_size: int, cache: st
     for start in range(0, length, chunk_size):
         chunk = ids[:, start:start + chunk_size]
         m = chunk.shape[1]
+        if truncate:
+            store = {key: (K.detach(), V.detach()) for key, (K, V) in store.items()}
         positions = torch.arange(start, start + m).expand(batch, m)
         h = w["model.embed_tokens.weight"][chunk]
         latent = {}
@@ -181,6 +192,9 @@ def forward(w: dict, config: dict, ids: torch.Tensor, chunk_size: int, cache: st
                     v = alpha * V[:, start:start + m].clone() + (1 - alpha) * v
                 K[:, start:start + m], V[:, start:start + m] = k, v
                 store[key] = (K, V)
+                if teacher is not None:
+                    K = lam * K + (1 - lam) * teacher_kv[(r, i)][0]
+                    V = lam * V + (1 - lam) * teacher_kv[(r, i)][1]
                 attn = causal_attention(q, K, V, positions).flatten(-2)
                 h = h + rms_norm(lin(attn, p + "self_attn.o_proj"), w[p + "input_layernorm_2.weight"], eps)
                 y = rms_norm(h, w[p + "post_attention_layernorm.weight"], eps)
@@ -194,7 +208,8 @@ def forward(w: dict, config: dict, ids: torch.Tensor, chunk_size: int, cache: st
         exit_parts.append(torch.stack(exits))
     hidden = torch.cat(hidden_parts, dim=2)
     head = w["lm_head.weight"] if "lm_head.weight" in w else w["model.embed_tokens.weight"]
-    return {"logits": hidden[-1] @ head.T, "hidden": hidden, "exit_logits": torch.cat(exit_parts, dim=2), "head": head}
+    return {"logits": hidden[-1] @ head.T, "hidden": hidden, "exit_logits": torch.cat(exit_parts, dim=2), "head": head,
+            "kv": store}
 
 
 def exit_probabilities(exit_logits: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""benchmarks/host_cost.py and benchmarks/train_memory.py in --quick mode: they run and write what they
+"""benchmarks/host_cost.py and benchmarks/backward_memory.py in --quick mode: they run and write what they
 document (in subprocesses: host_cost.py replaces Triton's launch for its whole process)."""
 import json
 import os
@@ -24,8 +24,8 @@ def test_host_cost_quick(tmp_path):
     assert {"import_torch_s", "import_torch_melt_s", "import_melt_added_s"} <= set(result["imports"])
 
 
-def test_train_memory_quick(tmp_path):
-    rows = _run("train_memory.py", tmp_path / "memory.json")["rows"]
+def test_backward_memory_quick(tmp_path):
+    rows = _run("backward_memory.py", tmp_path / "memory.json")["rows"]
     assert {(r["sweep"], r["length"], r["capacity"]) for r in rows} == \
         {("length", 16, 16), ("length", 32, 32), ("capacity", 16, 64)}
     for r in rows:

@@ -1,0 +1,312 @@
+"""MELT's claim, small, on real text: a looped LM keeps its quality with one KV cache instead of T.
+
+Trains, on the source of Python's standard library read as bytes (melt_kernels.train.data.stdlib_corpus:
+its top-level *.py files, one in ten held out by a hash of the file name), every model of the comparison at
+a size these CPUs train, all with Ouro's architecture (melt_kernels.model.LoopedLM):
+
+* standard: the same stack run once (T = 1), trained from scratch;
+* looplm: the LoopLM, T = 4 loops, one KV cache per loop, trained from scratch (the teacher);
+* last-step: that LoopLM decoding with one cache per layer that keeps each token's last loop's K/V
+  (to_melt with gates at init: training-free);
+* melt-<gate>: MELT converted from the LoopLM (to_melt) and post-trained with the paper's recipe (phase 1,
+  interpolated transition; phase 2, KL + 0.1 x attention MSE; chunk-wise; separate gate learning rate), for
+  each gate: latent (the paper's), kv-head, kv-element (this package's);
+* ablations of melt-latent: no-interpolation (phase 2 only, for both phases' steps), no-alignment
+  (beta = 0), shared-lr (the gates at the base learning rate).
+
+For every row: held-out loss in bits per byte run in training-size chunks and decoded token by token (a
+model with one cache per layer and T > 1 depends on the chunking), KV-cache bytes per token (float32, as
+trained), training time, and for MELT rows how open the gate ended up (mean retention over the held-out
+tokens, loops 2..T; at init 4.5e-5).
+
+    python examples/replicate.py --json results.json --plot results.png       # the full run: about an hour
+    python examples/replicate.py --quick --json out.json                     # every row tiny (CI)
+    torchrun --nproc-per-node 2 examples/replicate.py --quick --json out.json  # the same eval losses
+
+Under torchrun each process trains on its share of every global batch (gloo on CPU) and evaluates its share
+of the held-out sequences; the numbers are the same as in one process up to rounding.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import platform
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from melt_kernels.model import LatentGate, KVGate, LoopedLM, LoopedLMConfig, kv_bytes_per_token
+from melt_kernels.ouro import to_melt
+from melt_kernels.train import Recipe, Trainer, distributed, evaluate, stdlib_corpus
+
+
+@dataclass(frozen=True)
+class Size:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    loops: int
+    seq_len: int
+    chunk: int
+    batch: int
+    pretrain_steps: int
+    transition_steps: int
+    distill_steps: int
+    eval_sequences: int
+    pretrain_lr: float
+    lr: float
+    gate_lr: float
+
+
+SIZES = {
+    # Every row in well under a minute on 2 cores: a smoke test of the whole comparison, not a result.
+    "quick": Size(hidden=32, layers=1, heads=2, kv_heads=1, head_dim=16, intermediate=64, loops=4, seq_len=32,
+                  chunk=8, batch=4, pretrain_steps=6, transition_steps=3, distill_steps=3, eval_sequences=4,
+                  pretrain_lr=3e-3, lr=1e-3, gate_lr=1e-2),
+    "full": Size(hidden=128, layers=2, heads=4, kv_heads=2, head_dim=32, intermediate=384, loops=4, seq_len=128,
+                 chunk=16, batch=16, pretrain_steps=1200, transition_steps=100, distill_steps=60, eval_sequences=96,
+                 pretrain_lr=3e-3, lr=3e-4, gate_lr=1e-2),
+}
+ROWS = ("standard", "looplm", "last-step", "melt-latent", "melt-kv-head", "melt-kv-element",
+        "melt-latent-no-interpolation", "melt-latent-no-alignment", "melt-latent-shared-lr")
+DESCRIPTIONS = {
+    "standard": "standard transformer (T = 1), from scratch",
+    "looplm": "LoopLM (T loops, one cache per loop), from scratch",
+    "last-step": "LoopLM, one cache per layer keeping the last loop's K/V (training-free)",
+    "melt-latent": "MELT, latent gate (the paper's), both phases",
+    "melt-kv-head": "MELT, kv-head gate (this package's), both phases",
+    "melt-kv-element": "MELT, kv-element gate (this package's), both phases",
+    "melt-latent-no-interpolation": "MELT latent, no interpolated transition (phase 2 for all steps)",
+    "melt-latent-no-alignment": "MELT latent, no attention alignment (beta = 0)",
+    "melt-latent-shared-lr": "MELT latent, gates at the base learning rate",
+}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="every row tiny (CI smoke test)")
+    p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
+                   help="rows to run (looplm is trained whenever a row needs it)")
+    p.add_argument("--json", metavar="FILE", help='write {"rows": [...], ...} as JSON')
+    p.add_argument("--plot", metavar="FILE.png", help="bar chart of the rows (needs matplotlib)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="CPU intra-op threads per process (default 1)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--backend", default="auto", choices=["auto", "triton", "cuda", "reference"])
+    p.add_argument("--progress", action="store_true", help="progress bars (main process)")
+    for field in dataclasses.fields(Size):
+        p.add_argument("--" + field.name.replace("_", "-"), type={"int": int, "float": float}[field.type],
+                       default=None, help=f"override the size's {field.name}")
+    return p.parse_args(argv)
+
+
+def size_of(args) -> Size:
+    base = SIZES["quick" if args.quick else "full"]
+    changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(Size) if getattr(args, f.name) is not None}
+    return dataclasses.replace(base, **changes)
+
+
+def model_config(size: Size, loops: int) -> LoopedLMConfig:
+    return LoopedLMConfig(vocab_size=256, hidden_size=size.hidden, num_hidden_layers=size.layers,
+                          num_attention_heads=size.heads, num_key_value_heads=size.kv_heads, head_dim=size.head_dim,
+                          intermediate_size=size.intermediate, total_ut_steps=loops, rope_theta=1e4,
+                          max_position_embeddings=max(size.seq_len, 128))
+
+
+@torch.no_grad()
+def gate_retention(model: LoopedLM, batch, chunk: int) -> Optional[float]:
+    """Mean retention of the MELT gates (z or alpha) over the held-out tokens, loops 2..T; None without gates."""
+    values = []
+
+    def latent(module, args, out):
+        x, h_prev = args
+        values.append(torch.sigmoid((module.w_z(x) + module.u_z(h_prev)).float()).mean())
+
+    def kv(module, args, out):
+        values.append(out.float().mean())
+
+    handles = [m.register_forward_hook(latent if isinstance(m, LatentGate) else kv) for m in model.modules()
+               if isinstance(m, (LatentGate, KVGate))]
+    if not handles:
+        return None
+    try:
+        evaluate(model, "melt", batch, chunk)
+    finally:
+        for h in handles:
+            h.remove()
+    return float(torch.stack(values).mean()) if values else None
+
+
+class Replication:
+    def __init__(self, args, context):
+        self.args, self.context, self.size = args, context, size_of(args)
+        s = self.size
+        corpus = stdlib_corpus()
+        self.corpus = corpus.describe()
+        self.train, held = corpus.streams(s.seq_len)
+        self.held_out = held.windows(s.eval_sequences)
+        self.rows: list[dict] = []
+        self.looplm: Optional[LoopedLM] = None
+        self.say = print if context.main else (lambda *a, **k: None)
+
+    def new_model(self, loops: int) -> LoopedLM:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.args.seed)
+            return LoopedLM(model_config(self.size, loops), backend=self.args.backend).to(self.context.device)
+
+    def trainer(self, model, recipe, teacher=None) -> Trainer:
+        return Trainer(model, recipe, self.train, teacher=teacher, context=self.context, seed=self.args.seed,
+                       progress=self.args.progress)
+
+    def pretrain(self, loops: int) -> tuple[LoopedLM, float, list[dict]]:
+        s = self.size
+        model = self.new_model(loops)
+        recipe = Recipe(seq_len=s.seq_len, chunk_size=s.seq_len, batch_size=s.batch, pretrain_steps=s.pretrain_steps,
+                        transition_steps=0, distill_steps=0, lr=s.pretrain_lr, warmup_steps=s.pretrain_steps // 10,
+                        schedule="cosine")
+        start = time.perf_counter()
+        history = self.trainer(model, recipe).run()
+        return model, time.perf_counter() - start, history
+
+    def post_train(self, gate: str, **changes) -> tuple[LoopedLM, float, list[dict]]:
+        s = self.size
+        recipe = Recipe(seq_len=s.seq_len, chunk_size=s.chunk, batch_size=s.batch, transition_steps=s.transition_steps,
+                        distill_steps=s.distill_steps, lr=s.lr, gate_lr=s.gate_lr)
+        recipe = dataclasses.replace(recipe, **changes)
+        student = to_melt(self.looplm, gate)
+        start = time.perf_counter()
+        history = self.trainer(student, recipe, teacher=self.looplm).run()
+        return student, time.perf_counter() - start, history
+
+    def record(self, name: str, model: LoopedLM, cache: str, seconds: float, history: list[dict],
+               gate: Optional[str] = None) -> dict:
+        s = self.size
+        chunked = evaluate(model, cache, self.held_out, s.chunk, context=self.context)
+        decoded = evaluate(model, cache, self.held_out, 1, context=self.context)
+        phases = {}
+        for r in history:
+            phases[r["phase"]] = phases.get(r["phase"], 0) + 1
+        row = {"model": name, "description": DESCRIPTIONS[name], "loops": model.num_loops, "cache": cache,
+               "gate": gate, "parameters": sum(p.numel() for p in model.parameters()),
+               "eval_loss": chunked["bits_per_token"], "eval_loss_decode": decoded["bits_per_token"],
+               "eval_tokens": chunked["tokens"],
+               "kv_bytes_per_token": kv_bytes_per_token(model.config, cache, torch.float32),
+               "train_seconds": seconds, "steps": phases,
+               "final_kl": history[-1].get("kl") if history else None,
+               "gate_retention": gate_retention(model, self.held_out, s.chunk) if cache == "melt" else None}
+        self.rows.append(row)
+        self.say(f"[{len(self.rows)}] {name:<30} bits/byte {row['eval_loss']:.4f} (chunks of {s.chunk}), "
+                 f"{row['eval_loss_decode']:.4f} (token by token); {row['kv_bytes_per_token']:,} KV bytes/token; "
+                 f"{seconds:.0f} s" + (f"; gate retention {row['gate_retention']:.3g}"
+                                       if row["gate_retention"] is not None else ""), flush=True)
+        return row
+
+    def run(self) -> dict:
+        rows, s = self.args.rows, self.size
+        self.say(f"# {self.context.world} process(es), {torch.get_num_threads()} thread(s) each, torch "
+                 f"{torch.__version__}; corpus: {self.corpus['train_bytes']:,} training and "
+                 f"{self.corpus['held_out_bytes']:,} held-out bytes ({self.corpus['split']}); evaluation: "
+                 f"{s.eval_sequences} x {s.seq_len} held-out bytes", flush=True)
+        self.say(f"# {s}", flush=True)
+        if "standard" in rows:
+            model, seconds, history = self.pretrain(1)
+            self.record("standard", model, "looplm", seconds, history)
+        if any(r != "standard" for r in rows):
+            self.looplm, seconds, history = self.pretrain(s.loops)
+            if "looplm" in rows:
+                self.record("looplm", self.looplm, "looplm", seconds, history)
+        if "last-step" in rows:
+            self.record("last-step", to_melt(self.looplm, "latent"), "melt", 0.0, [], gate="latent (init)")
+        variants = {"melt-latent": ("latent", {}), "melt-kv-head": ("kv-head", {}),
+                    "melt-kv-element": ("kv-element", {}),
+                    "melt-latent-no-interpolation": ("latent", dict(
+                        transition_steps=0, distill_steps=s.transition_steps + s.distill_steps)),
+                    "melt-latent-no-alignment": ("latent", dict(beta=0.0)),
+                    "melt-latent-shared-lr": ("latent", dict(gate_lr=s.lr))}
+        for name, (gate, changes) in variants.items():
+            if name in rows:
+                model, seconds, history = self.post_train(gate, **changes)
+                self.record(name, model, "melt", seconds, history, gate=gate)
+        return {"rows": self.rows, "size": dataclasses.asdict(s), "corpus": self.corpus,
+                "recipe": {"phase1": "interpolated K/V reads, KL", "phase2": "KL + beta x attention MSE",
+                           "beta": Recipe().beta, "memory": Recipe().memory,
+                           "pretrain_schedule": "AdamW, 10% linear warm-up, cosine to 0.1x",
+                           "post_train_schedule": "AdamW, constant rates"},
+                "environment": {"date": datetime.date.today().isoformat(), "python": platform.python_version(),
+                                "torch": torch.__version__, "processes": self.context.world,
+                                "threads": torch.get_num_threads(), "device": str(self.context.device),
+                                "machine": platform.machine()},
+                "quick": self.args.quick}
+
+
+def table(result: dict) -> str:
+    lines = ["| model | T | cache | bits/byte, chunks | bits/byte, token by token | KV bytes/token | train s | "
+             "gate retention |", "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        retention = "" if r["gate_retention"] is None else f"{r['gate_retention']:.3g}"
+        lines.append(f"| {r['model']} | {r['loops']} | {r['cache']} | {r['eval_loss']:.4f} | "
+                     f"{r['eval_loss_decode']:.4f} | {r['kv_bytes_per_token']:,} | {r['train_seconds']:.0f} | "
+                     f"{retention} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    names = [r["model"] for r in rows]
+    x = range(len(rows))
+    fig, (ax, kv) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 1.2]})
+    width = 0.4
+    ax.bar([i - width / 2 for i in x], [r["eval_loss"] for r in rows], width, label=f"in chunks of "
+           f"{result['size']['chunk']} (training size)")
+    ax.bar([i + width / 2 for i in x], [r["eval_loss_decode"] for r in rows], width, label="token by token")
+    low = min(min(r["eval_loss"], r["eval_loss_decode"]) for r in rows)
+    high = max(max(r["eval_loss"], r["eval_loss_decode"]) for r in rows)
+    ax.set_ylim(max(0.0, low - 0.15 * (high - low + 1e-9)), high + 0.05 * (high - low + 1e-9))
+    ax.set_xticks(list(x), names, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("held-out bits per byte (lower is better)")
+    ax.set_title("Python stdlib source, held-out files")
+    ax.legend(fontsize=8)
+    kv.bar(list(x), [r["kv_bytes_per_token"] for r in rows], color="gray")
+    kv.set_xticks(list(x), names, rotation=35, ha="right", fontsize=8)
+    kv.set_ylabel("KV-cache bytes per token (float32)")
+    kv.set_title("cache per token")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    context = distributed.init(args.device)
+    try:
+        result = Replication(args, context).run()
+        if context.main:
+            print(table(result))
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(result, f, indent=1)
+            if args.plot:
+                plot(result, args.plot)
+        return result
+    finally:
+        distributed.shutdown()
+        torch.set_num_threads(threads)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Post-trains MELT from a LoopLM teacher checkpoint with the paper's recipe, in 1 or N processes.
+
+    python -m melt_kernels.train --teacher Ouro-1.4B-Thinking --out runs/melt --gate latent --data tokens.npy
+    torchrun --nproc-per-node 8 -m melt_kernels.train --teacher ... --out ...      # DDP: NCCL on GPUs, gloo on CPUs
+    python -m melt_kernels.train ... --resume                                     # from the newest checkpoint
+
+The teacher (an Ouro checkpoint, or a LoopLM saved by this package) is loaded
+frozen; the student is ``to_melt(teacher, gate)`` (or, with ``--resume``, the
+newest checkpoint under ``--out``).  Defaults are the paper's recipe (SPEC
+3.3): 10,000-token sequences in chunks of 500, 32 sequences per step, 500
+interpolated-transition steps then 300 of attention-aligned distillation
+(beta 0.1), AdamW at 8e-6 (base) and 5e-4 (gates).  ``--batch`` is the
+global batch: each process trains on its share.  Writes ``OUT/metrics.jsonl``
+(one JSON record per step), checkpoints under ``OUT/checkpoints`` and the
+final model in ``OUT/final``.
+
+Data (``--data``): ``stdlib`` (Python's standard library source as bytes,
+vocabulary 256; melt_kernels.train.data.stdlib_corpus), ``copy`` (the
+synthetic copying task; sequences of 2 x --copy-length), or a file: ``.npy``
+token ids, anything else its bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from melt_kernels.model import GATES
+from melt_kernels.ouro import DTYPES, load_ouro, to_melt
+from melt_kernels.train import distributed
+from melt_kernels.train.data import CopyTask, from_file, stdlib_corpus
+from melt_kernels.train.evaluate import evaluate
+from melt_kernels.train.recipe import MEMORY_MODES, Recipe
+from melt_kernels.train.trainer import Trainer
+
+
+def parse_args(argv):
+    d = Recipe()
+    p = argparse.ArgumentParser(prog="python -m melt_kernels.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--teacher", required=True, help="the LoopLM teacher's checkpoint folder (Ouro or this package's)")
+    p.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints/, final/")
+    p.add_argument("--gate", choices=GATES, default="latent", help="the student's gate: latent (the MELT paper's, "
+                   "default), kv-head or kv-element (this package's)")
+    p.add_argument("--data", default="stdlib", help="stdlib, copy, or a .npy of token ids / any file's bytes")
+    p.add_argument("--copy-symbols", type=int, default=16)
+    p.add_argument("--copy-length", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per sequence (default {d.seq_len})")
+    p.add_argument("--chunk", type=int, default=d.chunk_size, help=f"chunk size (default {d.chunk_size})")
+    p.add_argument("--batch", type=int, default=d.batch_size, help=f"global sequences per step (default "
+                                                                   f"{d.batch_size})")
+    p.add_argument("--transition-steps", type=int, default=d.transition_steps)
+    p.add_argument("--distill-steps", type=int, default=d.distill_steps)
+    p.add_argument("--beta", type=float, default=d.beta, help="attention-alignment weight of phase 2")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"base weights' AdamW rate (default {d.lr:g})")
+    p.add_argument("--gate-lr", type=float, default=d.gate_lr, help=f"gates' AdamW rate (default {d.gate_lr:g})")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--clip", type=float, default=d.clip, help="gradient norm clip (0: none)")
+    p.add_argument("--memory", choices=MEMORY_MODES, default=d.memory,
+                   help="exact: one backward through every chunk; detach: truncated backpropagation, one chunk's "
+                        "graph at a time")
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--keep", type=int, default=2, help="checkpoints kept")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint under --out")
+    p.add_argument("--eval-sequences", type=int, default=0,
+                   help="held-out sequences to evaluate teacher and student on at the end (stdlib, copy)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--backend", default="auto", choices=["auto", "triton", "cuda", "reference"])
+    p.add_argument("--threads", type=int, default=0, help="CPU intra-op threads per process (default: torch's)")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def make_source(args):
+    """(training source, held-out source or None, seq_len)."""
+    if args.data == "copy":
+        task = CopyTask(args.copy_symbols, args.copy_length)
+        return task, task, task.seq_len
+    if args.data == "stdlib":
+        train, held = stdlib_corpus().streams(args.seq_len)
+        return train, held, args.seq_len
+    return from_file(args.data, None, args.seq_len), None, args.seq_len
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    context = distributed.init(args.device)
+    try:
+        return run(args, context)
+    finally:
+        distributed.shutdown()
+
+
+def run(args, context) -> dict:
+    source, held_out, seq_len = make_source(args)
+    recipe = Recipe(seq_len=seq_len, chunk_size=args.chunk, batch_size=args.batch,
+                    transition_steps=args.transition_steps, distill_steps=args.distill_steps, beta=args.beta,
+                    lr=args.lr, gate_lr=args.gate_lr, weight_decay=args.weight_decay,
+                    warmup_steps=args.warmup_steps, clip=args.clip or None, memory=args.memory)
+    teacher = load_ouro(args.teacher, dtype=args.dtype, device=context.device, backend=args.backend)
+    if teacher.config.gate is not None:
+        raise ValueError(f"{args.teacher} holds a MELT model (gate {teacher.config.gate!r}); the teacher is a LoopLM")
+    student = to_melt(teacher, args.gate)
+    trainer = Trainer(student, recipe, source, teacher=teacher, context=context, seed=args.seed, out_dir=args.out,
+                      save_every=args.save_every, keep=args.keep, progress=not args.no_progress)
+    resumed = trainer.resume() if args.resume else None
+    say = print if context.main else (lambda *a, **k: None)
+    say(f"# {context.world} process(es) on {context.device}; teacher {args.teacher} "
+        f"({sum(p.numel() for p in teacher.parameters()):,} parameters, T={teacher.num_loops}), gate {args.gate!r}; "
+        f"{recipe.total_steps} steps of {recipe.batch_size} x {recipe.seq_len} tokens in chunks of "
+        f"{recipe.chunk_size}" + (f"; resumed from {resumed}" if resumed else ""), file=sys.stderr)
+    trainer.run()
+    final = os.path.join(args.out, "final")
+    if context.main:
+        student.save_pretrained(final)
+    context.barrier()
+    result = {"final": final, "steps": trainer.step, "last": trainer.history[-1] if trainer.history else None}
+    if args.eval_sequences and held_out is not None:
+        batch = held_out.sample(args.eval_sequences, torch.Generator().manual_seed(args.seed + 1)) \
+            if isinstance(held_out, CopyTask) else held_out.windows(args.eval_sequences)
+        result["eval"] = {"teacher": evaluate(teacher, "looplm", batch, context=context),
+                          "student": evaluate(student, "melt", batch, recipe.chunk_size, context=context),
+                          "student_decode": evaluate(student, "melt", batch, 1, context=context)}
+    say(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
