@@ -6,7 +6,9 @@ own logic on the CPU: the work split of a launch (``_cuda.plan``, the very funct
 writer per active slot, every visible key read exactly once), the cache update of the chunk path
 (``_cuda.blend_host``), and whole forward calls with the kernels' source run by the host emulator of
 csrc/emulate.h (``gated_kv_attention_fwd_emulated``).  The emulator checks indexing, fragment layouts, masks
-and the online softmax; it cannot show races or anything the hardware itself does.
+and the online softmax; races between blocks are checked by tests/test_races.py (the emulator records each
+block's global reads and writes, and runs the blocks in several orders); what the hardware itself does
+(memory ordering inside a block, timing) needs a GPU.
 
 With a GPU (``gpu`` marker): the compiled kernels through the public op against the reference, determinism,
 bad lengths, dispatch and autograd.

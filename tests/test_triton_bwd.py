@@ -301,12 +301,13 @@ def test_gpu_realistic_sizes_and_determinism(dtype):
     args, _ = _bwd_problem(case, True, 7, with_dlse=True, host_lengths=False, cache_grad="zeros")
     exact = _run(gated_kv_attention_ref_bwd, _exact_args(args))
     low = _low_precision_bwd(args)
+    allowances = _stored_output_effect(args)
     again_args = args[:12] + [torch.zeros_like(b) for b in args[12:14]] + args[14:]
     got = _run(gated_kv_attention_bwd, args)
     again = _run(gated_kv_attention_bwd, again_args)
-    for name, g, g2, w, lo in zip(NAMES, got, again, exact, low):
+    for name, g, g2, w, lo, allowance in zip(NAMES, got, again, exact, low, allowances):
         assert torch.equal(g, g2), f"{name} differs between two runs"
-        _assert_rule(g, w, lo, dtype, name)
+        _assert_rule(g, w, lo, dtype, name, allowance=allowance)
 
 
 @pytest.mark.gpu
@@ -326,6 +327,7 @@ def test_gpu_int64_offsets():
     args, _ = _bwd_problem(case, True, 0, with_dlse=True, host_lengths=True, cache_grad="zeros")
     exact = _run(gated_kv_attention_ref_bwd, _exact_args(args))
     low = _low_precision_bwd(args)
+    allowances = _stored_output_effect(args)
     got = _run(gated_kv_attention_bwd, args)
-    for name, g, w, lo in zip(NAMES, got, exact, low):
-        _assert_rule(g, w, lo, torch.bfloat16, name)
+    for name, g, w, lo, allowance in zip(NAMES, got, exact, low, allowances):
+        _assert_rule(g, w, lo, torch.bfloat16, name, allowance=allowance)
