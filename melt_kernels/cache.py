@@ -19,6 +19,9 @@ import torch
 
 
 class _KVCache:
+    # Contiguous caches: no block table (melt_kernels.paged_cache.PagedCache has one).
+    block_table = None
+
     def __init__(self, num_pairs: int, batch: int, max_seqlen: int, heads_kv: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu"):
         for name, value in (("num_pairs", num_pairs), ("batch", batch), ("max_seqlen", max_seqlen),
@@ -55,6 +58,11 @@ class _KVCache:
     def room(self) -> int:
         """How many more tokens the fullest row can take."""
         return self.max_seqlen - int(self.seqlens_host.max())
+
+    def reserve(self, num_tokens: int) -> None:
+        """Makes room for a chunk of ``num_tokens``: allocated up front, a contiguous cache only checks it."""
+        if num_tokens > self.room():
+            raise ValueError(f"{num_tokens} more tokens do not fit: the cache has room for {self.room()}")
 
     def advance(self, num_tokens: Union[int, torch.Tensor]) -> None:
         """Settles ``num_tokens`` (an int, or a (B,) tensor per row) active tokens after the last loop."""
