@@ -100,3 +100,23 @@ def test_benchmark_runs_ouros_architecture_at_ouro_1_4b_shape_on_a_gpu(bench, qu
         config.total_ut_steps = r["loops"]
         kind = "looplm" if r["method"] == "looplm" else "melt"
         assert r["cache_bytes"] == positions * kv_bytes_per_token(config, kind, torch.float32) + 4 * args.batch
+
+
+def test_serving_sweep_holds_t_times_the_sequences(bench, tmp_path):
+    """--serve --quick: at a fixed page budget MELT holds the same sequences at every T, the LoopLM 1/T of
+    them (pages of T pairs), every request is served, and the pool's pages are what the budget buys."""
+    out = tmp_path / "serve.json"
+    with pytest.MonkeyPatch.context() as mp, redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+        mp.delenv("TRITON_INTERPRET", raising=False)
+        records = bench["main"](["--quick", "--serve", "--loops", "1", "2", "4", "--json", str(out)])
+    assert json.loads(out.read_text()) == records
+    held = {(r["method"], r["loops"]): r for r in records}
+    assert set(held) == {(m, t) for m in ("melt", "looplm") for t in (1, 2, 4)}
+    for t in (1, 2, 4):
+        melt, looplm = held["melt", t], held["looplm", t]
+        assert melt["pages"] * melt["page_bytes"] <= 2**-14 * 2**30 < (melt["pages"] + 1) * melt["page_bytes"]
+        assert looplm["page_bytes"] == t * melt["page_bytes"]
+        assert melt["seqs_held"] == melt["capacity"] == held["melt", 1]["capacity"]
+        assert looplm["seqs_held"] == looplm["capacity"] == melt["capacity"] // t
+        for r in (melt, looplm):  # every request generated its tokens: 3 each (--quick)
+            assert r["generated_tokens"] == 3 * r["requests"] and r["tokens_per_s"] > 0
