@@ -72,17 +72,21 @@ def _kv_rows(p, o_n, n_hi, stride, o_d, m_d, BT, stride_page, PAGE, NB, on_pages
     BT[n // PAGE] (BT: the row of the block table), the entry clamped into [0, NB) (SPEC 2.6)."""
     m_rows = (o_n < n_hi)[:, None] & m_d[None, :]
     if PAGED:
-        return tl.load(p + _pool_rows(BT, o_n, o_n < n_hi, stride_page, stride, PAGE, NB, on_pages)[:, None]
-                       + o_d[None, :], mask=m_rows, other=0.)
+        return tl.load(p + (_pool_rows(BT, o_n, o_n < n_hi, stride_page, stride, PAGE, NB, on_pages, WIDE)[:, None]
+                            + o_d[None, :]), mask=m_rows, other=0.)
     return tl.load(_tile(p, o_n, stride, o_d, WIDE), mask=m_rows, other=0.)
 
 
 @triton.jit
-def _pool_rows(BT, o_n, m_n, stride_page, stride, PAGE, NB, on_pages):
-    """int64 offsets of rows ``o_n``: through the block table when ``on_pages``, else ``o_n * stride``."""
+def _pool_rows(BT, o_n, m_n, stride_page, stride, PAGE, NB, on_pages, WIDE: tl.constexpr):
+    """Offsets of rows ``o_n``: through the block table when ``on_pages``, else ``o_n * stride``; 32-bit unless
+    WIDE (a pool or slice spanning 2**31 elements), as in :func:`_tile`."""
     i_pg = tl.load(BT + o_n // PAGE, mask=tl.where(on_pages, m_n, False), other=0)
-    i_pg = tl.minimum(tl.maximum(i_pg, 0), NB - 1).to(tl.int64)
-    return tl.where(on_pages, i_pg * stride_page + (o_n % PAGE).to(tl.int64) * stride, o_n.to(tl.int64) * stride)
+    i_pg = tl.minimum(tl.maximum(i_pg, 0), NB - 1)
+    o_in = o_n % PAGE
+    if WIDE:
+        i_pg, o_in, o_n = i_pg.to(tl.int64), o_in.to(tl.int64), o_n.to(tl.int64)
+    return tl.where(on_pages, i_pg * stride_page + o_in * stride, o_n * stride)
 
 
 @triton.jit
@@ -205,7 +209,7 @@ def _bwd_dkdv_kernel(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_tab
             if PREFIX_DK:
                 if PAGED:
                     p_dk = dk_cache + i_hk * stride_dkh + (_pool_rows(p_bt, o_n, m_n, stride_dkp, stride_dks, PAGE,
-                                                                      NB, m_n)[:, None] + o_d[None, :])
+                                                                      NB, m_n, WIDE)[:, None] + o_d[None, :])
                 else:
                     p_dk = dk_cache + _tile(i_b * stride_dkb + i_hk * stride_dkh, o_n, stride_dks, o_d, WIDE)
                 b_dk += tl.load(p_dk, mask=m_nd, other=0.).to(tl.float32)
@@ -213,7 +217,7 @@ def _bwd_dkdv_kernel(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_tab
             if PREFIX_DV:
                 if PAGED:
                     p_dv = dv_cache + i_hk * stride_dvh + (_pool_rows(p_bt, o_n, m_n, stride_dvp, stride_dvs, PAGE,
-                                                                      NB, m_n)[:, None] + o_d[None, :])
+                                                                      NB, m_n, WIDE)[:, None] + o_d[None, :])
                 else:
                     p_dv = dv_cache + _tile(i_b * stride_dvb + i_hk * stride_dvh, o_n, stride_dvs, o_d, WIDE)
                 b_dv += tl.load(p_dv, mask=m_nd, other=0.).to(tl.float32)
@@ -313,11 +317,13 @@ _TILES_FP32 = {64: ((16, 64, 8, 2), (32, 64, 8, 2)),
 
 
 @functools.lru_cache(maxsize=1024)
-def _tiles(head_dim_p2: int, seqlen_q: int, dtype: torch.dtype, interpreted: bool, aligned: bool = True) -> dict:
+def _tiles(head_dim_p2: int, seqlen_q: int, dtype: torch.dtype, interpreted: bool, aligned: bool = True,
+           paged: bool = False) -> dict:
     """Tile sizes, warps and pipeline stages of the two main kernels.  The interpreter takes the smallest
     tiles so that tiny test shapes run every loop more than once.  16-bit tensors that are not ``aligned``
     (kernels/launch.py) load narrower and hold more registers: smaller tiles keep them within 64 bytes of
-    spills (ptxas, sm_90, Triton 3.6 and 3.9; ``benchmarks/aot_compile.py``)."""
+    spills (ptxas, sm_90, Triton 3.6 and 3.9; ``benchmarks/aot_compile.py``); so do ``paged`` caches, whose
+    key rows are addressed through the block table (half the key tile of the dK/dV kernel)."""
     if interpreted:
         return dict(BM_KV=16, BN_KV=16, BM_Q=16, BN_Q=16, BM_PRE=16, warps_kv=1, warps_q=1, stages_kv=1, stages_q=1)
     table = _TILES_FP32 if dtype == torch.float32 else _TILES_16BIT
@@ -325,6 +331,10 @@ def _tiles(head_dim_p2: int, seqlen_q: int, dtype: torch.dtype, interpreted: boo
     if not aligned and dtype != torch.float32:
         bn_kv = min(bn_kv, 32) if head_dim_p2 >= 128 else bn_kv
         if head_dim_p2 >= 256:
+            bm_q, bn_q, warps_q = 32, 32, 4
+    if paged:
+        bn_kv = max(16, bn_kv // 2)
+        if head_dim_p2 >= 256 and dtype != torch.float32:
             bm_q, bn_q, warps_q = 32, 32, 4
     # Query tiles no taller than the chunk (tl.dot needs 16 rows).
     m_cap = max(16, triton.next_power_of_2(seqlen_q))
@@ -401,7 +411,8 @@ def gated_kv_attention_bwd(q, k_cache, v_cache, k_new, v_new, cache_seqlens, out
     head_dim_p2 = max(16, triton.next_power_of_2(head_dim))
     # CPU tensors run under the interpreter; meta tensors (launches inspected, not run) get the GPU's plan.
     interpreted = device.type == "cpu"
-    tiles = _tiles(head_dim_p2, seqlen_q, q.dtype, interpreted, aligned(q, k_cache, v_cache, k_new, v_new, dout))
+    tiles = _tiles(head_dim_p2, seqlen_q, q.dtype, interpreted, aligned(q, k_cache, v_cache, k_new, v_new, dout),
+                   paged)
     cache_seqlens = cache_seqlens.to(device=device, dtype=torch.int32)
     dout = _unit_last(dout)
     # (B, Hq, M) float32 rows, read by flat index: tiny, so made contiguous here.
@@ -433,6 +444,9 @@ def gated_kv_attention_bwd(q, k_cache, v_cache, k_new, v_new, cache_seqlens, out
     sliced = [t for t in (q, dout, out, k_cache, v_cache, k_new, v_new, dk_cache, dv_cache, partial)
               if t is not None]
     wide = _needs_wide_offsets(sliced, blocks)
+    if paged:  # an offset inside a pool (or its gradient) reaches its whole extent
+        pools = [t for t in (k_cache, v_cache, dk_cache, dv_cache) if t is not None]
+        wide = wide or max(t.shape[0] * t.stride(0) for t in pools) >= 2**31
     # Pools are addressed through the table: batch strides 0, page strides apart (unused when not paged).
     kv_strides = (*_row_strides(k_cache, paged), *_row_strides(v_cache, paged), *k_new.stride()[:3],
                   *v_new.stride()[:3])
