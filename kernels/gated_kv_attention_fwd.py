@@ -36,6 +36,16 @@ the kernel, so even a CUDA ``cache_seqlens`` with bad values (not checked on
 the host, since that would sync) never makes the kernels read or write
 outside [0, S).  Offsets along the batch, sequence and head dimensions are
 int64.
+
+Paged caches (PAGED, SPEC 2.6): the caches are pools (num_blocks, page_size,
+Hkv, D) and every cache address goes through :func:`_cache_offsets`, which
+maps logical position p of row b to slot p % page_size of page
+block_table[b, p // page_size], the entry clamped into [0, num_blocks); S is
+then max_blocks * page_size.  The contiguous cache is the same code with the
+identity mapping (the row in the base pointer, p times the sequence stride):
+one kernel, and the ownership rule above holds unchanged as long as no two
+rows' active slots share a physical slot (checked on the host when the table
+is there).
 """
 from __future__ import annotations
 
