@@ -18,6 +18,15 @@ from typing import Union
 import torch
 
 
+def steps_per_row(num_tokens: Union[int, torch.Tensor], batch: int) -> torch.Tensor:
+    """``num_tokens`` settled per row (an int for all rows, or a (B,) tensor) as a (B,) int32 host tensor."""
+    step = torch.as_tensor(num_tokens, dtype=torch.int32).expand(batch) if isinstance(num_tokens, int) \
+        else num_tokens.to(device="cpu", dtype=torch.int32)
+    if tuple(step.shape) != (batch,):
+        raise ValueError(f"num_tokens must be an int or have shape ({batch},), got {tuple(step.shape)}")
+    return step
+
+
 class _KVCache:
     # Contiguous caches: no block table (melt_kernels.paged_cache.PagedCache has one).
     block_table = None
@@ -66,10 +75,7 @@ class _KVCache:
 
     def advance(self, num_tokens: Union[int, torch.Tensor]) -> None:
         """Settles ``num_tokens`` (an int, or a (B,) tensor per row) active tokens after the last loop."""
-        step = torch.as_tensor(num_tokens, dtype=torch.int32).expand(self.batch) if isinstance(num_tokens, int) \
-            else num_tokens.to(device="cpu", dtype=torch.int32)
-        if tuple(step.shape) != (self.batch,):
-            raise ValueError(f"num_tokens must be an int or have shape ({self.batch},), got {tuple(step.shape)}")
+        step = steps_per_row(num_tokens, self.batch)
         new = self.seqlens_host + step
         if int(step.min()) < 0 or int(new.max()) > self.max_seqlen:
             raise ValueError(f"advancing by {step.tolist()} takes lengths {self.seqlens_host.tolist()} outside "

@@ -33,6 +33,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from melt_kernels.cache import steps_per_row
 from melt_kernels.checks import MAX_PAGE_SIZE, PAGE_MULTIPLE
 
 
@@ -210,10 +211,7 @@ class PagedCache:
 
     def advance(self, num_tokens: Union[int, torch.Tensor]) -> None:
         """Settles ``num_tokens`` (an int, or a (B,) tensor per row) active tokens after the last loop."""
-        step = torch.as_tensor(num_tokens, dtype=torch.int32).expand(self.batch) if isinstance(num_tokens, int) \
-            else num_tokens.to(device="cpu", dtype=torch.int32)
-        if tuple(step.shape) != (self.batch,):
-            raise ValueError(f"num_tokens must be an int or have shape ({self.batch},), got {tuple(step.shape)}")
+        step = steps_per_row(num_tokens, self.batch)
         new = self.seqlens_host + step
         held = (self.table_host >= 0).sum(1) * self.pool.page_size
         if self.batch and (int(step.min()) < 0 or bool((new > held).any())):
