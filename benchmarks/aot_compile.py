@@ -71,6 +71,8 @@ class Problem:
     # Variants whose choice is not the planner's (gate kinds, the causal flag, alignment) are compiled at a
     # few (dtype, head_dim) pairs only, to keep the check within CI's minutes.
     extra: bool = False
+    # Paged caches (SPEC 2.6): pools of pages of this size read through a block table; 0: contiguous.
+    page_size: int = 0
 
 
 PROBLEMS = (
@@ -90,6 +92,9 @@ PROBLEMS = (
     Problem("chunk-wide", 1, 128, 16, 8, 2**22),
     Problem("decode-unaligned", 2, 1, 16, 4, 4096 + 1, unaligned=True, extra=True),
     Problem("chunk-unaligned", 2, 100, 16, 4, 2048 + 100, unaligned=True, extra=True),
+    Problem("decode-paged-gqa", 64, 1, 32, 8, 4096, backward=False, page_size=16),
+    Problem("decode-paged-256", 8, 1, 16, 16, 8192, backward=False, page_size=256),
+    Problem("chunk-paged-gqa", 4, 64, 32, 8, 4096, page_size=64),
 )
 
 
@@ -132,18 +137,26 @@ def problem_launches(p: Problem, dtype: torch.dtype, head_dim: int) -> list[Laun
     b, m, hq, hkv, s = p.batch, p.seqlen_q, p.heads_q, p.heads_kv, p.cache_len
     q, out, dout = (empty(b, m, hq, head_dim) for _ in range(3))
     k, v = empty(b, m, hkv, head_dim), empty(b, m, hkv, head_dim)
-    k_cache, v_cache = empty(b, s, hkv, head_dim), empty(b, s, hkv, head_dim)
+    table = None
+    if p.page_size:
+        # One pool of every row's pages; the table (B, S / page_size) int32.
+        blocks = s // p.page_size
+        k_cache, v_cache = (empty(b * blocks, p.page_size, hkv, head_dim) for _ in range(2))
+        table = empty(b, blocks, dt=torch.int32)
+    else:
+        k_cache, v_cache = empty(b, s, hkv, head_dim), empty(b, s, hkv, head_dim)
+    paged = {} if table is None else dict(block_table=table)
     lengths = empty(b, dt=torch.int32)
     gate = {"tensor": empty(b, m, hkv, 1, dt=torch.float32), "scalar": 0.5, "none": None}[p.gate]
     lse = empty(b, hq, m, dt=torch.float32)
     scale = head_dim ** -0.5
     with caught_launches(H200_SMS) as launches:
-        fwd_module.gated_kv_attention_fwd(q, k, v, k_cache, v_cache, lengths, gate, gate, scale, p.causal, s)
+        fwd_module.gated_kv_attention_fwd(q, k, v, k_cache, v_cache, lengths, gate, gate, scale, p.causal, s, **paged)
         if p.backward:
             dlse = empty(b, hq, m, dt=torch.float32) if p.with_dlse else None
-            grads = (empty(b, s, hkv, head_dim), empty(b, s, hkv, head_dim)) if p.need_cache_grad else (None, None)
+            grads = (torch.empty_like(k_cache), torch.empty_like(v_cache)) if p.need_cache_grad else (None, None)
             bwd_module.gated_kv_attention_bwd(q, k_cache, v_cache, k, v, lengths, out, lse, dout, dlse, scale,
-                                              p.causal, *grads, s)
+                                              p.causal, *grads, s, **paged)
     return launches
 
 

@@ -13,7 +13,14 @@ what the kernels can get wrong on a real GPU, every check against the reference 
   dominate the softmax), write-through and gated;
 * determinism: 20 runs from identical inputs give identical bits (a difference is a race);
 * backward: T = 2 loops chained on one cache, every gradient (q, k, v, gates, the caches' old values)
-  against the float64 reference.
+  against the float64 reference;
+* paged: the forward through a block table (SPEC 2.6: shuffled pages of one pool, NaN spare pages, -1
+  past each row's pages) against the same backend on contiguous caches, bit for bit, pages nobody
+  references untouched;
+* graph: a decode step of a small looped model on a paged cache captured as a CUDA graph and replayed
+  (melt_kernels.graphs.CapturedDecode) against the same step run eagerly, bit for bit, over steps that cross
+  page boundaries; the time per token of the replay, the eager capturable step and the model's ordinary eager
+  decode step (CUDA events, after warm-up).  Dry run: the eager paths only.
 
 Checks run in parallel worker processes (compiling Triton kernels is the slow part of a fresh machine).
 Every finished check is written to ``--out`` at once, so a run cut by its time limit keeps its results.
@@ -61,12 +68,14 @@ class Check:
     causal: bool = True
     splits: Optional[int] = None  # forced split count; None: the planner's
     repeats: int = 20  # determinism
+    page_size: int = 0  # paged and graph checks (graph: M is the number of decode steps)
 
     @property
     def name(self) -> str:
         return (f"{self.kind}/{self.backend}/{self.dtype}/M{self.seqlen_q}/H{self.heads_q}:{self.heads_kv}/"
                 f"D{self.head_dim}/L{'-'.join(map(str, self.lengths))}/{self.gate}"
-                f"{'' if self.causal else '/noncausal'}{'' if self.splits is None else f'/splits{self.splits}'}")
+                f"{'' if self.causal else '/noncausal'}{'' if self.splits is None else f'/splits{self.splits}'}"
+                f"{f'/page{self.page_size}' if self.page_size else ''}")
 
 
 # --- the table ----------------------------------------------------------------------------------------------
@@ -107,6 +116,10 @@ def gpu_table(backends: list[str], quick: bool) -> list[Check]:
                                                          ("fp16", 500, 2, 128, "separate"),
                                                          ("bf16", 1, 8, 64, "float")):
             checks.append(Check("backward", backend, dtype, seqlen_q, 2 * groups, 2, head_dim, (1000, 37, 0), gate))
+        for seqlen_q, groups, page_size, gate in ((1, 4, 16, "element"), (1, 8, 256, "head"), (64, 2, 64, "float")):
+            checks.append(Check("paged", backend, "bf16", seqlen_q, 2 * groups, 2, 128, (4095, 1000, 63), gate,
+                                page_size=page_size))
+        checks.append(Check("graph", backend, "bf16", 40, 16, 4, 128, (500,) * 8, "head", page_size=16))
     return checks
 
 
@@ -133,7 +146,10 @@ def dry_table(backends: list[str]) -> list[Check]:
         checks += [Check("stale", backend, "bf16", 5, 4, 2, 16, (64, 30, 1), "none"),
                    Check("determinism", backend, "bf16", 5, 4, 2, 16, (129, 64, 3), "head", repeats=3),
                    Check("backward", backend, "bf16", 5, 4, 2, 16, (40, 3, 0), "head"),
-                   Check("backward", backend, "fp32", 3, 2, 1, 32, (20, 7, 1), "element")]
+                   Check("backward", backend, "fp32", 3, 2, 1, 32, (20, 7, 1), "element"),
+                   Check("graph", backend, "fp32", 3, 4, 2, 16, (14, 14), "head", page_size=16)]
+    for backend in backends:  # the emulator needs head_dim 64 or 128 and 16-bit dtypes
+        checks.append(Check("paged", backend, "bf16", 1, 4, 2, 64, (40, 3, 17), "element", page_size=16))
     return checks
 
 
@@ -184,6 +200,8 @@ def make_inputs(c: Check, device: str, seed: int):
 
     seqlen_q, lengths = c.seqlen_q, c.lengths
     cache_len = max(lengths) + seqlen_q + 3
+    if c.page_size:  # whole pages
+        cache_len = -(-cache_len // c.page_size) * c.page_size
     case = make_case(seed, batch=len(lengths), seqlen_q=seqlen_q, heads_q=c.heads_q, heads_kv=c.heads_kv,
                      head_dim=c.head_dim, cache_len=cache_len, dtype=DTYPES[c.dtype], device=device,
                      gate_kind=c.gate)
@@ -213,8 +231,8 @@ def launcher(c: Check, dry_run: bool):
         from melt_kernels import cuda_backend
         fwd = cuda_backend.gated_kv_attention_fwd_emulated if dry_run else cuda_backend.gated_kv_attention_fwd
         extra = {} if c.splits is None else {"splits": c.splits}
-    return lambda p: fwd(p.q, p.k, p.v, p.k_cache, p.v_cache, p.cache_seqlens, p.gate, p.gate_v, p.softmax_scale,
-                         p.causal, p.max_seqlen_k, **extra)
+    return lambda p, **paged: fwd(p.q, p.k, p.v, p.k_cache, p.v_cache, p.cache_seqlens, p.gate, p.gate_v,
+                                  p.softmax_scale, p.causal, p.max_seqlen_k, **extra, **paged)
 
 
 def error_bound(kernel: torch.Tensor, exact: torch.Tensor, low: torch.Tensor, dtype: torch.dtype) -> tuple:
@@ -338,8 +356,86 @@ def run_backward(c: Check, device: str, dry_run: bool) -> dict:
     return dict(record, problems=problems)
 
 
+def run_paged(c: Check, device: str, dry_run: bool) -> dict:
+    """The forward through a block table against the same backend on the contiguous caches, bit for bit."""
+    from melt_kernels.checks import check_inputs
+    from utils import bits, page_case
+
+    seed = zlib.crc32(c.name.encode())
+    case = make_inputs(c, device, seed)
+    paged = page_case(case, c.page_size, seed)
+    before = [bits(t) for t in (paged.k_pool, paged.v_pool)]
+    fwd = launcher(c, dry_run)
+    p = check_inputs(*case.args(), causal=c.causal)
+    out_c, lse_c = fwd(p)
+    pools = check_inputs(case.q, case.k, case.v, paged.k_pool, paged.v_pool, case.cache_seqlens, case.gate,
+                         case.gate_v, causal=c.causal, block_table=paged.block_table)
+    with poisoned_allocations():
+        out_p, lse_p = fwd(pools, block_table=paged.block_table)
+    problems = []
+    if not (torch.equal(bits(out_p), bits(out_c)) and torch.equal(bits(lse_p), bits(lse_c))):
+        problems.append("out/lse through the table differ from the contiguous call's")
+    batch = len(c.lengths)
+    reach = torch.arange(case.k_cache.shape[1], device=device)[None, :] < (case.cache_seqlens[:, None] + c.seqlen_q)
+    for name, pool, cache, old in (("k", paged.k_pool, case.k_cache, before[0]),
+                                   ("v", paged.v_pool, case.v_cache, before[1])):
+        if not torch.equal(bits(paged.logical(pool, batch))[reach.cpu()], bits(cache)[reach.cpu()]):
+            problems.append(f"{name} pool differs from the contiguous cache in the rows' pages")
+        if not torch.equal(bits(pool)[~paged.used], old[~paged.used]):
+            problems.append(f"{name} pool changed in pages no row references")
+    return dict(problems=problems)
+
+
+def run_graph(c: Check, device: str, dry_run: bool) -> dict:
+    """A decode step captured and replayed against the same step run eagerly; time per token of each."""
+    from melt_kernels import LoopedLM, LoopedLMConfig, PagedCache
+    from melt_kernels.graphs import CapturedDecode
+    from utils import reseed
+
+    config = LoopedLMConfig(vocab_size=256, hidden_size=c.heads_q * c.head_dim // 2, num_hidden_layers=2,
+                            num_attention_heads=c.heads_q, num_key_value_heads=c.heads_kv, head_dim=c.head_dim,
+                            intermediate_size=256, total_ut_steps=2, gate="kv-head")
+    model = reseed(LoopedLM(config, backend=c.backend, dtype=DTYPES[c.dtype]), zlib.crc32(c.name.encode()))
+    model = model.to(device)
+    batch, prompt_len, steps = len(c.lengths), c.lengths[0], c.seqlen_q
+    max_seqlen = prompt_len + 2 * steps + 2 * c.page_size
+    prompt = torch.randint(0, 256, (batch, prompt_len), generator=torch.Generator().manual_seed(1)).to(device)
+    caches = [PagedCache(model.new_page_pool("melt", batch * -(-max_seqlen // c.page_size), c.page_size), batch,
+                         max_seqlen) for _ in range(3)]
+    with torch.no_grad():
+        firsts = [model.prefill(prompt, cache, last_only=True)[:, -1] for cache in caches]
+    replayed = CapturedDecode(model, caches[0])
+    eager = CapturedDecode(model, caches[1], capture=False)
+    problems = []
+    tokens = firsts[0].argmax(-1)
+    for _ in range(steps):
+        a, b = replayed.step(tokens), eager.step(tokens)
+        if not torch.equal(a, b):
+            problems.append("the replayed step differs from the eager capturable step")
+            break
+        tokens = a.argmax(-1)
+    record = dict(captured=replayed.captured)
+    if device == "cuda":
+        def per_token(step, tokens):
+            for _ in range(3):
+                step(tokens)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                step(tokens)
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / steps
+
+        with torch.no_grad():
+            record["graph_ms_per_token"] = per_token(replayed.step, tokens)
+            record["eager_capturable_ms_per_token"] = per_token(eager.step, tokens)
+            record["eager_ms_per_token"] = per_token(lambda t: model(t[:, None], caches[2], last_only=True), tokens)
+    return dict(record, problems=problems)
+
+
 RUNNERS = {"forward": run_forward, "splits": run_forward, "stale": run_forward, "determinism": run_determinism,
-           "backward": run_backward}
+           "backward": run_backward, "paged": run_paged, "graph": run_graph}
 
 
 def run_check(c: Check, dry_run: bool) -> dict:

@@ -97,8 +97,13 @@ def key_numbers(name: str, results: dict) -> str:
         c = results.get("correctness") or {}
         s = c.get("summary", {})
         failed = "; ".join(c.get("failures", [])[:3])
+        # The graph checks' time per decode token: replayed CUDA graph against the eager step.
+        graphs = [f"{r['name'].split('/')[1]} token {r['graph_ms_per_token']:.2f} ms graph, "
+                  f"{r['eager_ms_per_token']:.2f} ms eager" for r in c.get("checks", [])
+                  if r.get("graph_ms_per_token") is not None]
         return f"{s.get('passed', 0)} passed, {s.get('failed', 0)} failed, {s.get('error', 0)} errors, " \
-               f"{s.get('not_run', 0)} not run" + (f" ({failed})" if failed else "")
+               f"{s.get('not_run', 0)} not run" + (f" ({failed})" if failed else "") + \
+               "".join(f"; {g}" for g in graphs)
     if name == "bench":
         parts = []
         for r in results.get("decode", []):
@@ -118,6 +123,9 @@ def key_numbers(name: str, results: dict) -> str:
     if name == "pytest":
         return ", ".join(f"{v} {k}" for k, v in (results.get("pytest") or {}).items())
     return ""
+
+
+GRAPH_TIMES = ("graph_ms_per_token", "eager_capturable_ms_per_token", "eager_ms_per_token")
 
 
 def decode_plot(rows: list[dict], path: str) -> bool:
@@ -187,8 +195,8 @@ def main(argv=None) -> int:
             summary=correctness["summary"], meta=correctness["meta"],
             failures=[f"{c['name']}: {'; '.join(c['problems'])}" for c in correctness["checks"]
                       if c["status"] != "passed"],
-            checks=[{k: c.get(k) for k in ("name", "status", "seconds", "out_err", "out_allowed")}
-                    for c in correctness["checks"]])
+            checks=[{k: c.get(k) for k in ("name", "status", "seconds", "out_err", "out_allowed", *GRAPH_TIMES)
+                     if k in c or k not in GRAPH_TIMES} for c in correctness["checks"]])
 
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.json"), "w") as f:

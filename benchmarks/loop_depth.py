@@ -19,6 +19,19 @@ Methods (same weights, one model):
     python benchmarks/loop_depth.py                     # CPU: tiny model; GPU: Ouro-1.4B shape, bf16
     python benchmarks/loop_depth.py --quick --json out.json
     python benchmarks/loop_depth.py --loops 1 4 16 --json out.json --plot out.png
+
+``--serve`` runs the serving sweep instead: a paged, continuously batched
+decode (melt_kernels.PagedCache) at a fixed KV-memory budget (--serve-kv-gb)
+for melt and looplm at each T.  A queue of requests (--prompt tokens, then
+--serve-new-tokens generated) is admitted while the page pool can hold a
+request's whole life (no preemption), prefilled, merged into the decoding
+batch, and dropped when done, its pages freed.  Per (method, T): the page
+pool's pages, the sequences held at once (the batch the budget allows:
+"T times the sequences" measured, not computed), the mean batch, and the
+generated tokens per second of wall time (prefills included).
+
+    python benchmarks/loop_depth.py --serve --loops 1 2 4 8 --json serve.json   # GPU: Ouro-1.4B shape
+    python benchmarks/loop_depth.py --serve --quick                              # CPU, seconds
 """
 from __future__ import annotations
 
@@ -37,6 +50,7 @@ import torch
 from melt_kernels.backends import select_backend
 from melt_kernels.checks import check_inputs
 from melt_kernels.model import GATES, LoopedLM, LoopedLMConfig
+from melt_kernels.paged_cache import PagedCache
 
 PRESETS = {
     "quick": LoopedLMConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -52,11 +66,11 @@ METHODS = {"melt": ("melt", "auto"), "melt-unfused": ("melt", "reference"), "loo
 # Defaults that depend on the mode; an explicit flag wins.
 MODES = {
     "cpu": dict(config="tiny", dtype="float32", loops=[1, 2, 4, 8, 16], prompt=128, chunk=32, new_tokens=16,
-                warmup=2, context=None, budget_gb=None, threads=1),
+                warmup=2, context=None, budget_gb=None, threads=1, serve_kv_gb=0.05, serve_new_tokens=8),
     "cuda": dict(config="ouro-1.4b", dtype="bfloat16", loops=[1, 2, 4, 8, 16], prompt=1024, chunk=256,
-                 new_tokens=32, warmup=3, context=4096, budget_gb=40.0),
+                 new_tokens=32, warmup=3, context=4096, budget_gb=40.0, serve_kv_gb=20.0, serve_new_tokens=32),
     "quick": dict(config="quick", dtype=None, loops=[1, 2], prompt=8, chunk=4, new_tokens=3, warmup=1, context=64,
-                  budget_gb=0.25, threads=1),
+                  budget_gb=0.25, threads=1, serve_kv_gb=2**-14, serve_new_tokens=3),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 PROBE_STEPS = 2  # decode steps run where only memory is measured: every step has the same shapes
@@ -89,6 +103,12 @@ def parse_args(argv):
     p.add_argument("--json", metavar="FILE", help="write the records as a JSON list")
     p.add_argument("--plot", metavar="FILE.png", help="plot memory and time against T (needs matplotlib)")
     p.add_argument("--quick", action="store_true", help="smallest sizes and T in {1, 2}: seconds, for CI")
+    p.add_argument("--serve", action="store_true",
+                   help="the serving sweep (paged, continuously batched decode at a KV budget) instead")
+    p.add_argument("--serve-kv-gb", type=float, help="--serve: GiB of page pools (default 20 on a GPU)")
+    p.add_argument("--serve-new-tokens", type=int, help="--serve: tokens generated per request")
+    p.add_argument("--serve-requests", type=int, help="--serve: requests queued (default: twice what fits)")
+    p.add_argument("--page-size", type=int, default=16, help="--serve: tokens per page")
     args = p.parse_args(argv)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     defaults = MODES["quick" if args.quick else args.device.type]
@@ -289,6 +309,80 @@ def largest_batch(model: LoopedLM, kind: str, args, gen: torch.Generator) -> dic
     return dict(max_batch=lo, tokens_per_s=lo / seconds)
 
 
+def serving(model: LoopedLM, kind: str, args, gen: torch.Generator) -> dict:
+    """Continuous batching on a page pool of --serve-kv-gb (module docstring); returns the record's numbers."""
+    c, dtype = model.config, model.model.embed_tokens.weight.dtype
+    pairs = c.num_hidden_layers * (1 if kind == "melt" else model.num_loops)
+    page_bytes = 2 * pairs * args.page_size * c.num_key_value_heads * c.head_dim * dtype.itemsize
+    num_blocks = int(args.serve_kv_gb * 2**30) // page_bytes
+    life = args.prompt + args.serve_new_tokens
+    per_seq = -(-life // args.page_size)  # pages a request holds at its end
+    capacity = num_blocks // per_seq
+    if capacity == 0:
+        return dict(pages=num_blocks, capacity=0, seqs_held=0, mean_batch=0., tokens_per_s=None)
+    requests = args.serve_requests or 2 * capacity
+    pool = model.new_page_pool(kind, num_blocks, args.page_size)
+    batch = PagedCache(pool, 0, life)
+    left, tokens = [], None  # per row: tokens still to generate; the rows' last tokens (B, 1)
+    waiting, generated, held, steps, rows_stepped = requests, 0, 0, 0, 0
+    sync(args.device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        while waiting or batch.batch:
+            # Admission: a request enters when the free pages cover its whole life beside what the running rows
+            # will still take.
+            owed = sum(per_seq - int(n) for n in (batch.table_host >= 0).sum(1))
+            admit = min(waiting, (pool.free_pages - owed) // per_seq)
+            if admit:
+                new = PagedCache(pool, admit, life)
+                first = model.prefill(random_ids(model, admit, args.prompt, args.device, gen), new, args.chunk,
+                                      last_only=True)[:, -1].argmax(-1, keepdim=True)
+                batch.extend(new)
+                tokens = first if tokens is None else torch.cat([tokens, first])
+                left += [args.serve_new_tokens - 1] * admit
+                waiting -= admit
+                generated += admit
+            held = max(held, batch.batch)
+            done = [i for i, n in enumerate(left) if n == 0]
+            if done:
+                batch.drop(done)
+                keep = [i for i, n in enumerate(left) if n > 0]
+                tokens, left = tokens[keep], [left[i] for i in keep]
+            if not batch.batch:
+                continue
+            tokens = model(tokens, batch, last_only=True)[:, -1].argmax(-1, keepdim=True)
+            left = [n - 1 for n in left]
+            generated += batch.batch
+            rows_stepped += batch.batch
+            steps += 1
+    sync(args.device)
+    seconds = time.perf_counter() - start
+    return dict(pages=num_blocks, page_bytes=page_bytes, capacity=capacity, requests=requests, seqs_held=held,
+                mean_batch=rows_stepped / max(steps, 1), generated_tokens=generated, tokens_per_s=generated / seconds)
+
+
+def run_serving(args, model: LoopedLM, gen: torch.Generator) -> list[dict]:
+    print(f"# serving: page pools of {args.serve_kv_gb:g} GiB, pages of {args.page_size} tokens; requests of "
+          f"{args.prompt} prompt tokens (prefill chunks of {args.chunk}) + {args.serve_new_tokens} generated, "
+          f"admitted while their whole life fits; tokens/s = generated tokens / wall time, prefills included")
+    records = []
+    for method in [m for m in args.methods if m != "melt-unfused"]:
+        kind, backend = METHODS[method]
+        for loops in args.loops:
+            model.num_loops, model.backend = loops, backend
+            progress(f"serving {method} T={loops}")
+            records.append(dict(method=method, loops=loops, backend=resolved_backend(model, backend, args.device),
+                                device=args.device.type, dtype=args.dtype, **serving(model, kind, args, gen)))
+    header = ["method", "T", "pages", "capacity", "seqs held", "mean batch", "tokens/s"]
+    rows = [[r["method"], str(r["loops"]), str(r["pages"]), str(r["capacity"]), str(r["seqs_held"]),
+             f"{r['mean_batch']:.1f}", "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.1f}"]
+            for r in records]
+    widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
+    for row in [header] + rows:
+        print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+    return records
+
+
 # ---------------------------------------------------------------- output
 
 
@@ -386,6 +480,12 @@ def run(args) -> list[dict]:
     if on_gpu:
         print(f"# max batch: largest batch whose decode at context {args.context} peaks within "
               f"{args.budget_gb:g} GiB (weights included); tokens/s = batch / median decode step")
+    if args.serve:
+        records = run_serving(args, model, gen)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(records, f, indent=1)
+        return records
     for method, name in backends.items():
         if device.type == "cpu" and METHODS[method][1] == "auto":
             note = " (the Triton interpreter: not kernel speed)" if name == "triton" else \

@@ -18,6 +18,17 @@ using TensorArg = std::tuple<uintptr_t, std::array<int64_t, 3>>;  // (data_ptr, 
 // (kind, data_ptr, (B, M, Hkv, D) strides, alpha, 1 - alpha)
 using GateArg = std::tuple<int, uintptr_t, std::array<int64_t, 4>, double, double>;
 using Sizes = std::array<int, 6>;  // (B, M, Hq, Hkv, D, S)
+// (data_ptr, row stride, page_size, num_blocks); data_ptr 0: contiguous caches
+using TableArg = std::tuple<uintptr_t, int64_t, int, int>;
+
+melt::BlockTable block_table(const TableArg& t) {
+    melt::BlockTable r;
+    r.ptr = reinterpret_cast<const int32_t*>(std::get<0>(t));
+    r.stride = std::get<1>(t);
+    r.page_size = std::get<2>(t);
+    r.num_blocks = std::get<3>(t);
+    return r;
+}
 
 melt::Tensor4 tensor4(const TensorArg& t) {
     melt::Tensor4 r;
@@ -78,19 +89,21 @@ melt::FwdArgs fwd_args(const TensorArg& q, const TensorArg& k, const TensorArg& 
 void fwd(const TensorArg& q, const TensorArg& k, const TensorArg& v, const TensorArg& k_cache,
          const TensorArg& v_cache, const TensorArg& out, uintptr_t seqlens, uintptr_t lse, uintptr_t o_part,
          uintptr_t lse_part, const Sizes& sizes, const GateArg& gate_k, const GateArg& gate_v, double softmax_scale,
-         bool causal, int num_splits, int dtype, uintptr_t stream) {
-    melt::gated_kv_attention_fwd(fwd_args(q, k, v, k_cache, v_cache, out, seqlens, lse, o_part, lse_part, sizes,
-                                          gate_k, gate_v, softmax_scale, causal, num_splits),
-                                 dtype, reinterpret_cast<void*>(stream));
+         bool causal, int num_splits, int dtype, uintptr_t stream, const TableArg& table) {
+    melt::FwdArgs a = fwd_args(q, k, v, k_cache, v_cache, out, seqlens, lse, o_part, lse_part, sizes, gate_k, gate_v,
+                               softmax_scale, causal, num_splits);
+    a.block_table = block_table(table);
+    melt::gated_kv_attention_fwd(a, dtype, reinterpret_cast<void*>(stream));
 }
 
 py::list fwd_emulated(const TensorArg& q, const TensorArg& k, const TensorArg& v, const TensorArg& k_cache,
                       const TensorArg& v_cache, const TensorArg& out, uintptr_t seqlens, uintptr_t lse,
                       uintptr_t o_part, uintptr_t lse_part, const Sizes& sizes, const GateArg& gate_k,
                       const GateArg& gate_v, double softmax_scale, bool causal, int num_splits, int dtype, int order,
-                      uint64_t seed, bool record, int fault) {
-    const melt::FwdArgs a = fwd_args(q, k, v, k_cache, v_cache, out, seqlens, lse, o_part, lse_part, sizes, gate_k,
-                                     gate_v, softmax_scale, causal, num_splits);
+                      uint64_t seed, bool record, int fault, const TableArg& table) {
+    melt::FwdArgs a = fwd_args(q, k, v, k_cache, v_cache, out, seqlens, lse, o_part, lse_part, sizes, gate_k, gate_v,
+                               softmax_scale, causal, num_splits);
+    a.block_table = block_table(table);
     melt::EmulateOptions options;
     options.order = order;
     options.seed = seed;
@@ -175,7 +188,7 @@ PYBIND11_MODULE(_cuda, m) {
           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"), py::arg("out"),
           py::arg("seqlens"), py::arg("lse"), py::arg("o_part"), py::arg("lse_part"), py::arg("sizes"),
           py::arg("gate"), py::arg("gate_v"), py::arg("softmax_scale"), py::arg("causal"), py::arg("num_splits"),
-          py::arg("dtype"), py::arg("stream"));
+          py::arg("dtype"), py::arg("stream"), py::arg("block_table") = TableArg{0, 0, 0, 0});
     m.attr("ORDER_FORWARD") = static_cast<int>(melt::kOrderForward);
     m.attr("ORDER_REVERSE") = static_cast<int>(melt::kOrderReverse);
     m.attr("ORDER_SHUFFLE") = static_cast<int>(melt::kOrderShuffle);
@@ -191,7 +204,8 @@ PYBIND11_MODULE(_cuda, m) {
           py::arg("seqlens"), py::arg("lse"), py::arg("o_part"), py::arg("lse_part"), py::arg("sizes"),
           py::arg("gate"), py::arg("gate_v"), py::arg("softmax_scale"), py::arg("causal"), py::arg("num_splits"),
           py::arg("dtype"), py::arg("order") = static_cast<int>(melt::kOrderForward), py::arg("seed") = 0,
-          py::arg("record") = false, py::arg("fault") = static_cast<int>(melt::kFaultNone));
+          py::arg("record") = false, py::arg("fault") = static_cast<int>(melt::kFaultNone),
+          py::arg("block_table") = TableArg{0, 0, 0, 0});
     m.def("fused_update", &melt::fused_update, "Whether the attention blocks blend the active slots themselves.",
           py::arg("seqlen_q"), py::arg("heads_q"), py::arg("heads_kv"));
     m.def("grids", &grids, "Blocks of each 1-D launch of a forward call (blend, attention, combine; 0: not launched).",

@@ -222,16 +222,26 @@ MELT_HD uint4 blend_chunk(uint4 old, uint4 fresh, const Gate& g, int b, int i, i
     return res;
 }
 
+// Element offset of position `pos` of row b in `cache` (head and channel left out): b and pos through the
+// strides for a contiguous cache (the identity mapping), the block table's page for a pool, its entry clamped
+// into [0, num_blocks) whatever the table holds (pos itself is in [0, cache_len): clamped lengths, masked
+// tiles).
+MELT_HD int64_t cache_row(const BlockTable& table, const Tensor4& cache, int b, int pos) {
+    if (table.ptr == nullptr) return b * cache.stride[0] + static_cast<int64_t>(pos) * cache.stride[1];
+    const int page = imin(imax(load_global(table.ptr + b * table.stride + pos / table.page_size), 0),
+                          table.num_blocks - 1);
+    return page * cache.stride[0] + static_cast<int64_t>(pos % table.page_size) * cache.stride[1];
+}
+
 // Writes the update of channels d0..d0+7 of active token i (row b, kv head h)
 // into slot L + i of `cache` and returns the stored chunk.  With no gate the
 // old slot is not read.
 template <typename T>
-MELT_HD uint4 update_slot(const Tensor4& fresh, const Tensor4& cache, const Gate& gate, int b, int i, int h, int d0,
-                          int L) {
+MELT_HD uint4 update_slot(const Tensor4& fresh, const Tensor4& cache, const BlockTable& table, const Gate& gate,
+                          int b, int i, int h, int d0, int L) {
     const T* p_fresh = static_cast<const T*>(fresh.ptr) + b * fresh.stride[0] + i * fresh.stride[1] +
                        h * fresh.stride[2] + d0;
-    T* p_slot = static_cast<T*>(cache.ptr) + b * cache.stride[0] + static_cast<int64_t>(L + i) * cache.stride[1] +
-                h * cache.stride[2] + d0;
+    T* p_slot = static_cast<T*>(cache.ptr) + cache_row(table, cache, b, L + i) + h * cache.stride[2] + d0;
     uint4 b_new = load_global(reinterpret_cast<const uint4*>(p_fresh));
     if (gate.kind != kGateNone)
         b_new = blend_chunk<T>(load_global(reinterpret_cast<const uint4*>(p_slot)), b_new, gate, b, i, h, d0);
@@ -253,7 +263,8 @@ MELT_HD void blend_at(const FwdArgs& p, int64_t idx) {
     const int i = static_cast<int>(idx % p.seqlen_q);
     const int b = static_cast<int>(idx / p.seqlen_q);
     const int L = settled_length(load_global(p.seqlens + b), p.cache_len, p.seqlen_q);
-    update_slot<T>(is_v ? p.v : p.k, is_v ? p.v_cache : p.k_cache, is_v ? p.gate_v : p.gate_k, b, i, h, d0, L);
+    update_slot<T>(is_v ? p.v : p.k, is_v ? p.v_cache : p.k_cache, p.block_table, is_v ? p.gate_v : p.gate_k, b, i,
+                   h, d0, L);
 }
 
 // Two floats rounded into one register, the lower index in the low half (mma operand order).
@@ -398,8 +409,8 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const __grid_consta
         m_row[r] = row < n_rows;
         i_tok[r] = m_row[r] ? row / group : 0;
     }
-    const T* p_kc = static_cast<const T*>(p.k_cache.ptr) + blk.b * p.k_cache.stride[0] + blk.h * p.k_cache.stride[2];
-    const T* p_vc = static_cast<const T*>(p.v_cache.ptr) + blk.b * p.v_cache.stride[0] + blk.h * p.v_cache.stride[2];
+    const T* p_kc = static_cast<const T*>(p.k_cache.ptr) + blk.h * p.k_cache.stride[2];
+    const T* p_vc = static_cast<const T*>(p.v_cache.ptr) + blk.h * p.v_cache.stride[2];
 
     auto load_tile = [&](int t, int buf) {
         const Tile tile = tile_at(sch, t, p.seqlen_q);
@@ -413,15 +424,15 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const __grid_consta
                 // The owner split: active token j's slot, blended here and nowhere else.
                 uint4 b_k = make_uint4(0, 0, 0, 0), b_v = make_uint4(0, 0, 0, 0);
                 if (ok) {
-                    b_k = update_slot<T>(p.k, p.k_cache, p.gate_k, blk.b, j, blk.h, d0, sch.L);
-                    b_v = update_slot<T>(p.v, p.v_cache, p.gate_v, blk.b, j, blk.h, d0, sch.L);
+                    b_k = update_slot<T>(p.k, p.k_cache, p.block_table, p.gate_k, blk.b, j, blk.h, d0, sch.L);
+                    b_v = update_slot<T>(p.v, p.v_cache, p.block_table, p.gate_v, blk.b, j, blk.h, d0, sch.L);
                 }
                 *reinterpret_cast<uint4*>(s_kb + j * kStride + d0) = b_k;
                 *reinterpret_cast<uint4*>(s_vb + j * kStride + d0) = b_v;
             } else {
-                const int64_t pos = tile.start + (ok ? j : 0);
-                cp_async_16(s_kb + j * kStride + d0, p_kc + pos * p.k_cache.stride[1] + d0, ok);
-                cp_async_16(s_vb + j * kStride + d0, p_vc + pos * p.v_cache.stride[1] + d0, ok);
+                const int pos = tile.start + (ok ? j : 0);
+                cp_async_16(s_kb + j * kStride + d0, p_kc + cache_row(p.block_table, p.k_cache, blk.b, pos) + d0, ok);
+                cp_async_16(s_vb + j * kStride + d0, p_vc + cache_row(p.block_table, p.v_cache, blk.b, pos) + d0, ok);
             }
         }
     };

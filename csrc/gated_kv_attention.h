@@ -42,8 +42,18 @@ struct Tensor4 {
     int64_t stride[3] = {0, 0, 0};  // batch, seq, head
 };
 
+// Paged caches (SPEC 2.6, FlashAttention's layout): k_cache/v_cache are pools (num_blocks, page_size, Hkv, D)
+// and position p of row b is slot p % page_size of page ptr[b * stride + p / page_size]; the kernels clamp
+// every entry into [0, num_blocks), so no table reaches outside the pools.  Null: contiguous caches.
+struct BlockTable {
+    const int32_t* ptr = nullptr;  // (B, max_blocks) int32 on the device
+    int64_t stride = 0;            // row stride in elements
+    int page_size = 0, num_blocks = 0;
+};
+
 struct FwdArgs {
     Tensor4 q, k, v, k_cache, v_cache, out;
+    BlockTable block_table;  // cache_len is then max_blocks * page_size
     const int32_t* seqlens = nullptr;  // (B,) L_b on the device; clamped to [0, S - M] in the kernels
     float* lse = nullptr;              // (B, Hq, M) contiguous
     float* o_part = nullptr;           // (num_splits, B*Hq*M, D) float32, only when num_splits > 1

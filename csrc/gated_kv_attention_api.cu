@@ -69,6 +69,13 @@ void check_fwd_args(const FwdArgs& p) {
     check_rows("q", p.q);
     check_rows("out", p.out);
     check_update_args(p);
+    if (p.block_table.ptr != nullptr) {
+        const BlockTable& t = p.block_table;
+        require(t.page_size >= 16 && t.page_size <= 256 && t.page_size % 16 == 0,
+                "page_size must be a multiple of 16 in [16, 256]");
+        require(t.num_blocks >= 1 && p.cache_len % t.page_size == 0,
+                "paged caches need num_blocks >= 1 and cache_len = max_blocks * page_size");
+    }
     require(p.num_splits >= 1, "num_splits must be >= 1");
     require(p.num_splits == 1 || (p.o_part != nullptr && p.lse_part != nullptr),
             "num_splits > 1 needs the o_part/lse_part workspaces");

@@ -65,6 +65,31 @@ def _load_rows(p, o_r, r_hi, stride, o_d, m_d, WIDE: tl.constexpr):
 
 
 @triton.jit
+def _kv_rows(p, o_n, n_hi, stride, o_d, m_d, BT, stride_page, PAGE, NB, on_pages,
+             PAGED: tl.constexpr, WIDE: tl.constexpr):
+    """Rows ``o_n`` (zero at rows >= n_hi) of a key/value source at ``p``: [BN, BD].  With PAGED and
+    ``on_pages`` the source is a pool (``p`` carries the head offset only) and row n is slot n % PAGE of page
+    BT[n // PAGE] (BT: the row of the block table), the entry clamped into [0, NB) (SPEC 2.6)."""
+    m_rows = (o_n < n_hi)[:, None] & m_d[None, :]
+    if PAGED:
+        return tl.load(p + (_pool_rows(BT, o_n, o_n < n_hi, stride_page, stride, PAGE, NB, on_pages, WIDE)[:, None]
+                            + o_d[None, :]), mask=m_rows, other=0.)
+    return tl.load(_tile(p, o_n, stride, o_d, WIDE), mask=m_rows, other=0.)
+
+
+@triton.jit
+def _pool_rows(BT, o_n, m_n, stride_page, stride, PAGE, NB, on_pages, WIDE: tl.constexpr):
+    """Offsets of rows ``o_n``: through the block table when ``on_pages``, else ``o_n * stride``; 32-bit unless
+    WIDE (a pool or slice spanning 2**31 elements), as in :func:`_tile`."""
+    i_pg = tl.load(BT + o_n // PAGE, mask=tl.where(on_pages, m_n, False), other=0)
+    i_pg = tl.minimum(tl.maximum(i_pg, 0), NB - 1)
+    o_in = o_n % PAGE
+    if WIDE:
+        i_pg, o_in, o_n = i_pg.to(tl.int64), o_in.to(tl.int64), o_n.to(tl.int64)
+    return tl.where(on_pages, i_pg * stride_page + o_in * stride, o_n * stride)
+
+
+@triton.jit
 def _dot(a, b, UPCAST: tl.constexpr):
     """a @ b accumulated in float32.  The interpreter multiplies bfloat16 blocks as their raw uint16 bits, so
     there they are widened first: bf16 x bf16 products are exact in float32, as on tensor cores."""
@@ -98,23 +123,26 @@ def _bwd_preprocess_kernel(out, dout, dlse, delta,
 
 
 @triton.jit
-def _bwd_dkdv_kernel(q, k_cache, v_cache, k_new, v_new, cache_seqlens, dout, lse, delta,
+def _bwd_dkdv_kernel(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, dout, lse, delta,
                      dk_cache, dv_cache, dk_new, dv_new,
                      stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh,
                      stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                      stride_knb, stride_kns, stride_knh, stride_vnb, stride_vns, stride_vnh,
                      stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
                      stride_dnb, stride_dns, stride_dnh,
+                     stride_btb, stride_kcp, stride_vcp, stride_dkp, stride_dvp, PAGE, NB,
                      softmax_scale, qk_scale, S, M, Hq, Hkv, G, prefix_blocks, key_blocks,
                      D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                      IS_CAUSAL: tl.constexpr, PREFIX_DK: tl.constexpr, PREFIX_DV: tl.constexpr,
-                     UPCAST: tl.constexpr, WIDE: tl.constexpr):
+                     PAGED: tl.constexpr, UPCAST: tl.constexpr, WIDE: tl.constexpr):
     """One program per key block of a (b, kv head): grid (key_blocks * B * Hkv,).
 
     Programs [0, prefix_blocks) take blocks of the settled prefix (rows of the live cache) and add their dK/dV
     into dk_cache/dv_cache (PREFIX_DK/PREFIX_DV); the others take a block of the active slots (rows of
     k_new / v_new) and store dK/dV into dk_new/dv_new.  The last prefix program also takes every block past
     its own up to L_b: prefix_blocks comes from a bound on the lengths that may have been too small.
+    PAGED: the caches and their gradient buffers are pools read through ``block_table`` (their batch strides
+    are passed as 0; ``stride_*p`` are their page strides).
     """
     i_n, i_bh = tl.program_id(0) % key_blocks, tl.program_id(0) // key_blocks
     i_b, i_hk = (i_bh // Hkv).to(tl.int64), (i_bh % Hkv).to(tl.int64)
@@ -130,13 +158,16 @@ def _bwd_dkdv_kernel(q, k_cache, v_cache, k_new, v_new, cache_seqlens, dout, lse
                    v_new + i_b * stride_vnb + i_hk * stride_vnh)
     stride_k = tl.where(is_prefix, stride_kcs, stride_kns)
     stride_v = tl.where(is_prefix, stride_vcs, stride_vns)
+    p_bt = block_table + i_b * stride_btb
     o_d = tl.arange(0, BD)
     m_d = o_d < D
     for n0 in range(n_lo, n_stop, BN):
         o_n = n0 + tl.arange(0, BN)
         m_n = o_n < n_hi
-        b_k = _load_rows(p_k, o_n, n_hi, stride_k, o_d, m_d, WIDE)  # [BN, BD]
-        b_v = _load_rows(p_v, o_n, n_hi, stride_v, o_d, m_d, WIDE)  # [BN, BD]
+        b_k = _kv_rows(p_k, o_n, n_hi, stride_k, o_d, m_d, p_bt, stride_kcp, PAGE, NB, is_prefix, PAGED,
+                       WIDE)  # [BN, BD]
+        b_v = _kv_rows(p_v, o_n, n_hi, stride_v, o_d, m_d, p_bt, stride_vcp, PAGE, NB, is_prefix, PAGED,
+                       WIDE)  # [BN, BD]
         b_dk = tl.zeros([BN, BD], dtype=tl.float32)
         b_dv = tl.zeros([BN, BD], dtype=tl.float32)
 
@@ -176,11 +207,19 @@ def _bwd_dkdv_kernel(q, k_cache, v_cache, k_new, v_new, cache_seqlens, dout, lse
             # rounded to nearest (under the interpreter .to(bfloat16) truncates, and every call of a chain
             # rounds the same buffer again).
             if PREFIX_DK:
-                p_dk = dk_cache + _tile(i_b * stride_dkb + i_hk * stride_dkh, o_n, stride_dks, o_d, WIDE)
+                if PAGED:
+                    p_dk = dk_cache + i_hk * stride_dkh + (_pool_rows(p_bt, o_n, m_n, stride_dkp, stride_dks, PAGE,
+                                                                      NB, m_n, WIDE)[:, None] + o_d[None, :])
+                else:
+                    p_dk = dk_cache + _tile(i_b * stride_dkb + i_hk * stride_dkh, o_n, stride_dks, o_d, WIDE)
                 b_dk += tl.load(p_dk, mask=m_nd, other=0.).to(tl.float32)
                 tl.store(p_dk, _round(b_dk, dk_cache.dtype.element_ty, UPCAST), mask=m_nd)
             if PREFIX_DV:
-                p_dv = dv_cache + _tile(i_b * stride_dvb + i_hk * stride_dvh, o_n, stride_dvs, o_d, WIDE)
+                if PAGED:
+                    p_dv = dv_cache + i_hk * stride_dvh + (_pool_rows(p_bt, o_n, m_n, stride_dvp, stride_dvs, PAGE,
+                                                                      NB, m_n, WIDE)[:, None] + o_d[None, :])
+                else:
+                    p_dv = dv_cache + _tile(i_b * stride_dvb + i_hk * stride_dvh, o_n, stride_dvs, o_d, WIDE)
                 b_dv += tl.load(p_dv, mask=m_nd, other=0.).to(tl.float32)
                 tl.store(p_dv, _round(b_dv, dv_cache.dtype.element_ty, UPCAST), mask=m_nd)
         else:
@@ -191,14 +230,19 @@ def _bwd_dkdv_kernel(q, k_cache, v_cache, k_new, v_new, cache_seqlens, dout, lse
 
 @triton.jit
 def _dq_over(b_dq, b_q, b_do, b_lse2, b_delta, o_m, p_k, p_v, stride_k, stride_v, lo, hi, qk_scale, o_d, m_d,
-             MASK_CAUSAL: tl.constexpr, BN: tl.constexpr, UPCAST: tl.constexpr, WIDE: tl.constexpr):
+             p_bt, stride_kp, stride_vp, PAGE, NB,
+             MASK_CAUSAL: tl.constexpr, BN: tl.constexpr, PAGED: tl.constexpr, UPCAST: tl.constexpr,
+             WIDE: tl.constexpr):
     """Adds to dq [BM, BD] the keys/values at rows [lo, hi) of one source; with MASK_CAUSAL (the active
-    slots) row j is seen by active tokens i >= j only."""
+    slots) row j is seen by active tokens i >= j only; PAGED: the source is a pool read through the table."""
     for n0 in range(lo, hi, BN):
         o_n = n0 + tl.arange(0, BN)
         m_n = o_n < hi
-        b_k = _load_rows(p_k, o_n, hi, stride_k, o_d, m_d, WIDE)  # [BN, BD]
-        b_v = _load_rows(p_v, o_n, hi, stride_v, o_d, m_d, WIDE)  # [BN, BD]
+        on_pages = o_n >= 0  # all true: a paged source is paged throughout (a tensor, as a mask needs)
+        b_k = _kv_rows(p_k, o_n, hi, stride_k, o_d, m_d, p_bt, stride_kp, PAGE, NB, on_pages, PAGED,
+                       WIDE)  # [BN, BD]
+        b_v = _kv_rows(p_v, o_n, hi, stride_v, o_d, m_d, p_bt, stride_vp, PAGE, NB, on_pages, PAGED,
+                       WIDE)  # [BN, BD]
         b_s = _dot(b_q, tl.trans(b_k), UPCAST)  # [BM, BN]
         b_p = tl.exp2(b_s * qk_scale - b_lse2[:, None])
         m_vis = m_n[None, :]
@@ -212,14 +256,15 @@ def _dq_over(b_dq, b_q, b_do, b_lse2, b_delta, o_m, p_k, p_v, stride_k, stride_v
 
 
 @triton.jit
-def _bwd_dq_kernel(q, k_cache, v_cache, k_new, v_new, cache_seqlens, dout, lse, delta, dq,
+def _bwd_dq_kernel(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, dout, lse, delta, dq,
                    stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh,
                    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                    stride_knb, stride_kns, stride_knh, stride_vnb, stride_vns, stride_vnh,
                    stride_dqs, stride_dqb, stride_dqm, stride_dqh,
+                   stride_btb, stride_kcp, stride_vcp, PAGE, NB,
                    softmax_scale, qk_scale, S, M, Hq, G, split_len, m_blocks, batch_heads, splits,
                    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                   UPCAST: tl.constexpr, WIDE: tl.constexpr):
+                   PAGED: tl.constexpr, UPCAST: tl.constexpr, WIDE: tl.constexpr):
     """One program per query block per (b, query head) per prefix split: grid (m_blocks * B * Hq * splits,)."""
     i_m, i_r = tl.program_id(0) % m_blocks, tl.program_id(0) // m_blocks
     i_bh, i_s = i_r % batch_heads, i_r // batch_heads
@@ -240,16 +285,18 @@ def _bwd_dq_kernel(q, k_cache, v_cache, k_new, v_new, cache_seqlens, dout, lse, 
     # also takes the active slots.
     p_lo = i_s * split_len
     p_hi = tl.where(i_s == splits - 1, L, tl.minimum(p_lo + split_len, L))
+    p_bt = block_table + i_b * stride_btb
     b_dq = _dq_over(b_dq, b_q, b_do, b_lse2, b_delta, o_m,
                     k_cache + i_b * stride_kcb + i_hk * stride_kch, v_cache + i_b * stride_vcb + i_hk * stride_vch,
-                    stride_kcs, stride_vcs, p_lo, p_hi, qk_scale, o_d, m_d, False, BN, UPCAST, WIDE)
+                    stride_kcs, stride_vcs, p_lo, p_hi, qk_scale, o_d, m_d, p_bt, stride_kcp, stride_vcp, PAGE, NB,
+                    False, BN, PAGED, UPCAST, WIDE)
     a_hi = M
     if IS_CAUSAL:
         a_hi = tl.minimum((i_m + 1) * BM, M)
     b_dq = _dq_over(b_dq, b_q, b_do, b_lse2, b_delta, o_m,
                     k_new + i_b * stride_knb + i_hk * stride_knh, v_new + i_b * stride_vnb + i_hk * stride_vnh,
-                    stride_kns, stride_vns, 0, tl.where(i_s == 0, a_hi, 0), qk_scale, o_d, m_d,
-                    IS_CAUSAL, BN, UPCAST, WIDE)
+                    stride_kns, stride_vns, 0, tl.where(i_s == 0, a_hi, 0), qk_scale, o_d, m_d, p_bt, 0, 0, PAGE,
+                    NB, IS_CAUSAL, BN, False, UPCAST, WIDE)
     b_dq *= softmax_scale
     p_dq = dq + i_s.to(tl.int64) * stride_dqs + i_b * stride_dqb + i_hq * stride_dqh
     tl.store(_tile(p_dq, o_m, stride_dqm, o_d, WIDE), _round(b_dq, dq.dtype.element_ty, UPCAST),
@@ -270,11 +317,13 @@ _TILES_FP32 = {64: ((16, 64, 8, 2), (32, 64, 8, 2)),
 
 
 @functools.lru_cache(maxsize=1024)
-def _tiles(head_dim_p2: int, seqlen_q: int, dtype: torch.dtype, interpreted: bool, aligned: bool = True) -> dict:
+def _tiles(head_dim_p2: int, seqlen_q: int, dtype: torch.dtype, interpreted: bool, aligned: bool = True,
+           paged: bool = False) -> dict:
     """Tile sizes, warps and pipeline stages of the two main kernels.  The interpreter takes the smallest
     tiles so that tiny test shapes run every loop more than once.  16-bit tensors that are not ``aligned``
     (kernels/launch.py) load narrower and hold more registers: smaller tiles keep them within 64 bytes of
-    spills (ptxas, sm_90, Triton 3.6 and 3.9; ``benchmarks/aot_compile.py``)."""
+    spills (ptxas, sm_90, Triton 3.6 and 3.9; ``benchmarks/aot_compile.py``); so do ``paged`` caches, whose
+    key rows are addressed through the block table (half the key tile of the dK/dV kernel)."""
     if interpreted:
         return dict(BM_KV=16, BN_KV=16, BM_Q=16, BN_Q=16, BM_PRE=16, warps_kv=1, warps_q=1, stages_kv=1, stages_q=1)
     table = _TILES_FP32 if dtype == torch.float32 else _TILES_16BIT
@@ -282,6 +331,10 @@ def _tiles(head_dim_p2: int, seqlen_q: int, dtype: torch.dtype, interpreted: boo
     if not aligned and dtype != torch.float32:
         bn_kv = min(bn_kv, 32) if head_dim_p2 >= 128 else bn_kv
         if head_dim_p2 >= 256:
+            bm_q, bn_q, warps_q = 32, 32, 4
+    if paged:
+        bn_kv = max(16, bn_kv // 2)
+        if head_dim_p2 >= 256 and dtype != torch.float32:
             bm_q, bn_q, warps_q = 32, 32, 4
     # Query tiles no taller than the chunk (tl.dot needs 16 rows).
     m_cap = max(16, triton.next_power_of_2(seqlen_q))
@@ -313,6 +366,12 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
+def _row_strides(t: torch.Tensor, pool: bool) -> tuple:
+    """(batch, seq, head) strides; a pool's batch stride is 0 (its rows are found through the table)."""
+    strides = t.stride()[:3]
+    return (0,) + tuple(strides[1:]) if pool else tuple(strides)
+
+
 def bwd_grids(batch: int, seqlen_q: int, heads_q: int, heads_kv: int, prefix_blocks: int, splits: int,
               tiles: dict) -> dict:
     """The 1-D grid of each of the three launches (the kernels decompose the program id)."""
@@ -326,7 +385,7 @@ def bwd_grids(batch: int, seqlen_q: int, heads_q: int, heads_kv: int, prefix_blo
 def gated_kv_attention_bwd(q, k_cache, v_cache, k_new, v_new, cache_seqlens, out, lse, dout,
                            dlse: Optional[torch.Tensor], softmax_scale: float, causal: bool,
                            dk_cache: Optional[torch.Tensor] = None, dv_cache: Optional[torch.Tensor] = None,
-                           max_seqlen_k: Optional[int] = None):
+                           max_seqlen_k: Optional[int] = None, block_table: Optional[torch.Tensor] = None):
     """Attention's backward by recomputation from ``lse``; signature of ``gated_kv_attention_ref_bwd``.
 
     Keys/values at positions < L_b come from the live ``k_cache``/``v_cache``
@@ -336,10 +395,15 @@ def gated_kv_attention_bwd(q, k_cache, v_cache, k_new, v_new, cache_seqlens, out
     positions < L_b is added in place; nothing else of them is read or
     written.  ``max_seqlen_k`` sizes the work split (the capacity when None);
     it need not bound the lengths.  Returns (dq, dk_new, dv_new): dq in q's
-    dtype, dk_new/dv_new in float32 (they are blended in float32 next).
+    dtype, dk_new/dv_new in float32 (they are blended in float32 next).  With ``block_table`` (SPEC 2.6) the
+    caches and the cache gradient buffers are (num_blocks, page_size, Hkv, D) pools; rows must not share
+    settled pages when a cache gradient is asked for (two programs would add into one slot).
     """
     batch, seqlen_q, heads_q, head_dim = q.shape
-    cache_len, heads_kv = k_cache.shape[1], k_cache.shape[2]
+    heads_kv = k_cache.shape[2]
+    paged = block_table is not None
+    page_size = k_cache.shape[1] if paged else 0
+    cache_len = block_table.shape[1] * page_size if paged else k_cache.shape[1]
     groups = heads_q // heads_kv
     # What the work is split by: max_b(L_b) as far as the caller knows, else the most the cache allows.
     max_prefix = max(0, min(cache_len if max_seqlen_k is None else max_seqlen_k, cache_len) - seqlen_q)
@@ -347,7 +411,8 @@ def gated_kv_attention_bwd(q, k_cache, v_cache, k_new, v_new, cache_seqlens, out
     head_dim_p2 = max(16, triton.next_power_of_2(head_dim))
     # CPU tensors run under the interpreter; meta tensors (launches inspected, not run) get the GPU's plan.
     interpreted = device.type == "cpu"
-    tiles = _tiles(head_dim_p2, seqlen_q, q.dtype, interpreted, aligned(q, k_cache, v_cache, k_new, v_new, dout))
+    tiles = _tiles(head_dim_p2, seqlen_q, q.dtype, interpreted, aligned(q, k_cache, v_cache, k_new, v_new, dout),
+                   paged)
     cache_seqlens = cache_seqlens.to(device=device, dtype=torch.int32)
     dout = _unit_last(dout)
     # (B, Hq, M) float32 rows, read by flat index: tiny, so made contiguous here.
@@ -379,8 +444,15 @@ def gated_kv_attention_bwd(q, k_cache, v_cache, k_new, v_new, cache_seqlens, out
     sliced = [t for t in (q, dout, out, k_cache, v_cache, k_new, v_new, dk_cache, dv_cache, partial)
               if t is not None]
     wide = _needs_wide_offsets(sliced, blocks)
-    kv_strides = (*k_cache.stride()[:3], *v_cache.stride()[:3], *k_new.stride()[:3], *v_new.stride()[:3])
+    if paged:  # an offset inside a pool (or its gradient) reaches its whole extent
+        pools = [t for t in (k_cache, v_cache, dk_cache, dv_cache) if t is not None]
+        wide = wide or max(t.shape[0] * t.stride(0) for t in pools) >= 2**31
+    # Pools are addressed through the table: batch strides 0, page strides apart (unused when not paged).
+    kv_strides = (*_row_strides(k_cache, paged), *_row_strides(v_cache, paged), *k_new.stride()[:3],
+                  *v_new.stride()[:3])
     qdo_strides = (*q.stride()[:3], *dout.stride()[:3])
+    table = block_table if paged else cache_seqlens
+    page_args = (block_table.stride(0) if paged else 0, k_cache.stride(0), v_cache.stride(0))
 
     with device_guard(device):
         _bwd_preprocess_kernel[grids["_bwd_preprocess_kernel"]](
@@ -388,19 +460,23 @@ def gated_kv_attention_bwd(q, k_cache, v_cache, k_new, v_new, cache_seqlens, out
             seqlen_q, heads_q, triton.cdiv(seqlen_q, tiles["BM_PRE"]), D=head_dim, BM=tiles["BM_PRE"],
             BD=head_dim_p2, HAS_DLSE=has_dlse, WIDE=wide, num_warps=4)
         _bwd_dkdv_kernel[grids["_bwd_dkdv_kernel"]](
-            q, k_cache, v_cache, k_new, v_new, cache_seqlens, dout, lse, delta, dkc, dvc, dk_new, dv_new,
-            *qdo_strides, *kv_strides, *dkc.stride()[:3], *dvc.stride()[:3], *dk_new.stride()[:3],
+            q, k_cache, v_cache, k_new, v_new, cache_seqlens, table, dout, lse, delta, dkc, dvc, dk_new, dv_new,
+            *qdo_strides, *kv_strides, *_row_strides(dkc, paged and dk_cache is not None),
+            *_row_strides(dvc, paged and dv_cache is not None), *dk_new.stride()[:3],
+            *page_args, dkc.stride(0), dvc.stride(0), page_size, k_cache.shape[0],
             softmax_scale, qk_scale, cache_len, seqlen_q, heads_q, heads_kv, groups, prefix_blocks,
             prefix_blocks + triton.cdiv(seqlen_q, tiles["BN_KV"]),
             D=head_dim, BM=tiles["BM_KV"], BN=tiles["BN_KV"], BD=head_dim_p2, IS_CAUSAL=causal,
-            PREFIX_DK=dk_cache is not None, PREFIX_DV=dv_cache is not None, UPCAST=upcast, WIDE=wide,
+            PREFIX_DK=dk_cache is not None, PREFIX_DV=dv_cache is not None, PAGED=paged, UPCAST=upcast, WIDE=wide,
             num_warps=tiles["warps_kv"], num_stages=tiles["stages_kv"])
         _bwd_dq_kernel[grids["_bwd_dq_kernel"]](
-            q, k_cache, v_cache, k_new, v_new, cache_seqlens, dout, lse, delta, partial,
+            q, k_cache, v_cache, k_new, v_new, cache_seqlens, table, dout, lse, delta, partial,
             *qdo_strides, *kv_strides, 0 if splits == 1 else partial.stride(0), *partial.stride()[-4:-1],
+            *page_args, page_size, k_cache.shape[0],
             softmax_scale, qk_scale, cache_len, seqlen_q, heads_q, groups, split_len, q_blocks,
             batch * heads_q, splits,
-            D=head_dim, BM=tiles["BM_Q"], BN=tiles["BN_Q"], BD=head_dim_p2, IS_CAUSAL=causal, UPCAST=upcast,
+            D=head_dim, BM=tiles["BM_Q"], BN=tiles["BN_Q"], BD=head_dim_p2, IS_CAUSAL=causal, PAGED=paged,
+            UPCAST=upcast,
             WIDE=wide, num_warps=tiles["warps_q"], num_stages=tiles["stages_q"])
     if splits > 1:
         dq = partial.sum(0).to(q.dtype)

@@ -36,6 +36,16 @@ the kernel, so even a CUDA ``cache_seqlens`` with bad values (not checked on
 the host, since that would sync) never makes the kernels read or write
 outside [0, S).  Offsets along the batch, sequence and head dimensions are
 int64.
+
+Paged caches (PAGED, SPEC 2.6): the caches are pools (num_blocks, page_size,
+Hkv, D) and every cache address goes through :func:`_cache_offsets`, which
+maps logical position p of row b to slot p % page_size of page
+block_table[b, p // page_size], the entry clamped into [0, num_blocks); S is
+then max_blocks * page_size.  The contiguous cache is the same code with the
+identity mapping (the row in the base pointer, p times the sequence stride):
+one kernel, and the ownership rule above holds unchanged as long as no two
+rows' active slots share a physical slot (checked on the host when the table
+is there).
 """
 from __future__ import annotations
 
@@ -85,20 +95,39 @@ def _round(x, dtype: tl.constexpr, FIX_BF16: tl.constexpr):
 
 
 @triton.jit
-def _blend_active(C, X, GATE, g_alpha, g_beta, s_cn, s_xm, s_gm, s_gd, L, M, S,
-                  GATE_KIND: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                  FIX_BF16: tl.constexpr):
+def _cache_offsets(BT, o_p, m_p, s_page, s_pos, PAGE, NB, PAGED: tl.constexpr):
+    """int64 offsets of logical positions ``o_p`` of one row inside its cache (``m_p``: the positions used).
+
+    Contiguous caches: position times the sequence stride (the row is in the base pointer).  Paged caches
+    (SPEC 2.6): slot o_p % PAGE of page BT[o_p // PAGE] (BT: the row of the block table), the entry clamped to
+    [0, NB) so that whatever the table holds no access leaves the pool.
+    """
+    if PAGED:
+        i_pg = tl.load(BT + o_p // PAGE, mask=m_p, other=0)
+        i_pg = tl.minimum(tl.maximum(i_pg, 0), NB - 1)
+        offsets = i_pg.to(tl.int64) * s_page + (o_p % PAGE).to(tl.int64) * s_pos
+    else:
+        offsets = o_p.to(tl.int64) * s_pos
+    return offsets
+
+
+@triton.jit
+def _blend_active(C, X, GATE, BT, g_alpha, g_beta, s_cb, s_cn, s_xm, s_gm, s_gd, L, M, S, PAGE, NB,
+                  GATE_KIND: tl.constexpr, PAGED: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr, FIX_BF16: tl.constexpr):
     """C[L + i] = alpha * C_old[L + i] + (1 - alpha) * X[i] for i < M (L + i < S), in float32, rounded once.
 
-    C, X and GATE point at the (b, h) slice of the cache, the fresh values and the gate.
+    C, X and GATE point at the (b, h) slice of the cache (of the pool: head only, when PAGED), the fresh
+    values and the gate; BT at the row of the block table.
     """
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
     for i_0 in range(0, M, BLOCK_N):
         o_i = i_0 + tl.arange(0, BLOCK_N)
         o_p = L + o_i
-        m_x = ((o_i < M) & (o_p < S))[:, None] & m_d[None, :]
-        p_c = C + o_p.to(tl.int64)[:, None] * s_cn + o_d[None, :]
+        m_p = (o_i < M) & (o_p < S)
+        m_x = m_p[:, None] & m_d[None, :]
+        p_c = C + _cache_offsets(BT, o_p, m_p, s_cb, s_cn, PAGE, NB, PAGED)[:, None] + o_d[None, :]
         # [BN, BD]
         b_x = tl.load(X + o_i.to(tl.int64)[:, None] * s_xm + o_d[None, :], mask=m_x, other=0.)
         if GATE_KIND == 0:
@@ -115,9 +144,9 @@ def _blend_active(C, X, GATE, g_alpha, g_beta, s_cn, s_xm, s_gm, s_gd, L, M, S,
 
 
 @triton.jit
-def _attend(acc, b_m, b_l, b_q, KC, VC, s_kn, s_vn, lo, hi, b_last, qk_scale,
-            MASK_CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-            PRECISION: tl.constexpr, FIX_BF16: tl.constexpr):
+def _attend(acc, b_m, b_l, b_q, KC, VC, BT, s_kb, s_kn, s_vb, s_vn, lo, hi, b_last, qk_scale, PAGE, NB,
+            MASK_CAUSAL: tl.constexpr, PAGED: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, FIX_BF16: tl.constexpr):
     """Online softmax of the rows of ``b_q`` over keys [lo, hi); with MASK_CAUSAL row r sees keys <= b_last[r].
 
     Scores are in the log2 domain (``qk_scale`` includes log2(e)).  The first
@@ -132,8 +161,10 @@ def _attend(acc, b_m, b_l, b_q, KC, VC, s_kn, s_vn, lo, hi, b_last, qk_scale,
         m_n = o_n < hi
         m_kv = m_n[:, None] & m_d[None, :]
         # [BN, BD]
-        b_k = tl.load(KC + o_n.to(tl.int64)[:, None] * s_kn + o_d[None, :], mask=m_kv, other=0.)
-        b_v = tl.load(VC + o_n.to(tl.int64)[:, None] * s_vn + o_d[None, :], mask=m_kv, other=0.)
+        b_k = tl.load(KC + _cache_offsets(BT, o_n, m_n, s_kb, s_kn, PAGE, NB, PAGED)[:, None] + o_d[None, :],
+                      mask=m_kv, other=0.)
+        b_v = tl.load(VC + _cache_offsets(BT, o_n, m_n, s_vb, s_vn, PAGE, NB, PAGED)[:, None] + o_d[None, :],
+                      mask=m_kv, other=0.)
         # [BR, BN]
         b_s = _dot(b_q, tl.trans(b_k), PRECISION, FIX_BF16) * qk_scale
         m_s = m_n[None, :]
@@ -152,16 +183,16 @@ def _attend(acc, b_m, b_l, b_q, KC, VC, s_kn, s_vn, lo, hi, b_last, qk_scale,
 
 @triton.jit
 def gated_kv_attention_fwd_kernel(
-    Q, K, V, KC, VC, SEQLENS, GK, GV, O, LSE, O_PART, LSE_PART,
+    Q, K, V, KC, VC, SEQLENS, BT, GK, GV, O, LSE, O_PART, LSE_PART,
     s_qb, s_qm, s_qh, s_kb, s_km, s_kh, s_vb, s_vm, s_vh,
-    s_kcb, s_kcn, s_kch, s_vcb, s_vcn, s_vch,
+    s_kcb, s_kcn, s_kch, s_vcb, s_vcn, s_vch, s_btb,
     s_gkb, s_gkm, s_gkh, s_gkd, s_gvb, s_gvm, s_gvh, s_gvd,
     gk_alpha, gk_beta, gv_alpha, gv_beta,
     s_ob, s_om, s_oh, s_lb, s_lh,
-    qk_scale, M, S, HKV, NR, NT, NS, SPLIT_LEN,
+    qk_scale, M, S, HKV, NR, NT, NS, SPLIT_LEN, PAGE, NB,
     G: tl.constexpr, D: tl.constexpr, GATE_K: tl.constexpr, GATE_V: tl.constexpr, CAUSAL: tl.constexpr,
-    SEPARATE_OWNER: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr, FIX_BF16: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SEPARATE_OWNER: tl.constexpr, DIRECT: tl.constexpr, PAGED: tl.constexpr, PRECISION: tl.constexpr,
+    FIX_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program per work item t of a (b, h): grid (B * Hkv * NT,), NT = SEPARATE_OWNER + NR * P.
 
@@ -200,13 +231,20 @@ def gated_kv_attention_fwd_kernel(
         p_lo = i_t * SPLIT_LEN
         p_hi = tl.where(i_t == NT - 1, L, tl.minimum(p_lo + SPLIT_LEN, L))
 
-    KC = KC + i_b64 * s_kcb + i_h64 * s_kch
-    VC = VC + i_b64 * s_vcb + i_h64 * s_vch
+    # Paged: S is the row's logical capacity (max_blocks * PAGE) and the row lives in the table, not the base.
+    KC = KC + i_h64 * s_kch
+    VC = VC + i_h64 * s_vch
+    BT = BT + i_b64 * s_btb
+    if not PAGED:
+        KC = KC + i_b64 * s_kcb
+        VC = VC + i_b64 * s_vcb
     if is_owner:
-        _blend_active(KC, K + i_b64 * s_kb + i_h64 * s_kh, GK + i_b64 * s_gkb + i_h64 * s_gkh, gk_alpha, gk_beta,
-                      s_kcn, s_km, s_gkm, s_gkd, L, M, S, GATE_K, D, BLOCK_N, BLOCK_D, FIX_BF16)
-        _blend_active(VC, V + i_b64 * s_vb + i_h64 * s_vh, GV + i_b64 * s_gvb + i_h64 * s_gvh, gv_alpha, gv_beta,
-                      s_vcn, s_vm, s_gvm, s_gvd, L, M, S, GATE_V, D, BLOCK_N, BLOCK_D, FIX_BF16)
+        _blend_active(KC, K + i_b64 * s_kb + i_h64 * s_kh, GK + i_b64 * s_gkb + i_h64 * s_gkh, BT, gk_alpha,
+                      gk_beta, s_kcb, s_kcn, s_km, s_gkm, s_gkd, L, M, S, PAGE, NB, GATE_K, PAGED, D, BLOCK_N,
+                      BLOCK_D, FIX_BF16)
+        _blend_active(VC, V + i_b64 * s_vb + i_h64 * s_vh, GV + i_b64 * s_gvb + i_h64 * s_gvh, BT, gv_alpha,
+                      gv_beta, s_vcb, s_vcn, s_vm, s_gvm, s_gvd, L, M, S, PAGE, NB, GATE_V, PAGED, D, BLOCK_N,
+                      BLOCK_D, FIX_BF16)
     # The owner's stores must be visible to all its threads before it reads the slots back.
     tl.debug_barrier()
 
@@ -225,15 +263,15 @@ def gated_kv_attention_fwd_kernel(
         b_m = tl.full([BLOCK_R], float("-inf"), tl.float32)
         b_l = tl.zeros([BLOCK_R], tl.float32)
         acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-        acc, b_m, b_l = _attend(acc, b_m, b_l, b_q, KC, VC, s_kcn, s_vcn, p_lo, p_hi, b_last, qk_scale,
-                                False, D, BLOCK_N, BLOCK_D, PRECISION, FIX_BF16)
+        acc, b_m, b_l = _attend(acc, b_m, b_l, b_q, KC, VC, BT, s_kcb, s_kcn, s_vcb, s_vcn, p_lo, p_hi, b_last,
+                                qk_scale, PAGE, NB, False, PAGED, D, BLOCK_N, BLOCK_D, PRECISION, FIX_BF16)
         if is_owner:
             # Causal rows of this block see no active key past their last token.
             t_hi = a_hi
             if CAUSAL:
                 t_hi = tl.minimum(a_hi, L + (tl.minimum((i_r + 1) * BLOCK_R, R) - 1) // G + 1)
-            acc, b_m, b_l = _attend(acc, b_m, b_l, b_q, KC, VC, s_kcn, s_vcn, L, t_hi, b_last, qk_scale,
-                                    CAUSAL, D, BLOCK_N, BLOCK_D, PRECISION, FIX_BF16)
+            acc, b_m, b_l = _attend(acc, b_m, b_l, b_q, KC, VC, BT, s_kcb, s_kcn, s_vcb, s_vcn, L, t_hi, b_last,
+                                    qk_scale, PAGE, NB, CAUSAL, PAGED, D, BLOCK_N, BLOCK_D, PRECISION, FIX_BF16)
         # An empty prefix split (l = 0) leaves out = 0 and lse = -inf, which the merge weighs by 0.
         b_l_safe = tl.where(b_l > 0, b_l, 1.)
         b_out = acc / b_l_safe[:, None]
@@ -402,8 +440,8 @@ _plan = functools.lru_cache(maxsize=4096)(plan_launch)
 
 
 def gated_kv_attention_fwd(q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v, softmax_scale, causal,
-                           max_seqlen_k=None, *, block_r=None, block_n=None, split_len=None, num_warps=None,
-                           num_stages=None, input_precision=None):
+                           max_seqlen_k=None, *, block_table=None, block_r=None, block_n=None, split_len=None,
+                           num_warps=None, num_stages=None, input_precision=None):
     """In-place gated update of the active slots and attention over the updated caches (SPEC §2.1-2.2).
 
     Same signature and result as ``melt_kernels.reference.gated_kv_attention_ref_fwd``: returns
@@ -412,10 +450,13 @@ def gated_kv_attention_fwd(q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_
     the last split of each row reaches its true length.  Keyword overrides (for tests and tuning):
     ``block_r``/``block_n`` tile sizes (powers of two >= 16), ``split_len`` keys per prefix split,
     ``num_warps``/``num_stages``, ``input_precision`` of float32 dot products ("ieee" by default; "tf32"
-    opts into TF32).
+    opts into TF32).  ``block_table``: paged caches (SPEC 2.6), the caches then being pools.
     """
     batch, seqlen_q, heads_q, head_dim = q.shape
-    heads_kv, cache_len = k.shape[2], k_cache.shape[1]
+    heads_kv = k.shape[2]
+    paged = block_table is not None
+    page_size = k_cache.shape[1] if paged else 0
+    cache_len = block_table.shape[1] * page_size if paged else k_cache.shape[1]
     groups = heads_q // heads_kv
     max_prefix = max(0, min(cache_len if max_seqlen_k is None else max_seqlen_k, cache_len) - seqlen_q)
     device = q.device
@@ -448,14 +489,16 @@ def gated_kv_attention_fwd(q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_
 
     with device_guard(device):
         gated_kv_attention_fwd_kernel[grids["gated_kv_attention_fwd_kernel"]](
-            q, k, v, k_cache, v_cache, cache_seqlens, gk, gv, out, lse, o_part, lse_part,
+            q, k, v, k_cache, v_cache, cache_seqlens, block_table if paged else cache_seqlens, gk, gv, out, lse,
+            o_part, lse_part,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
+            block_table.stride(0) if paged else 0,
             *s_gk, *s_gv, gk_alpha, gk_beta, gv_alpha, gv_beta,
             *out.stride()[:3], lse.stride(0), lse.stride(1),
             softmax_scale * LOG2E, seqlen_q, cache_len, heads_kv, plan.row_blocks, plan.items, slots,
-            plan.split_len,
+            plan.split_len, page_size, k_cache.shape[0],
             G=groups, D=head_dim, GATE_K=gk_kind, GATE_V=gv_kind, CAUSAL=causal,
-            SEPARATE_OWNER=plan.separate_owner, DIRECT=direct, PRECISION=precision,
+            SEPARATE_OWNER=plan.separate_owner, DIRECT=direct, PAGED=paged, PRECISION=precision,
             FIX_BF16=fix_bf16,
             BLOCK_R=plan.block_r, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d,
             num_warps=plan.num_warps, num_stages=plan.num_stages,

@@ -8,6 +8,7 @@ from importlib import metadata as _metadata
 from melt_kernels.backends import available_backends
 from melt_kernels.cache import LoopLMCache, MeltCache
 from melt_kernels.gated_kv_attention import gated_kv_attention
+from melt_kernels.paged_cache import PagedCache, PagePool
 from melt_kernels import model, ouro, train
 from melt_kernels.model import LoopedLM, LoopedLMConfig, kv_bytes_per_token
 from melt_kernels.ouro import load_ouro, to_melt

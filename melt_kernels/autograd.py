@@ -49,7 +49,7 @@ import torch
 from torch.autograd.graph import increment_version
 
 from melt_kernels.checks import Gate, Problem
-from melt_kernels.reference import active_index, compute_dtype
+from melt_kernels.reference import active_slots, compute_dtype
 
 _WRITE_LOG = "_melt_write_log"
 
@@ -157,17 +157,17 @@ class GatedKVAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v, softmax_scale, causal,
-                max_seqlen_k, impl, logs, links):
+                max_seqlen_k, block_table, impl, logs, links):
         ctx.set_materialize_grads(False)
-        index = active_index(cache_seqlens, tuple(k.shape))
+        index = active_slots(cache_seqlens, k.shape[1], k_cache, block_table)
         # The old slot values and the fresh ones only enter a gate's gradient.
         need_alpha = (isinstance(gate, torch.Tensor) and ctx.needs_input_grad[6],
                       isinstance(gate_v, torch.Tensor) and ctx.needs_input_grad[7])
-        k_old = k_cache.gather(1, index) if need_alpha[0] else None
-        v_old = v_cache.gather(1, index) if need_alpha[1] else None
+        k_old = k_cache[index] if need_alpha[0] else None
+        v_old = v_cache[index] if need_alpha[1] else None
         out, lse = impl.fwd(q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v, softmax_scale, causal,
-                            max_seqlen_k)
-        k_new, v_new = k_cache.gather(1, index), v_cache.gather(1, index)
+                            max_seqlen_k, **_table(block_table))
+        k_new, v_new = k_cache[index], v_cache[index]
         # No gradient reaches k/v/gate/old cache through k_new unless one of them wants it.
         for new, needs in ((k_new, (1, 3, 6)), (v_new, (2, 4, 7))):
             if not any(ctx.needs_input_grad[i] for i in needs):
@@ -177,7 +177,7 @@ class GatedKVAttentionFunction(torch.autograd.Function):
         # guarded by _check_not_rewritten instead of autograd's saved-tensor check.
         ctx.save_for_backward(q, k if need_alpha[0] else None, v if need_alpha[1] else None, cache_seqlens,
                               _gate_tensor(gate), _gate_tensor(gate_v), k_old, v_old, k_new, v_new, out, lse,
-                              k_cache.data, v_cache.data)
+                              k_cache.data, v_cache.data, block_table)
         ctx.gates = (None if isinstance(gate, torch.Tensor) else gate,
                      None if isinstance(gate_v, torch.Tensor) else gate_v)
         ctx.cache_roots = (weakref.ref(_root(k_cache)), weakref.ref(_root(v_cache)))
@@ -191,7 +191,7 @@ class GatedKVAttentionFunction(torch.autograd.Function):
         for name, root_ref, log in zip(("k_cache", "v_cache"), ctx.cache_roots, ctx.logs):
             _check_not_rewritten(name, root_ref, log)
         (q, k, v, cache_seqlens, gate_t, gate_v_t, k_old, v_old, k_new, v_new, out, lse, k_live,
-         v_live) = ctx.saved_tensors
+         v_live, block_table) = ctx.saved_tensors
         gate = gate_t if gate_t is not None else ctx.gates[0]
         gate_v = gate_v_t if gate_v_t is not None else ctx.gates[1]
         # The caches' gradient after this call (from this call's commit nodes), or zeros at the end of a chain.
@@ -207,9 +207,10 @@ class GatedKVAttentionFunction(torch.autograd.Function):
             dout = torch.zeros_like(out)
         # Adds attention's gradient at positions < L_b into the cache gradients.
         dq, dk_attn, dv_attn = ctx.impl.bwd(q, k_live, v_live, k_new, v_new, cache_seqlens, out, lse, dout, dlse,
-                                            ctx.softmax_scale, ctx.causal, *cache_grads, ctx.max_seqlen_k)
+                                            ctx.softmax_scale, ctx.causal, *cache_grads, ctx.max_seqlen_k,
+                                            **_table(block_table))
 
-        index = active_index(cache_seqlens, tuple(k_new.shape))
+        index = active_slots(cache_seqlens, k_new.shape[1], k_live, block_table)
         ct = compute_dtype(q.dtype)
         grads = []
         for d_attn, d_in, d_cache, fresh, old, alpha, need_alpha, previous in (
@@ -222,15 +223,12 @@ class GatedKVAttentionFunction(torch.autograd.Function):
             if d_cache is not None:
                 # The active slots' old values reach the output only through the blend (nothing with
                 # write-through): their gradient replaces what the slots' new values got.
-                if d_old_active is None:
-                    d_cache.scatter_(1, index, 0.)
-                else:
-                    d_cache.scatter_(1, index, d_old_active.to(d_cache.dtype))
+                d_cache[index] = 0. if d_old_active is None else d_old_active.to(d_cache.dtype)
                 if previous is not None:
                     previous.handed = d_cache
             grads.append((d_fresh.to(k_new.dtype), d_cache, d_alpha))
         (dk, dk_cache, dgate), (dv, dv_cache, dgate_v) = grads
-        return dq, dk, dv, dk_cache, dv_cache, None, dgate, dgate_v, None, None, None, None, None, None
+        return dq, dk, dv, dk_cache, dv_cache, None, dgate, dgate_v, None, None, None, None, None, None, None
 
 
 class _CommitFunction(torch.autograd.Function):
@@ -241,11 +239,11 @@ class _CommitFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, cache, new, cache_seqlens, link):
+    def forward(ctx, cache, new, cache_seqlens, block_table, link):
         ctx.set_materialize_grads(False)
         ctx.mark_dirty(cache)
-        ctx.save_for_backward(cache_seqlens)
-        ctx.kv_shape = tuple(new.shape)
+        ctx.save_for_backward(cache_seqlens, block_table)
+        ctx.seqlen_q = new.shape[1]
         ctx.link = link
         ctx.is_view = cache._is_view()
         return cache
@@ -255,9 +253,10 @@ class _CommitFunction(torch.autograd.Function):
         link = ctx.link
         handed, link.handed = link.handed, None
         if d_cache is None:
-            return None, None, None, None
-        cache_seqlens, = ctx.saved_tensors
-        d_new = d_cache.gather(1, active_index(cache_seqlens, ctx.kv_shape)) if ctx.needs_input_grad[1] else None
+            return None, None, None, None, None
+        cache_seqlens, block_table = ctx.saved_tensors
+        d_new = d_cache[active_slots(cache_seqlens, ctx.seqlen_q, d_cache, block_table)] \
+            if ctx.needs_input_grad[1] else None
         d_old = None
         if ctx.needs_input_grad[0]:
             # The op's own buffer is taken as it is; anything else is copied once into a buffer the op owns.
@@ -267,7 +266,12 @@ class _CommitFunction(torch.autograd.Function):
             # then, broadcast from one element (no allocation).
             if ctx.is_view:
                 d_old = d_cache.new_zeros(()).expand(d_cache.shape)
-        return d_old, d_new, None, None
+        return d_old, d_new, None, None, None
+
+
+def _table(block_table: Optional[torch.Tensor]) -> dict:
+    """The launchers' keyword for paged caches, passed only when there is a table."""
+    return {} if block_table is None else {"block_table": block_table}
 
 
 def run(problem: Problem, impl) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,18 +282,21 @@ def run(problem: Problem, impl) -> tuple[torch.Tensor, torch.Tensor]:
     bound = p.max_seqlen_k if p.max_seqlen_k is not None or impl.needs_true_bound else p.seqlen_k_hint
     args = (p.q, p.k, p.v, p.k_cache, p.v_cache, p.cache_seqlens, p.gate, p.gate_v, p.softmax_scale, p.causal,
             bound)
+    table = p.block_table
     logs = (begin_write(p.k_cache), begin_write(p.v_cache))
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
             p.q, p.k, p.v, p.k_cache, p.v_cache, _gate_tensor(p.gate), _gate_tensor(p.gate_v))):
         # The backward keeps its own copy of the (B,) lengths: callers advance theirs in place
-        # (MeltCache.advance) before the backward runs.
+        # (MeltCache.advance) before the backward runs; likewise the table (a page allocator grows it in place).
         lengths = p.cache_seqlens.clone()
+        table = None if table is None else table.clone()
         links = (_CacheLink(), _CacheLink())
-        out, lse, k_new, v_new = GatedKVAttentionFunction.apply(*args[:5], lengths, *args[6:], impl, logs, links)
-        _CommitFunction.apply(p.k_cache, k_new, lengths, links[0])
-        _CommitFunction.apply(p.v_cache, v_new, lengths, links[1])
+        out, lse, k_new, v_new = GatedKVAttentionFunction.apply(*args[:5], lengths, *args[6:], table, impl, logs,
+                                                                links)
+        _CommitFunction.apply(p.k_cache, k_new, lengths, table, links[0])
+        _CommitFunction.apply(p.v_cache, v_new, lengths, table, links[1])
     else:
-        out, lse = impl.fwd(*args)
+        out, lse = impl.fwd(*args, **_table(table))
         # Kernel writes do not move the version counter; declare the mutation.
         increment_version(p.k_cache)
         increment_version(p.v_cache)

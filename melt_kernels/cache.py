@@ -18,7 +18,19 @@ from typing import Union
 import torch
 
 
+def steps_per_row(num_tokens: Union[int, torch.Tensor], batch: int) -> torch.Tensor:
+    """``num_tokens`` settled per row (an int for all rows, or a (B,) tensor) as a (B,) int32 host tensor."""
+    step = torch.as_tensor(num_tokens, dtype=torch.int32).expand(batch) if isinstance(num_tokens, int) \
+        else num_tokens.to(device="cpu", dtype=torch.int32)
+    if tuple(step.shape) != (batch,):
+        raise ValueError(f"num_tokens must be an int or have shape ({batch},), got {tuple(step.shape)}")
+    return step
+
+
 class _KVCache:
+    # Contiguous caches: no block table (melt_kernels.paged_cache.PagedCache has one).
+    block_table = None
+
     def __init__(self, num_pairs: int, batch: int, max_seqlen: int, heads_kv: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu"):
         for name, value in (("num_pairs", num_pairs), ("batch", batch), ("max_seqlen", max_seqlen),
@@ -56,12 +68,14 @@ class _KVCache:
         """How many more tokens the fullest row can take."""
         return self.max_seqlen - int(self.seqlens_host.max())
 
+    def reserve(self, num_tokens: int) -> None:
+        """Makes room for a chunk of ``num_tokens``: allocated up front, a contiguous cache only checks it."""
+        if num_tokens > self.room():
+            raise ValueError(f"{num_tokens} more tokens do not fit: the cache has room for {self.room()}")
+
     def advance(self, num_tokens: Union[int, torch.Tensor]) -> None:
         """Settles ``num_tokens`` (an int, or a (B,) tensor per row) active tokens after the last loop."""
-        step = torch.as_tensor(num_tokens, dtype=torch.int32).expand(self.batch) if isinstance(num_tokens, int) \
-            else num_tokens.to(device="cpu", dtype=torch.int32)
-        if tuple(step.shape) != (self.batch,):
-            raise ValueError(f"num_tokens must be an int or have shape ({self.batch},), got {tuple(step.shape)}")
+        step = steps_per_row(num_tokens, self.batch)
         new = self.seqlens_host + step
         if int(step.min()) < 0 or int(new.max()) > self.max_seqlen:
             raise ValueError(f"advancing by {step.tolist()} takes lengths {self.seqlens_host.tolist()} outside "

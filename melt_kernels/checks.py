@@ -18,6 +18,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 SEQLEN_DTYPES = (torch.int32, torch.int64)
 BACKENDS = ("auto", "triton", "cuda", "reference")
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+PAGE_MULTIPLE, MAX_PAGE_SIZE = 16, 256
 
 Gate = Union[None, float, torch.Tensor]
 
@@ -41,6 +42,9 @@ class Problem:
     # The caller's max_seqlen_k (clamped to [M, S]) when the lengths are not on the host, else None: it sizes
     # the kernels' work split and may be wrong (they stay correct); the reference does not use it.
     seqlen_k_hint: Optional[int] = None
+    # Paged caches (SPEC 2.6): (B, max_blocks) int32 on q's device; the caches are then
+    # (num_blocks, page_size, Hkv, D) pools.
+    block_table: Optional[torch.Tensor] = None
 
     @property
     def batch(self) -> int:
@@ -64,12 +68,18 @@ class Problem:
 
     @property
     def cache_len(self) -> int:
-        return self.k_cache.shape[1]
+        """S: the positions a row can hold (max_blocks * page_size for paged caches)."""
+        return cache_capacity(self.k_cache, self.block_table)
 
     @property
     def kv_shape(self) -> tuple:
         """(B, M, Hkv, D): the shape every gate broadcasts to."""
         return tuple(self.k.shape)
+
+
+def cache_capacity(k_cache: torch.Tensor, block_table: Optional[torch.Tensor]) -> int:
+    """The logical positions of one row: S, or max_blocks * page_size through a block table."""
+    return k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -126,10 +136,67 @@ def lengths_on_host(cache_seqlens: torch.Tensor) -> bool:
     return cache_seqlens.device.type == "cpu"
 
 
+def _check_block_table(block_table, batch: int, device: torch.device) -> None:
+    if not isinstance(block_table, torch.Tensor):
+        raise TypeError(f"block_table must be None or an int32 tensor of shape (B={batch}, max_blocks), "
+                        f"got {type(block_table).__name__}")
+    if block_table.dtype != torch.int32:
+        raise TypeError(f"block_table must be int32, got {_dtype_name(block_table.dtype)}")
+    if block_table.dim() != 2 or block_table.shape[0] != batch or block_table.shape[1] < 1:
+        raise ValueError(f"block_table must have shape (B={batch}, max_blocks) with max_blocks >= 1, "
+                         f"got {tuple(block_table.shape)}")
+    if block_table.device != device:
+        raise ValueError(f"block_table must be on q's device {device}, got {block_table.device}")
+    if block_table.stride(1) != 1 and block_table.shape[1] > 1:
+        raise ValueError(f"block_table must have a contiguous last dimension, got strides {block_table.stride()}")
+
+
+def _check_pools(k_cache: torch.Tensor, v_cache: torch.Tensor, heads_kv: int, head_dim: int) -> None:
+    num_blocks, page_size = k_cache.shape[:2]
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if tuple(t.shape) != (num_blocks, page_size, heads_kv, head_dim) or num_blocks < 1:
+            raise ValueError(f"with a block_table, {name} must be a pool of shape (num_blocks, page_size, "
+                             f"Hkv={heads_kv}, D={head_dim}) shared by both caches, got {tuple(t.shape)} "
+                             f"(k_cache {tuple(k_cache.shape)})")
+    if page_size % PAGE_MULTIPLE or not PAGE_MULTIPLE <= page_size <= MAX_PAGE_SIZE:
+        raise ValueError(f"page_size (k_cache.shape[1]) must be a multiple of {PAGE_MULTIPLE} in "
+                         f"[{PAGE_MULTIPLE}, {MAX_PAGE_SIZE}], got {page_size}")
+
+
+def _check_table_values(block_table: torch.Tensor, lengths: Optional[torch.Tensor], seqlen_q: int,
+                        page_size: int, num_blocks: int) -> None:
+    """Host-side table checks: the entries each row reads are in [0, num_blocks), and no two rows write the
+    same physical slot.  Entries past a row's last needed block are never read and may hold anything (e.g.
+    -1 padding).  Without the lengths on the host every entry is checked."""
+    max_blocks = block_table.shape[1]
+    if lengths is None:
+        needed = torch.full((block_table.shape[0],), max_blocks, dtype=torch.int64)
+    else:
+        needed = (lengths.long() + seqlen_q + page_size - 1) // page_size
+    used = torch.arange(max_blocks)[None, :] < needed[:, None]
+    bad = used & ((block_table < 0) | (block_table >= num_blocks))
+    if bad.any():
+        b, j = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"block_table[{b}, {j}] = {int(block_table[b, j])} is outside [0, num_blocks) = "
+                         f"[0, {num_blocks}) and row {b} needs it")
+    if lengths is None or block_table.shape[0] == 1:
+        return
+    # Two rows writing one physical slot would race; FlashAttention leaves that undefined, here it is cheap to
+    # see on the host (B * M slots).  A row reading another's active slot is left undefined (documented).
+    pos = lengths.long()[:, None] + torch.arange(seqlen_q)  # [B, M]
+    slots = block_table.long().gather(1, pos // page_size) * page_size + pos % page_size
+    if slots.unique().numel() != slots.numel():
+        raise ValueError("block_table maps active positions of two rows to the same physical slot of the pools; "
+                         "the rows' active pages must not alias")
+
+
 def _check_seqlens(cache_seqlens, batch: int, seqlen_q: int, cache_len: int,
-                   device: torch.device) -> tuple[torch.Tensor, Optional[int]]:
+                   device: torch.device, page_size: Optional[int] = None) -> tuple[torch.Tensor, Optional[int]]:
     """Returns (lengths as an int32 (B,) tensor on ``device``, max L_b + M or None)."""
     limit = cache_len - seqlen_q
+    if page_size is not None and limit < 0:
+        raise ValueError(f"block_table holds {cache_len // page_size} blocks of page_size {page_size} per row "
+                         f"({cache_len} positions), fewer than the M={seqlen_q} active tokens")
     if limit < 0:
         raise ValueError(f"k_cache/v_cache hold S={cache_len} positions, fewer than the M={seqlen_q} active tokens")
     if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, (numbers.Integral, torch.Tensor)):
@@ -152,8 +219,10 @@ def _check_seqlens(cache_seqlens, batch: int, seqlen_q: int, cache_len: int,
         lo, hi = (int(x) for x in cache_seqlens.aminmax())
         if lo < 0 or hi > limit:
             bad = int(((cache_seqlens < 0) | (cache_seqlens > limit)).nonzero()[0, 0])
+            where = "" if page_size is None else (f"; row {bad} needs more blocks of page_size {page_size} "
+                                                  f"than block_table's {cache_len // page_size}")
             raise ValueError(f"cache_seqlens[{bad}] = {int(cache_seqlens[bad])} is outside [0, S - M] = "
-                             f"[0, {limit}] (cache length S={cache_len}, M={seqlen_q} active tokens)")
+                             f"[0, {limit}] (cache length S={cache_len}, M={seqlen_q} active tokens){where}")
         max_seqlen_k = hi + seqlen_q
     lengths = cache_seqlens.to(device=device, dtype=torch.int32)
     return lengths, max_seqlen_k
@@ -167,7 +236,7 @@ def _check_hint(max_seqlen_k, seqlen_q: int, cache_len: int) -> int:
 
 
 def check_inputs(q, k, v, k_cache, v_cache, cache_seqlens, gate=None, gate_v=None, *,
-                 softmax_scale=None, causal=True, backend="auto", max_seqlen_k=None) -> Problem:
+                 softmax_scale=None, causal=True, backend="auto", max_seqlen_k=None, block_table=None) -> Problem:
     """Validates a call of ``gated_kv_attention``; raises ValueError/TypeError naming the argument."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -194,19 +263,28 @@ def check_inputs(q, k, v, k_cache, v_cache, cache_seqlens, gate=None, gate_v=Non
     for name, t in (("k", k), ("v", v)):
         if tuple(t.shape) != kv_shape:
             raise ValueError(f"{name} must have shape (B, M, Hkv, D) = {kv_shape} to match q, got {tuple(t.shape)}")
-    cache_len = k_cache.shape[1]
-    cache_shape = (batch, cache_len, heads_kv, head_dim)
+    if block_table is None:
+        cache_shape = (batch, k_cache.shape[1], heads_kv, head_dim)
+        for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if tuple(t.shape) != cache_shape:
+                raise ValueError(f"{name} must have shape (B, S, Hkv, D) = (B={batch}, S, Hkv={heads_kv}, "
+                                 f"D={head_dim}) with S shared by both caches, got {tuple(t.shape)}")
+    else:
+        _check_block_table(block_table, batch, q.device)
+        _check_pools(k_cache, v_cache, heads_kv, head_dim)
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if tuple(t.shape) != cache_shape:
-            raise ValueError(f"{name} must have shape (B, S, Hkv, D) = (B={batch}, S, Hkv={heads_kv}, "
-                             f"D={head_dim}) with S shared by both caches, got {tuple(t.shape)}")
         _check_cache_writable(name, t)
+    cache_len = cache_capacity(k_cache, block_table)
     if k_cache.untyped_storage().data_ptr() == v_cache.untyped_storage().data_ptr() and \
             k_cache.storage_offset() == v_cache.storage_offset():
         raise ValueError("k_cache and v_cache must be distinct tensors, got the same memory for both")
 
     hint = None if max_seqlen_k is None else _check_hint(max_seqlen_k, seqlen_q, cache_len)
-    lengths, exact = _check_seqlens(cache_seqlens, batch, seqlen_q, cache_len, q.device)
+    lengths, exact = _check_seqlens(cache_seqlens, batch, seqlen_q, cache_len, q.device,
+                                    None if block_table is None else k_cache.shape[1])
+    if block_table is not None and lengths_on_host(block_table):
+        _check_table_values(block_table, lengths if exact is not None else None, seqlen_q, k_cache.shape[1],
+                            k_cache.shape[0])
 
     if gate is None and gate_v is not None:
         raise ValueError("gate_v was given without gate: pass gate (the key retention) as well")
@@ -224,4 +302,4 @@ def check_inputs(q, k, v, k_cache, v_cache, cache_seqlens, gate=None, gate_v=Non
 
     return Problem(q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache, cache_seqlens=lengths, gate=gate,
                    gate_v=gate_v, softmax_scale=float(softmax_scale), causal=causal, max_seqlen_k=exact,
-                   seqlen_k_hint=hint if exact is None else None)
+                   seqlen_k_hint=hint if exact is None else None, block_table=block_table)

@@ -35,7 +35,7 @@ except ImportError as e:  # not built (ModuleNotFoundError), or built but not lo
         name="melt_kernels._cuda") from e
 
 from melt_kernels.backends import Backend
-from melt_kernels.checks import Problem
+from melt_kernels.checks import Problem, cache_capacity
 
 HEAD_DIMS = (64, 128)
 _DTYPES = {torch.float16: _cuda.FLOAT16, torch.bfloat16: _cuda.BFLOAT16}
@@ -138,9 +138,10 @@ def _gate_arg(gate, kv_shape: tuple) -> tuple:
 
 
 def _launch(entry, q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v, softmax_scale, causal, max_seqlen_k,
-            splits: Optional[int], sms: int, **extra):
+            splits: Optional[int], sms: int, block_table: Optional[torch.Tensor] = None, **extra):
     batch, seqlen_q, heads_q, head_dim = q.shape
-    heads_kv, cache_len = k.shape[2], k_cache.shape[1]
+    heads_kv = k.shape[2]
+    cache_len = cache_capacity(k_cache, block_table)
     # Only the number of splits depends on it: each split takes its share of its row's true key tiles.
     max_prefix = max(0, min(cache_len if max_seqlen_k is None else max_seqlen_k, cache_len) - seqlen_q)
     block_m, block_n = _cuda.BLOCK_M, _cuda.BLOCK_N
@@ -160,22 +161,27 @@ def _launch(entry, q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v, softm
     def arg(t):
         return t.data_ptr(), _row_strides(t)
 
+    # Pools: the table gives the page; their batch stride is the page stride (kept when num_blocks is 1: 0).
+    table = (0, 0, 0, 0) if block_table is None else (block_table.data_ptr(), block_table.stride(0),
+                                                      k_cache.shape[1], k_cache.shape[0])
+
     entry(q=arg(q), k=arg(k), v=arg(v), k_cache=arg(k_cache), v_cache=arg(v_cache), out=arg(out),
           seqlens=seqlens.data_ptr(), lse=lse.data_ptr(),
           o_part=0 if o_part is None else o_part.data_ptr(), lse_part=0 if lse_part is None else lse_part.data_ptr(),
           sizes=(batch, seqlen_q, heads_q, heads_kv, head_dim, cache_len),
           gate=_gate_arg(gate, kv_shape), gate_v=_gate_arg(gate_v, kv_shape), softmax_scale=float(softmax_scale),
-          causal=bool(causal), num_splits=splits, dtype=_DTYPES[q.dtype], **extra)
+          causal=bool(causal), num_splits=splits, dtype=_DTYPES[q.dtype], block_table=table, **extra)
     return out, lse
 
 
 def gated_kv_attention_fwd(q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v, softmax_scale, causal,
-                           max_seqlen_k=None, *, splits: Optional[int] = None):
+                           max_seqlen_k=None, *, block_table: Optional[torch.Tensor] = None,
+                           splits: Optional[int] = None):
     """In-place gated update of the active slots and attention over the updated caches (SPEC §2.1-2.2).
 
     Same signature and result as ``melt_kernels.reference.gated_kv_attention_ref_fwd``: returns
     (out (B, M, Hq, D) in q.dtype, lse (B, Hq, M) float32), launched on the current stream of q's device.
-    ``splits`` forces the number of key splits (tests and tuning).
+    ``block_table``: paged caches (SPEC 2.6).  ``splits`` forces the number of key splits (tests and tuning).
     """
     if q.device.type != "cuda":
         raise RuntimeError(f"backend 'cuda' needs CUDA tensors, got tensors on {q.device.type}")
@@ -184,12 +190,13 @@ def gated_kv_attention_fwd(q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_
         raise RuntimeError(reason)
     with torch.cuda.device(q.device):
         return _launch(_cuda.fwd, q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v, softmax_scale, causal,
-                       max_seqlen_k, splits, _num_sms(q.device),
+                       max_seqlen_k, splits, _num_sms(q.device), block_table,
                        stream=torch.cuda.current_stream(q.device).cuda_stream)
 
 
 def gated_kv_attention_fwd_emulated(q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v, softmax_scale, causal,
-                                    max_seqlen_k=None, *, splits: Optional[int] = None, sms: int = 4,
+                                    max_seqlen_k=None, *, block_table: Optional[torch.Tensor] = None,
+                                    splits: Optional[int] = None, sms: int = 4,
                                     order="forward", record: bool = False, fault: Optional[str] = None):
     """:func:`gated_kv_attention_fwd` on CPU tensors: the same launches, the kernels' own source run by the
     host emulator of ``csrc/emulate.h`` (one std::thread per GPU thread; slow, for small tests).  ``sms`` is
@@ -222,11 +229,11 @@ def gated_kv_attention_fwd_emulated(q, k, v, k_cache, v_cache, cache_seqlens, ga
         call["launches"] = _cuda.fwd_emulated(**kwargs, **options)
 
     out, lse = _launch(entry, q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v, softmax_scale, causal,
-                       max_seqlen_k, splits, sms)
+                       max_seqlen_k, splits, sms, block_table)
     if not record:
         return out, lse
     named = dict(q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache, out=out, lse=lse, cache_seqlens=cache_seqlens,
-                 gate=gate, gate_v=gate_v)
+                 gate=gate, gate_v=gate_v, block_table=block_table)
     spans = [(name, t.data_ptr(), t.data_ptr() + _extent_bytes(t)) for name, t in named.items()
              if isinstance(t, torch.Tensor)]
     splits, rows, head_dim = call["num_splits"], q.shape[0] * q.shape[1] * q.shape[2], q.shape[3]
@@ -253,12 +260,12 @@ def _extent_bytes(t: torch.Tensor) -> int:
 def gated_kv_attention_bwd(q, k_cache, v_cache, k_new, v_new, cache_seqlens, out, lse, dout,
                            dlse: Optional[torch.Tensor], softmax_scale: float, causal: bool,
                            dk_cache: Optional[torch.Tensor] = None, dv_cache: Optional[torch.Tensor] = None,
-                           max_seqlen_k: Optional[int] = None):
+                           max_seqlen_k: Optional[int] = None, block_table: Optional[torch.Tensor] = None):
     """Attention's backward for this backend: the Triton backend's kernels, imported on first use."""
     from melt_kernels.triton_backend import BACKEND as TRITON
 
     return TRITON.bwd(q, k_cache, v_cache, k_new, v_new, cache_seqlens, out, lse, dout, dlse, softmax_scale, causal,
-                      dk_cache, dv_cache, max_seqlen_k)
+                      dk_cache, dv_cache, max_seqlen_k, block_table=block_table)
 
 
 BACKEND = Backend("cuda", gated_kv_attention_fwd, gated_kv_attention_bwd, unsupported)

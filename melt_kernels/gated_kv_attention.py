@@ -9,7 +9,8 @@ from melt_kernels.checks import check_inputs
 
 
 def gated_kv_attention(q, k, v, k_cache, v_cache, cache_seqlens, gate=None, gate_v=None, *,
-                       softmax_scale=None, causal=True, return_lse=False, backend="auto", max_seqlen_k=None):
+                       softmax_scale=None, causal=True, return_lse=False, backend="auto", max_seqlen_k=None,
+                       block_table=None):
     """Blends the active tokens' keys/values into a shared KV cache in place, then attends over it.
 
     This is the MELT step of a looped LM: at every loop iteration the fresh
@@ -50,6 +51,24 @@ def gated_kv_attention(q, k, v, k_cache, v_cache, cache_seqlens, gate=None, gate
             the host (the exact bound is taken from them).  Leave it None
             when capturing a CUDA graph that is replayed at growing lengths:
             the plan, sized by S, then stays balanced at every replay.
+        block_table: paged caches (SPEC 2.6, FlashAttention's layout): a
+            (B, max_blocks) int32 tensor on q's device; k_cache and v_cache
+            are then (num_blocks, page_size, Hkv, D) pools shared by all
+            rows (page_size a multiple of 16 in [16, 256]) and logical
+            position p of row b lives at
+            ``k_cache[block_table[b, p // page_size], p % page_size]``, so
+            S = max_blocks * page_size.  Only the entries a row needs
+            (blocks 0 .. (L_b + M - 1) // page_size) are read; the rest may
+            hold anything.  With the table on the host, the needed entries
+            are checked to lie in [0, num_blocks) and the rows' active slots
+            not to alias; on the GPU nothing is checked and the kernels clamp
+            every entry into the pool.  Rows may share settled pages (a
+            common prompt) for reading; a row whose active slot is another
+            row's settled position reads an undefined value (as in
+            FlashAttention), and the backward adds both rows' gradients into
+            a shared settled page only on the reference backend (the
+            kernels' backward then races: give each row its own pages when
+            training).
 
     q, k, v and the caches share one dtype (float16, bfloat16, float32;
     float64 on the reference backend) and one device; Hq is a multiple of
@@ -75,10 +94,10 @@ def gated_kv_attention(q, k, v, k_cache, v_cache, cache_seqlens, gate=None, gate
         from melt_kernels.library import compiled_call
 
         out, lse = compiled_call(q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v, softmax_scale, causal,
-                                 backend, max_seqlen_k)
+                                 backend, max_seqlen_k, block_table)
     else:
         problem = check_inputs(q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v,
                                softmax_scale=softmax_scale, causal=causal, backend=backend,
-                               max_seqlen_k=max_seqlen_k)
+                               max_seqlen_k=max_seqlen_k, block_table=block_table)
         out, lse = run(problem, select_backend(backend, problem))
     return (out, lse) if return_lse else out

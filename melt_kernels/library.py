@@ -43,11 +43,12 @@ def gated_kv_attention_op(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_ca
                           cache_seqlens: Optional[Tensor], cache_seqlens_int: Optional[int],
                           gate: Optional[Tensor], gate_v: Optional[Tensor], gate_float: Optional[float],
                           gate_v_float: Optional[float], softmax_scale: Optional[float], causal: bool,
-                          backend: str, max_seqlen_k: Optional[int] = None) -> tuple[Tensor, Tensor]:
+                          backend: str, max_seqlen_k: Optional[int] = None,
+                          block_table: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """``gated_kv_attention`` without autograd; returns (out, lse), both contiguous."""
     problem = check_inputs(q, k, v, k_cache, v_cache, _join(cache_seqlens, cache_seqlens_int),
                            _join(gate, gate_float), _join(gate_v, gate_v_float), softmax_scale=softmax_scale,
-                           causal=causal, backend=backend, max_seqlen_k=max_seqlen_k)
+                           causal=causal, backend=backend, max_seqlen_k=max_seqlen_k, block_table=block_table)
     with torch.no_grad():
         out, lse = run(problem, select_backend(backend, problem))
     # The fake implementation promises contiguous outputs; kernels produce them, the reference may not.
@@ -56,7 +57,7 @@ def gated_kv_attention_op(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_ca
 
 @gated_kv_attention_op.register_fake
 def _(q, k, v, k_cache, v_cache, cache_seqlens, cache_seqlens_int, gate, gate_v, gate_float, gate_v_float,
-      softmax_scale, causal, backend, max_seqlen_k=None):
+      softmax_scale, causal, backend, max_seqlen_k=None, block_table=None):
     batch, seqlen_q, heads_q, head_dim = q.shape
     out = q.new_empty((batch, seqlen_q, heads_q, head_dim))
     lse = q.new_empty((batch, heads_q, seqlen_q), dtype=compute_dtype(q.dtype))
@@ -73,19 +74,20 @@ def _split_gate(name: str, gate):
 
 
 @torch.compiler.disable
-def _eager(q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v, softmax_scale, causal, backend, max_seqlen_k):
+def _eager(q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v, softmax_scale, causal, backend, max_seqlen_k,
+           block_table):
     problem = check_inputs(q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v, softmax_scale=softmax_scale,
-                           causal=causal, backend=backend, max_seqlen_k=max_seqlen_k)
+                           causal=causal, backend=backend, max_seqlen_k=max_seqlen_k, block_table=block_table)
     return run(problem, select_backend(backend, problem))
 
 
 def compiled_call(q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v, softmax_scale, causal, backend,
-                  max_seqlen_k=None):
+                  max_seqlen_k=None, block_table=None):
     """What ``gated_kv_attention`` runs while torch.compile traces it; returns (out, lse)."""
     differentiable = (q, k, v, k_cache, v_cache, gate, gate_v)
     if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in differentiable):
         return _eager(q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v, softmax_scale, causal, backend,
-                      max_seqlen_k)
+                      max_seqlen_k, block_table)
     if isinstance(cache_seqlens, Tensor):
         seqlens, seqlens_int = cache_seqlens, None
     elif isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, bool):
@@ -96,4 +98,5 @@ def compiled_call(q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v, softma
     gate, gate_float = _split_gate("gate", gate)
     gate_v, gate_v_float = _split_gate("gate_v", gate_v)
     return torch.ops.melt.gated_kv_attention(q, k, v, k_cache, v_cache, seqlens, seqlens_int, gate, gate_v,
-                                             gate_float, gate_v_float, softmax_scale, causal, backend, max_seqlen_k)
+                                             gate_float, gate_v_float, softmax_scale, causal, backend, max_seqlen_k,
+                                             block_table)

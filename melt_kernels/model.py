@@ -77,9 +77,10 @@ from torch import nn
 
 from melt_kernels.cache import LoopLMCache, MeltCache
 from melt_kernels.gated_kv_attention import gated_kv_attention
+from melt_kernels.paged_cache import PagedCache, PagePool
 from melt_kernels.reference import compute_dtype
 
-Cache = Union[MeltCache, LoopLMCache]
+Cache = Union[MeltCache, LoopLMCache, PagedCache]
 GATES = ("latent", "kv-head", "kv-element")
 # sigmoid(-10) = 4.54e-5: a gate "keeps nothing" of the old slot (or of h_prev) to within 1e-4.
 KEEP_NOTHING_LOGIT = -10.0
@@ -291,7 +292,8 @@ class Attention(nn.Module):
                 cache_seqlens: torch.Tensor, loop: int, rope: tuple[torch.Tensor, torch.Tensor], *, shared: bool,
                 carry: LoopCarry = LoopCarry(), backend: str = "auto",
                 transition: Optional[tuple[torch.Tensor, torch.Tensor, float]] = None,
-                max_seqlen_k: Optional[int] = None) -> tuple[torch.Tensor, LoopCarry]:
+                max_seqlen_k: Optional[int] = None,
+                block_table: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, LoopCarry]:
         """One loop of the layer for the active tokens x (B, M, hidden), after input_layernorm.
 
         Updates k_cache, v_cache (B, S, Hkv, D) in place at positions L_b ..
@@ -308,8 +310,9 @@ class Attention(nn.Module):
         (likewise v) is written through and read, in float32 (float64 for
         float64) rounded once.  ``max_seqlen_k``: max_b(L_b) + M from the
         cache's host lengths, the op's hint that sizes its kernels' work by the
-        lengths, not the capacity.  Returns (o_proj output, the carry for the
-        next loop).
+        lengths, not the capacity.  ``block_table``: the caches are pools of
+        pages read through it (a PagedCache, SPEC 2.6).  Returns (o_proj
+        output, the carry for the next loop).
         """
         if transition is not None and shared:
             raise ValueError("the transition writes into this loop's own (interpolated) pair: it needs shared=False")
@@ -323,7 +326,7 @@ class Attention(nn.Module):
         k, v = self._kv(source, rope)
         if transition is None:
             out = gated_kv_attention(q, k, v, k_cache, v_cache, cache_seqlens, alpha, causal=True, backend=backend,
-                                     max_seqlen_k=max_seqlen_k)
+                                     max_seqlen_k=max_seqlen_k, block_table=block_table)
             return self.o_proj(out.flatten(-2)), LoopCarry(latent)
         k_teacher, v_teacher, lam = transition
         if alpha is not None:
@@ -384,10 +387,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm_2 = RMSNorm(config.hidden_size, eps, **factory)
 
     def forward(self, h, k_cache, v_cache, cache_seqlens, loop, rope, *, shared, carry=LoopCarry(), backend="auto",
-                transition=None, max_seqlen_k=None):
+                transition=None, max_seqlen_k=None, block_table=None):
         attn, carry = self.self_attn(self.input_layernorm(h), k_cache, v_cache, cache_seqlens, loop, rope,
                                      shared=shared, carry=carry, backend=backend, transition=transition,
-                                     max_seqlen_k=max_seqlen_k)
+                                     max_seqlen_k=max_seqlen_k, block_table=block_table)
         h = h + self.input_layernorm_2(attn)
         return h + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(h))), carry
 
@@ -467,11 +470,11 @@ class LoopedModel(nn.Module):
     def check_cache(self, cache: Cache, batch: int, num_tokens: int) -> None:
         """Raises unless ``cache`` fits this model and ``num_tokens`` more tokens of ``batch`` rows."""
         c = self.config
-        if not isinstance(cache, (MeltCache, LoopLMCache)):
-            raise TypeError(f"cache must be a MeltCache or a LoopLMCache, got {type(cache).__name__}")
+        if not isinstance(cache, (MeltCache, LoopLMCache, PagedCache)):
+            raise TypeError(f"cache must be a MeltCache, a LoopLMCache or a PagedCache, got {type(cache).__name__}")
         if cache.num_layers != c.num_hidden_layers:
             raise ValueError(f"the cache has {cache.num_layers} layers, the model {c.num_hidden_layers}")
-        if isinstance(cache, LoopLMCache) and cache.num_loops != c.total_ut_steps:
+        if not is_shared(cache) and cache.num_loops != c.total_ut_steps:
             raise ValueError(f"the LoopLM cache holds {cache.num_loops} loops, the model runs {c.total_ut_steps}")
         if cache.batch != batch:
             raise ValueError(f"input_ids has {batch} rows, the cache {cache.batch}")
@@ -508,7 +511,7 @@ class LoopedModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: Cache, *, backend: str = "auto",
                 transition: Optional[tuple[LoopLMCache, float]] = None,
-                num_tokens: Optional[torch.Tensor] = None) -> LoopOutput:
+                num_tokens: Optional[torch.Tensor] = None, capturable: bool = False) -> LoopOutput:
         """Runs one chunk input_ids (B, M) through all T loops, then settles it in the cache.
 
         The chunk occupies positions L_b .. L_b+M-1 of row b (its RoPE
@@ -531,20 +534,34 @@ class LoopedModel(nn.Module):
         mixed with that loop's teacher values (:func:`rewrite_slots`).
         lam = 0 is the teacher (given its weights), lam = 1 is MELT on a
         MELT cache.
+
+        ``capturable``: the chunk reads and writes device state only, so that
+        it can be captured in a CUDA graph and replayed (SPEC 2.7): no host
+        checks, no host-derived ``max_seqlen_k`` hint (the kernels plan by
+        the capacity), no page reservation (the caller reserves first), and
+        the device lengths advance in place (``cache.seqlens += M``); the
+        host lengths are the caller's to advance
+        (:class:`melt_kernels.graphs.CapturedDecode`).
         """
         batch, seqlen = input_ids.shape
-        self.check_cache(cache, batch, seqlen)
-        if transition is not None:
-            self.check_transition(cache, transition, batch, seqlen)
-        shared = isinstance(cache, MeltCache)
+        if capturable and (transition is not None or num_tokens is not None):
+            raise ValueError("capturable runs plain chunks: no transition, no num_tokens")
+        if not capturable:
+            self.check_cache(cache, batch, seqlen)
+            if transition is not None:
+                self.check_transition(cache, transition, batch, seqlen)
+            # A paged cache takes the pages this chunk's positions need now (a contiguous one checks room).
+            cache.reserve(seqlen)
+        shared = is_shared(cache)
         h = self.embed_tokens(input_ids)
         lengths = cache.seqlens
         positions = lengths.long()[:, None] + torch.arange(seqlen, device=h.device)  # [B, M]
         rope = rope_tables(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
-        start = int(cache.seqlens_host[0])
+        start = None if transition is None else int(cache.seqlens_host[0])
         carries = [LoopCarry()] * len(self.layers)
-        # The lengths live on the caches' device; their host copy bounds them for the kernels' plans.
-        bound = cache.max_seqlen_k(seqlen)
+        # The lengths live on the caches' device; their host copy bounds them for the kernels' plans (not when
+        # capturable: a graph replayed at growing lengths keeps the capacity's plan).
+        bound = None if capturable else cache.max_seqlen_k(seqlen)
         hidden, exit_logits = [], []
         for loop in range(self.config.total_ut_steps):
             for i, layer in enumerate(self.layers):
@@ -553,7 +570,8 @@ class LoopedModel(nn.Module):
                 if transition is not None:
                     mix = (*(t[:, start:start + seqlen] for t in transition[0].layer(i, loop)), transition[1])
                 h, carries[i] = layer(h, k_cache, v_cache, lengths, loop, rope, shared=shared, carry=carries[i],
-                                      backend=backend, transition=mix, max_seqlen_k=bound)
+                                      backend=backend, transition=mix, max_seqlen_k=bound,
+                                      block_table=cache.block_table)
             h = self.norm(h)
             hidden.append(h)
             exit_logits.append(self.early_exit_gate(h)[..., 0])
@@ -564,8 +582,16 @@ class LoopedModel(nn.Module):
                     k_teacher, v_teacher = (t[:, start:start + seqlen] for t in teacher_cache.layer(i, loop))
                     rewrite_slots(*cache.layer(i, loop), start, blend(carry.k, k_teacher, lam),
                                   blend(carry.v, v_teacher, lam), backend)
-        cache.advance(seqlen if num_tokens is None else num_tokens)
+        if capturable:
+            cache.seqlens.add_(seqlen)
+        else:
+            cache.advance(seqlen if num_tokens is None else num_tokens)
         return LoopOutput(torch.stack(hidden), torch.stack(exit_logits))
+
+
+def is_shared(cache: Cache) -> bool:
+    """Whether the loops share one K/V pair per layer (MELT), contiguous or paged."""
+    return isinstance(cache, MeltCache) or (isinstance(cache, PagedCache) and cache.shared)
 
 
 def init_weights(module: nn.Module) -> None:
@@ -623,16 +649,31 @@ class LoopedLM(nn.Module):
             return LoopLMCache(c.total_ut_steps, *sizes, dtype=weight.dtype, device=weight.device)
         raise ValueError(f"kind must be 'melt' or 'looplm', got {kind!r}")
 
+    def new_page_pool(self, kind: str, num_blocks: int, page_size: int) -> PagePool:
+        """An empty pool of ``num_blocks`` pages for this model: one pool pair per layer ("melt") or per (loop,
+        layer) ("looplm"), on its device and in its dtype.  Batches of rows on it: ``PagedCache(pool, batch,
+        max_seqlen)``."""
+        c, weight = self.config, self.model.embed_tokens.weight
+        sizes = (c.num_hidden_layers, num_blocks, page_size, c.num_key_value_heads, c.head_dim)
+        factory = dict(dtype=weight.dtype, device=weight.device)
+        if kind == "melt":
+            return PagePool.melt(*sizes, **factory)
+        if kind == "looplm":
+            return PagePool.looplm(c.total_ut_steps, *sizes, **factory)
+        raise ValueError(f"kind must be 'melt' or 'looplm', got {kind!r}")
+
     def forward(self, input_ids: torch.Tensor, cache: Cache, *, last_only: bool = False,
-                transition: Optional[tuple[LoopLMCache, float]] = None, return_loops: bool = False):
+                transition: Optional[tuple[LoopLMCache, float]] = None, return_loops: bool = False,
+                capturable: bool = False):
         """Runs one chunk input_ids (B, M) through all T loops, then settles it in the cache.
 
         Returns logits (B, M, vocab), or (B, 1, vocab) for the last token with
         ``last_only``; with ``return_loops`` a pair (logits, :class:`LoopOutput`).
         ``transition=(teacher_cache, lam)``, with a LoopLM ``cache`` of the
-        model's own, runs the interpolated transition (:meth:`LoopedModel.forward`).
+        model's own, runs the interpolated transition (:meth:`LoopedModel.forward`).  ``capturable``: device
+        state only, for CUDA graphs (:meth:`LoopedModel.forward`, :class:`melt_kernels.graphs.CapturedDecode`).
         """
-        loops = self.model(input_ids, cache, backend=self.backend, transition=transition)
+        loops = self.model(input_ids, cache, backend=self.backend, transition=transition, capturable=capturable)
         h = loops.chosen(self.config.exit_threshold)
         logits = self.lm_head(h[:, -1:] if last_only else h)
         return (logits, loops) if return_loops else logits

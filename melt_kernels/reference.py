@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from melt_kernels.checks import Gate
+from melt_kernels.checks import Gate, cache_capacity
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -26,10 +26,41 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def active_index(cache_seqlens: torch.Tensor, kv_shape: tuple) -> torch.Tensor:
-    """(B, M, Hkv, D) int64 index of the active slots L_b + i along dim 1 of a cache."""
+    """(B, M, Hkv, D) int64 index of the active slots L_b + i along dim 1 of a contiguous cache."""
     batch, seqlen_q, heads_kv, head_dim = kv_shape
     pos = cache_seqlens.long()[:, None] + torch.arange(seqlen_q, device=cache_seqlens.device)
     return pos[:, :, None, None].expand(batch, seqlen_q, heads_kv, head_dim)
+
+
+def slot_index(positions: torch.Tensor, block_table: Optional[torch.Tensor] = None,
+               page_size: int = 0, num_blocks: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where logical positions (B, N) of each row live in a cache: ``cache[i0, i1]`` is (B, N, Hkv, D).
+
+    Contiguous caches (no table) are the identity mapping (row b, position p); through a block table
+    (SPEC 2.6) position p of row b is slot p % page_size of page block_table[b, p // page_size], the entry
+    clamped to [0, num_blocks) so that positions a row does not need never index outside the pool.
+    """
+    if block_table is None:
+        rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
+        return rows.expand_as(positions), positions
+    pages = block_table.long().gather(1, positions // page_size).clamp_(0, num_blocks - 1)
+    return pages, positions % page_size
+
+
+def active_slots(cache_seqlens: torch.Tensor, seqlen_q: int, cache: torch.Tensor,
+                 block_table: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (i0, i1) index of the active slots L_b .. L_b+M-1 of ``cache`` (see :func:`slot_index`)."""
+    pos = cache_seqlens.long()[:, None] + torch.arange(seqlen_q, device=cache_seqlens.device)  # [B, M]
+    return slot_index(pos, block_table, cache.shape[1], cache.shape[0])
+
+
+def logical(cache: torch.Tensor, block_table: Optional[torch.Tensor], window: int) -> torch.Tensor:
+    """Positions 0 .. window-1 of every row as a (B, window, Hkv, D) tensor: a view of a contiguous cache, a
+    gathered copy of a paged pool (differentiable either way)."""
+    if block_table is None:
+        return cache[:, :window]
+    positions = torch.arange(window, device=cache.device).expand(block_table.shape[0], window)
+    return cache[slot_index(positions, block_table, cache.shape[1], cache.shape[0])]
 
 
 def blend(old: Optional[torch.Tensor], fresh: torch.Tensor, alpha: Gate, dtype: torch.dtype) -> torch.Tensor:
@@ -97,28 +128,30 @@ def _window(max_seqlen_k: Optional[int], cache_len: int) -> int:
 
 
 def gated_kv_attention_ref_fwd(q, k, v, k_cache, v_cache, cache_seqlens, gate: Gate, gate_v: Gate,
-                               softmax_scale: float, causal: bool, max_seqlen_k: Optional[int] = None):
+                               softmax_scale: float, causal: bool, max_seqlen_k: Optional[int] = None,
+                               block_table: Optional[torch.Tensor] = None):
     """In-place gated update of the active slots (SPEC §2.1), then attention (§2.2).
 
     ``cache_seqlens`` is a (B,) integer tensor on q's device; ``gate``/``gate_v``
-    are None, floats or tensors broadcastable to (B, M, Hkv, D).
+    are None, floats or tensors broadcastable to (B, M, Hkv, D).  With
+    ``block_table`` the caches are (num_blocks, page_size, Hkv, D) pools (SPEC 2.6).
     Returns (out, lse); lse is float32 (float64 for float64 inputs).
     """
-    rows = torch.arange(k.shape[0], device=k.device)[:, None]  # [B, 1]
-    positions = cache_seqlens.long()[:, None] + torch.arange(k.shape[1], device=k.device)  # [B, M]
+    slots = active_slots(cache_seqlens, k.shape[1], k_cache, block_table)
     for cache, fresh, alpha in ((k_cache, k, gate), (v_cache, v, gate_v)):
-        old = None if alpha is None else cache[rows, positions]
+        old = None if alpha is None else cache[slots]
         # index_put_, not scatter_: PyTorch's CPU scatter_ rewrites the bits of untouched bfloat16 NaNs
         # (0x7FC0 -> 0xFFFF), a write outside the active slots.
-        cache[rows, positions] = blend(old, fresh, alpha, cache.dtype)
-    window = _window(max_seqlen_k, k_cache.shape[1])
-    return attention(q, k_cache[:, :window], v_cache[:, :window], cache_seqlens, softmax_scale, causal)
+        cache[slots] = blend(old, fresh, alpha, cache.dtype)
+    window = _window(max_seqlen_k, cache_capacity(k_cache, block_table))
+    return attention(q, logical(k_cache, block_table, window), logical(v_cache, block_table, window),
+                     cache_seqlens, softmax_scale, causal)
 
 
 def gated_kv_attention_ref_bwd(q, k_cache, v_cache, k_new, v_new, cache_seqlens, out, lse, dout,
                                dlse: Optional[torch.Tensor], softmax_scale: float, causal: bool,
                                dk_cache: Optional[torch.Tensor] = None, dv_cache: Optional[torch.Tensor] = None,
-                               max_seqlen_k: Optional[int] = None):
+                               max_seqlen_k: Optional[int] = None, block_table: Optional[torch.Tensor] = None):
     """Attention's backward by recomputation.
 
     Positions < L_b are read from the live caches; the active slots from
@@ -131,12 +164,13 @@ def gated_kv_attention_ref_bwd(q, k_cache, v_cache, k_new, v_new, cache_seqlens,
     accepted to keep one signature for every backend.
     """
     del out, lse
-    window = _window(max_seqlen_k, k_cache.shape[1])
+    window = _window(max_seqlen_k, cache_capacity(k_cache, block_table))
     buffers = (dk_cache, dv_cache)
     with torch.enable_grad():
         q_ = q.detach().requires_grad_()
         new = [t.detach().requires_grad_() for t in (k_new, v_new)]
-        prefix = [c[:, :window].detach().requires_grad_(b is not None) for c, b in zip((k_cache, v_cache), buffers)]
+        prefix = [logical(c, block_table, window).detach().requires_grad_(b is not None)
+                  for c, b in zip((k_cache, v_cache), buffers)]
         keys, values = (splice(c, n, cache_seqlens) for c, n in zip(prefix, new))
         o, lse_ = attention(q_, keys, values, cache_seqlens, softmax_scale, causal)
         outputs, cotangents = [o], [dout]
@@ -146,12 +180,18 @@ def gated_kv_attention_ref_bwd(q, k_cache, v_cache, k_new, v_new, cache_seqlens,
         inputs = [q_, *new] + [c for c in prefix if c.requires_grad]
         grads = torch.autograd.grad(outputs, inputs, cotangents, allow_unused=True)
     dq, dk_new, dv_new = (torch.zeros_like(t) if g is None else g for g, t in zip(grads[:3], inputs[:3]))
-    settled = torch.arange(window, device=q.device)[None, :] < cache_seqlens.long()[:, None]  # [B, W]
+    positions = torch.arange(window, device=q.device).expand(q.shape[0], window)
+    settled = positions < cache_seqlens.long()[:, None]  # [B, W]
     prefix_grads = iter(grads[3:])
     for buffer in buffers:
         if buffer is not None:
             g = next(prefix_grads)
             if g is not None:
-                part = buffer[:, :window]
-                part.copy_(torch.where(settled[:, :, None, None], part + g.to(part.dtype), part))
+                if block_table is None:
+                    part = buffer[:, :window]
+                    part.copy_(torch.where(settled[:, :, None, None], part + g.to(part.dtype), part))
+                else:
+                    # Rows may share settled pages (a common prompt): their gradients add up.
+                    i0, i1 = slot_index(positions, block_table, buffer.shape[1], buffer.shape[0])
+                    buffer.index_put_((i0[settled], i1[settled]), g[settled].to(buffer.dtype), accumulate=True)
     return dq, dk_new, dv_new

@@ -10,7 +10,7 @@ from triton.compiler import ASTSource
 DTYPE_POINTERS = {"Q", "K", "V", "KC", "VC", "O", "q", "k_cache", "v_cache", "k_new", "v_new", "dout", "out",
                   "dk_cache", "dv_cache"}
 FP32_POINTERS = {"GK", "GV", "LSE", "O_PART", "LSE_PART", "lse", "delta", "dlse", "dk_new", "dv_new", "dq"}
-INT32_POINTERS = {"SEQLENS", "cache_seqlens"}
+INT32_POINTERS = {"SEQLENS", "cache_seqlens", "BT", "block_table"}
 FP32_SCALARS = {"gk_alpha", "gk_beta", "gv_alpha", "gv_beta", "qk_scale", "softmax_scale"}
 
 

@@ -110,10 +110,10 @@ from sm90 import compile_sm90
 from melt_kernels.kernels import gated_kv_attention_bwd as b
 from melt_kernels.kernels import gated_kv_attention_fwd as f
 
-common = dict(D=128, BD=128, UPCAST=False, WIDE=False, IS_CAUSAL=True)
+common = dict(D=128, BD=128, UPCAST=False, WIDE=False, IS_CAUSAL=True, PAGED=False)
 kernels = {
     "fwd": (f.gated_kv_attention_fwd_kernel, dict(G=4, D=128, GATE_K=f.GATE_TENSOR, GATE_V=f.GATE_TENSOR,
-            CAUSAL=True, SEPARATE_OWNER=True, DIRECT=False, PRECISION=None, FIX_BF16=False, BLOCK_R=64,
+            CAUSAL=True, SEPARATE_OWNER=True, DIRECT=False, PAGED=False, PRECISION=None, FIX_BF16=False, BLOCK_R=64,
             BLOCK_N=64, BLOCK_D=128), dict(num_warps=8, enable_fp_fusion=False)),
     "merge": (f.gated_kv_attention_merge_kernel, dict(G=4, D=128, BLOCK_T=16, BLOCK_D=128, FIX_BF16=False), {}),
     "preprocess": (b._bwd_preprocess_kernel, dict(D=128, BD=128, BM=32, HAS_DLSE=True, WIDE=False), {}),

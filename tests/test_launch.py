@@ -9,6 +9,7 @@ run (tests/launches.py), on meta tensors (no memory, no kernel), so B = 2048 or 
   host lengths give, not the capacity's (S = 131072, L = 2000: 512 programs working, not 64).
 """
 import contextlib
+import inspect
 
 import pytest
 import torch
@@ -22,6 +23,8 @@ from melt_kernels.kernels.launch import MAX_GRID, device_guard
 from melt_kernels.triton_backend import BACKEND as TRITON
 
 META = torch.device("meta")
+# Where the forward kernel takes its keys per prefix split (read before a Recorder replaces the kernel).
+_SPLIT_LEN = list(inspect.signature(fwd_module.gated_kv_attention_fwd_kernel.fn).parameters).index("SPLIT_LEN")
 
 
 def _tensors(batch, seqlen_q, heads_q, heads_kv, head_dim, cache_len, device=META, dtype=torch.bfloat16):
@@ -119,7 +122,7 @@ def _fwd_plan(recorder, lengths, hint, batch=8, heads_q=32, heads_kv=8, cache_le
     with torch.no_grad():
         run(check_inputs(q, k, v, k_cache, v_cache, lengths, 0.5, max_seqlen_k=hint), TRITON)
     main, = [launch for launch in recorder.launches if launch.kernel == "gated_kv_attention_fwd_kernel"]
-    return main.grid[0], main.args[-1]
+    return main.grid[0], main.args[_SPLIT_LEN]
 
 
 def test_hint_plans_like_host_lengths(monkeypatch):

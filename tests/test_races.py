@@ -205,3 +205,86 @@ def test_cuda_kernels_race_free(batch, seqlen_q, heads_q, heads_kv, head_dim, ga
         assert not conflicts, f"{order} order: {conflicts[:4]}"
         results.append((out, lse, copy.k_cache, copy.v_cache))
     _same_results(results, "CUDA forward (emulated)")
+
+
+# --- paged caches (SPEC 2.6): rows' pages shuffled through one pool ----------------------------------------------
+
+def _paged(case, page_size, seed):
+    from utils import page_case
+
+    paged = page_case(case, page_size, seed)
+    p = check_inputs(case.q, case.k, case.v, paged.k_pool, paged.v_pool, case.cache_seqlens, case.gate, case.gate_v,
+                     block_table=paged.block_table)
+    return p, paged
+
+
+@pytest.mark.parametrize("seqlen_q,heads_q,block_r,gate_kind", [(1, 4, None, "element"), (12, 4, 16, "head")])
+def test_triton_paged_kernels_race_free(seqlen_q, heads_q, block_r, gate_kind):
+    """Forward and backward through a block table (decode; chunk with several row blocks), pages of 16."""
+    _skip_without_race_check()
+    from melt_kernels.kernels.gated_kv_attention_bwd import gated_kv_attention_bwd
+    from melt_kernels.kernels.gated_kv_attention_fwd import gated_kv_attention_fwd
+    from melt_kernels.reference import active_slots
+
+    case = make_case(seqlen_q, batch=2, seqlen_q=seqlen_q, heads_q=heads_q, heads_kv=2, head_dim=16, cache_len=64,
+                     dtype=torch.float32, gate_kind=gate_kind)
+    case.cache_seqlens = torch.tensor([40, 64 - seqlen_q], dtype=torch.int32)
+    results = []
+    for order in ORDERS:
+        p, paged = _paged(case.clone(), 16, 3)
+        table = dict(block_table=paged.block_table)
+        with race_check.record_launches(order) as launches:
+            out, lse = gated_kv_attention_fwd(p.q, p.k, p.v, p.k_cache, p.v_cache, p.cache_seqlens, p.gate, p.gate_v,
+                                              p.softmax_scale, True, p.max_seqlen_k, block_r=block_r, block_n=16,
+                                              split_len=16, **table)
+            slots = active_slots(p.cache_seqlens, seqlen_q, p.k_cache, paged.block_table)
+            dk_cache, dv_cache = torch.zeros_like(p.k_cache), torch.zeros_like(p.v_cache)
+            gen = torch.Generator().manual_seed(seqlen_q)
+            grads = gated_kv_attention_bwd(p.q, p.k_cache, p.v_cache, p.k_cache[slots], p.v_cache[slots],
+                                           p.cache_seqlens, out, lse, torch.randn(out.shape, generator=gen),
+                                           torch.randn(lse.shape, generator=gen), p.softmax_scale, True, dk_cache,
+                                           dv_cache, p.max_seqlen_k, **table)
+        names = dict(q=p.q, k=p.k, v=p.v, k_cache=p.k_cache, v_cache=p.v_cache, out=out, lse=lse,
+                     block_table=paged.block_table)
+        assert "_bwd_dkdv_kernel" in [launch.kernel for launch in launches]
+        assert not any(launch.conflicts for launch in launches), \
+            f"{order} order: {race_check.describe(launches, names)}"
+        results.append((out, lse, p.k_cache, p.v_cache, *grads, dk_cache, dv_cache))
+    _same_results(results, "Triton paged forward + backward")
+
+
+@needs_emulator
+@pytest.mark.parametrize("seqlen_q,heads_q,splits", [(1, 8, 3), (33, 4, 2)])
+def test_cuda_paged_kernels_race_free(seqlen_q, heads_q, splits):
+    """The CUDA forward through a block table (decode path; chunk path with its blend launch), pages of 32."""
+    case = make_case(seqlen_q, batch=2, seqlen_q=seqlen_q, heads_q=heads_q, heads_kv=2, head_dim=64, cache_len=128,
+                     dtype=torch.float16, gate_kind="element")
+    case.cache_seqlens = torch.tensor([70, 128 - seqlen_q], dtype=torch.int32)
+    results = []
+    for order in ORDERS:
+        p, paged = _paged(case.clone(), 32, 5)
+        out, lse, launches = cuda_backend.gated_kv_attention_fwd_emulated(
+            p.q, p.k, p.v, p.k_cache, p.v_cache, p.cache_seqlens, p.gate, p.gate_v, p.softmax_scale, True,
+            p.max_seqlen_k, block_table=paged.block_table, splits=splits, order=order, record=True)
+        assert all(launch["reads"] > 0 and launch["writes"] > 0 for launch in launches)
+        conflicts = [(launch["kernel"], c) for launch in launches for c in launch["conflicts"]]
+        assert not conflicts, f"{order} order: {conflicts[:4]}"
+        results.append((out, lse, p.k_cache, p.v_cache))
+    _same_results(results, "CUDA paged forward (emulated)")
+
+
+@needs_emulator
+def test_cuda_recording_sees_aliased_active_pages():
+    """Two rows whose tables put their active slots in one page (which the host check refuses, SPEC 2.6): the
+    recording reports the write/write race, so the paged tests above would see a kernel that aliased pages."""
+    case = make_case(1, batch=2, seqlen_q=1, heads_q=2, heads_kv=1, head_dim=64, cache_len=64, dtype=torch.float16,
+                     gate_kind="head")
+    case.cache_seqlens = torch.tensor([40, 40], dtype=torch.int32)
+    p, paged = _paged(case, 32, 5)
+    table = paged.block_table.clone()
+    table[1] = table[0]  # launched directly: check_inputs would refuse it
+    *_, launches = cuda_backend.gated_kv_attention_fwd_emulated(
+        p.q, p.k, p.v, p.k_cache, p.v_cache, p.cache_seqlens, p.gate, p.gate_v, p.softmax_scale, True,
+        p.max_seqlen_k, block_table=table, splits=1, record=True)
+    conflicts = [c for launch in launches for c in launch["conflicts"]]
+    assert any(kind == "write" and tensor in ("k_cache", "v_cache") for _, tensor, _, _, kind in conflicts)

@@ -268,11 +268,13 @@ from sm90 import compile_sm90
 from melt_kernels.kernels import gated_kv_attention_bwd as m
 
 NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-for dtype, head_dim, causal, wide in [(torch.bfloat16, 128, True, True), (torch.float16, 256, False, False),
-                                     (torch.float32, 48, True, False)]:
+for dtype, head_dim, causal, wide, paged in [(torch.bfloat16, 128, True, True, False),
+                                            (torch.float16, 256, False, False, False),
+                                            (torch.float32, 48, True, False, False),
+                                            (torch.bfloat16, 128, True, False, True)]:
     block_d = triton.next_power_of_2(head_dim)
     t = m._tiles(block_d, 256, dtype, False)
-    common = dict(D=head_dim, BD=block_d, IS_CAUSAL=causal, UPCAST=False, WIDE=wide)
+    common = dict(D=head_dim, BD=block_d, IS_CAUSAL=causal, PAGED=paged, UPCAST=False, WIDE=wide)
     compile_sm90(m._bwd_dkdv_kernel, NAMES[dtype], dict(common, BM=t["BM_KV"], BN=t["BN_KV"], PREFIX_DK=True,
                                                         PREFIX_DV=not causal), num_warps=t["warps_kv"],
                  num_stages=t["stages_kv"])

@@ -218,13 +218,15 @@ _COMPILE_SM90 = r"""
 from sm90 import compile_sm90
 from melt_kernels.kernels import gated_kv_attention_fwd as m
 
-for dtype, elem, (batch, seqlen_q, heads_q, heads_kv, head_dim) in [
-        ("bf16", 2, (1, 1, 32, 8, 128)), ("fp16", 2, (2, 512, 32, 8, 256)), ("fp32", 4, (2, 4, 8, 8, 80))]:
+for dtype, elem, (batch, seqlen_q, heads_q, heads_kv, head_dim), paged in [
+        ("bf16", 2, (1, 1, 32, 8, 128), False), ("fp16", 2, (2, 512, 32, 8, 256), False),
+        ("fp32", 4, (2, 4, 8, 8, 80), False), ("bf16", 2, (8, 1, 32, 8, 128), True),
+        ("fp16", 2, (2, 64, 16, 4, 64), True)]:
     plan = m.plan_launch(batch, seqlen_q, heads_q, heads_kv, head_dim, 8192, 132, elem)
     groups = heads_q // heads_kv
     compile_sm90(m.gated_kv_attention_fwd_kernel, dtype, dict(
         G=groups, D=head_dim, GATE_K=m.GATE_TENSOR, GATE_V=m.GATE_SCALAR, CAUSAL=True,
-        SEPARATE_OWNER=plan.separate_owner, DIRECT=plan.direct, PRECISION="ieee" if elem == 4 else None,
+        SEPARATE_OWNER=plan.separate_owner, DIRECT=plan.direct, PAGED=paged, PRECISION="ieee" if elem == 4 else None,
         FIX_BF16=False, BLOCK_R=plan.block_r, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d),
         num_warps=plan.num_warps, num_stages=plan.num_stages, enable_fp_fusion=False)
     compile_sm90(m.gated_kv_attention_merge_kernel, dtype, dict(

@@ -193,3 +193,51 @@ def randomise_gates(model: torch.nn.Module, seed: int) -> torch.nn.Module:
                 noise = torch.randn(param.shape, generator=gen, dtype=torch.float64)
                 param.copy_(noise / math.sqrt(param.shape[-1]))
     return model
+
+
+@dataclass
+class Paged:
+    """A case's caches moved into shuffled pages of shared pools (SPEC 2.6), with NaN-filled spare pages."""
+
+    k_pool: torch.Tensor
+    v_pool: torch.Tensor
+    block_table: torch.Tensor  # (B, max_blocks) int32; entries a row does not need hold -1
+    used: torch.Tensor  # (num_blocks,) bool: pages some row's table references
+
+    def logical(self, pool: torch.Tensor, batch: int) -> torch.Tensor:
+        """The (B, S, Hkv, D) view of a pool through the table (unneeded blocks as page 0)."""
+        table = self.block_table.long().clamp(min=0)
+        return pool[table].reshape(batch, -1, *pool.shape[2:])
+
+
+def page_case(case: Case, page_size: int, seed: int, spare: int = 3, pad_unused: bool = True) -> Paged:
+    """Pools holding ``case``'s caches (whose length must be a multiple of ``page_size``): each row's blocks
+    in random pages of one pool, ``spare`` pages nobody references; with ``pad_unused``, the table entries
+    a row does not need (past its L_b + M) are -1 and those blocks' pages are not referenced either."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, cache_len = case.k_cache.shape[:2]
+    assert cache_len % page_size == 0
+    max_blocks = cache_len // page_size
+    lengths = torch.as_tensor(case.cache_seqlens).reshape(-1).expand(batch).long().cpu()
+    needed = (lengths + case.q.shape[1] + page_size - 1) // page_size
+    if not pad_unused:
+        needed = torch.full_like(needed, max_blocks)
+    total = int(needed.sum()) + spare
+    perm = torch.randperm(total, generator=gen)
+    table = torch.full((batch, max_blocks), -1, dtype=torch.int32)
+    pools = []
+    for cache in (case.k_cache, case.v_cache):
+        pool = torch.full((total, page_size, *cache.shape[2:]), float("nan"), dtype=cache.dtype,
+                          device=cache.device)
+        pools.append(pool)
+    n = 0
+    for b in range(batch):
+        for j in range(int(needed[b])):
+            page = int(perm[n])
+            n += 1
+            table[b, j] = page
+            for pool, cache in zip(pools, (case.k_cache, case.v_cache)):
+                pool[page] = cache[b, j * page_size:(j + 1) * page_size].detach()
+    used = torch.zeros(total, dtype=torch.bool)
+    used[table[table >= 0].long()] = True
+    return Paged(pools[0], pools[1], table.to(case.q.device), used)
