@@ -51,6 +51,7 @@ from melt_kernels.backends import select_backend
 from melt_kernels.checks import check_inputs
 from melt_kernels.model import GATES, LoopedLM, LoopedLMConfig
 from melt_kernels.paged_cache import PagedCache
+from melt_kernels.threads import cpu_threads
 
 PRESETS = {
     "quick": LoopedLMConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -449,13 +450,8 @@ def plot(records, path: str, on_gpu: bool) -> None:
 def main(argv=None) -> list[dict]:
     """Runs the benchmark; returns the records (also printed, and written with --json)."""
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.device.type == "cpu" and args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    with cpu_threads(args.threads, args.device):
         return run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run(args) -> list[dict]:

@@ -39,6 +39,7 @@ from loop_depth import PeakMemory, human, progress  # noqa: E402
 
 from melt_kernels.model import GATES, LoopedLM, LoopedLMConfig  # noqa: E402
 from melt_kernels.ouro import to_melt  # noqa: E402
+from melt_kernels.threads import cpu_threads  # noqa: E402
 from melt_kernels.train.recipe import LossWeights, Phase, chunkwise_step, step_counts  # noqa: E402
 
 MODES = ("exact", "detach", "recompute")
@@ -156,13 +157,8 @@ def print_table(records) -> None:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.device.type == "cpu" and args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    with cpu_threads(args.threads, args.device):
         return run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run(args) -> list[dict]:

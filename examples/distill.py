@@ -31,6 +31,7 @@ from melt_kernels.backends import select_backend
 from melt_kernels.checks import check_inputs
 from melt_kernels.model import GATES, LoopedLM, LoopedLMConfig
 from melt_kernels.ouro import to_melt
+from melt_kernels.threads import cpu_threads
 from melt_kernels.train import CopyTask, Recipe, Trainer, evaluate
 
 
@@ -127,13 +128,8 @@ def write_plot(history: list[dict], path: str) -> None:
 def main(argv=None) -> dict:
     """Runs the example; returns the results (also printed, and written with --json)."""
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.device.type == "cpu" and args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    with cpu_threads(args.threads, args.device):
         return run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run(args) -> dict:

@@ -41,6 +41,7 @@ import torch
 
 from melt_kernels.model import LatentGate, KVGate, LoopedLM, LoopedLMConfig, kv_bytes_per_token
 from melt_kernels.ouro import to_melt
+from melt_kernels.threads import cpu_threads
 from melt_kernels.train import Recipe, Trainer, distributed, evaluate, stdlib_corpus
 
 
@@ -289,23 +290,20 @@ def plot(result: dict, path: str) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    context = distributed.init(args.device)
-    try:
-        result = Replication(args, context).run()
-        if context.main:
-            print(table(result))
-            if args.json:
-                with open(args.json, "w") as f:
-                    json.dump(result, f, indent=1)
-            if args.plot:
-                plot(result, args.plot)
-        return result
-    finally:
-        distributed.shutdown()
-        torch.set_num_threads(threads)
+    with cpu_threads(args.threads):
+        context = distributed.init(args.device)
+        try:
+            result = Replication(args, context).run()
+            if context.main:
+                print(table(result))
+                if args.json:
+                    with open(args.json, "w") as f:
+                        json.dump(result, f, indent=1)
+                if args.plot:
+                    plot(result, args.plot)
+            return result
+        finally:
+            distributed.shutdown()
 
 
 if __name__ == "__main__":

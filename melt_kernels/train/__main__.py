@@ -30,6 +30,7 @@ import torch
 
 from melt_kernels.model import GATES
 from melt_kernels.ouro import DTYPES, load_ouro, to_melt
+from melt_kernels.threads import cpu_threads
 from melt_kernels.train import distributed
 from melt_kernels.train.data import CopyTask, from_file, stdlib_corpus
 from melt_kernels.train.evaluate import evaluate
@@ -91,13 +92,12 @@ def make_source(args):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    context = distributed.init(args.device)
-    try:
-        return run(args, context)
-    finally:
-        distributed.shutdown()
+    with cpu_threads(args.threads):
+        context = distributed.init(args.device)
+        try:
+            return run(args, context)
+        finally:
+            distributed.shutdown()
 
 
 def run(args, context) -> dict:
