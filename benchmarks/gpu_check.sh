@@ -14,6 +14,8 @@
 #                       (flash, cuDNN), FlexAttention, the unfused path and the copy bandwidth
 #   sanitizer     60 s  compute-sanitizer memcheck, racecheck and synccheck on benchmarks/sanitize_run.py
 #   loop-depth    40 s  benchmarks/loop_depth.py on the GPU
+#   serving       40 s  benchmarks/loop_depth.py --serve: paged, continuously batched decode at a KV budget,
+#                       sequences held and tokens/s for MELT and the LoopLM at T = 1, 2, 4, 8
 #   pytest       rest   pytest -m gpu
 # Total: 480 s by default (--budget), i.e. 8 minutes from a fresh checkout; step limits scale with it.
 #
@@ -157,6 +159,17 @@ loop_depth() {
     fi
 }
 
+serving() {
+    if [ $DRY -eq 1 ]; then
+        # 8 pages of 16 tokens (2**-16 GiB): the interpreter's sweep in ~10 s, still T times the sequences.
+        "$PY" benchmarks/loop_depth.py --serve --quick --serve-kv-gb 1.52587890625e-05 --json "$WORK/serving.json"
+    else
+        # A 1 GiB pool and short requests: the sweep fits its step; the full one (20 GiB) is a run of its own.
+        "$PY" benchmarks/loop_depth.py --serve --loops 1 2 4 8 --serve-kv-gb 1 --prompt 128 \
+            --serve-new-tokens 8 --json "$WORK/serving.json"
+    fi
+}
+
 remaining_pytest() {
     "$PY" -m pytest -q -rs -m gpu -x -p no:cacheprovider tests
 }
@@ -172,13 +185,14 @@ bench() {
 
 MODE_FLAGS="${MODE[*]}"
 export DRY PY LOGS WORK MODE_FLAGS
-export -f build correctness bench sanitize loop_depth remaining_pytest
+export -f build correctness bench sanitize loop_depth serving remaining_pytest
 
 step build 120 build
 step correctness 150 correctness
 step bench 110 bench
 step sanitizer 60 sanitize
 step loop-depth 40 loop_depth
+step serving 40 serving
 step pytest 480 remaining_pytest
 
 # The summary runs whatever happened above (outside the budget: a few seconds).

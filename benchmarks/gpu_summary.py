@@ -5,7 +5,8 @@
   ``chunk``, ``backward`` (rows of benchmarks/attention.py and attention_bwd.py: the shape, ``backend``,
   ``us``, ``gbps``/``pct_copy`` or ``tflops``, and the peers' ``*_us`` measured in the same run),
   ``correctness`` (counts and the failed checks), ``sanitizer`` (errors per tool), ``loop_depth`` (the
-  loop-depth benchmark's records), ``pytest`` (its counts);
+  loop-depth benchmark's records), ``serving`` (its --serve records: sequences held, tokens/s), ``pytest``
+  (its counts);
 * ``summary.md``: one table, step, status, seconds, the key numbers;
 * ``logs.tar.gz``: every log, the ptxas report and the steps' own JSON;
 * plots: ``loop_depth.png`` and ``decode.png`` (decode time against keys, the kernels beside SDPA).
@@ -120,6 +121,10 @@ def key_numbers(name: str, results: dict) -> str:
     if name == "loop-depth":
         recs = results.get("loop_depth") or []
         return f"{len(recs)} records"
+    if name == "serving":
+        held = {(r["method"], r["loops"]): r.get("seqs_held") for r in results.get("serving") or []}
+        return ", ".join(f"T={t}: {held[('melt', t)]} vs {held[('looplm', t)]} sequences"
+                         for _, t in sorted(k for k in held if k[0] == "melt") if ("looplm", t) in held)
     if name == "pytest":
         return ", ".join(f"{v} {k}" for k, v in (results.get("pytest") or {}).items())
     return ""
@@ -189,6 +194,7 @@ def main(argv=None) -> int:
         ptxas_spill_bytes=ptxas_spills(read(os.path.join(logs, "ptxas.txt"))),
         sanitizer=sanitizer_errors(read(os.path.join(logs, "sanitizer.log"))),
         loop_depth=load(os.path.join(work, "loop_depth.json")),
+        serving=load(os.path.join(work, "serving.json")),
         pytest=pytest_counts(read(os.path.join(logs, "pytest.log"))))
     if correctness is not None:
         results["correctness"] = dict(
