@@ -21,19 +21,18 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
 import melt_kernels
-from common import (copy_bandwidth, flex, fmt, graph_median, run_meta, sdpa, sdpa_backends, setup, timed,
-                    write_results)
+from common import (copy_bandwidth, flex, fmt, graph_median, peer_times, run_meta, sdpa, sdpa_backends,
+                    setup, timed, write_results)
 
 TARGETS = {
     "decode (>= 8k keys)": ">= 80% of the copy bandwidth and <= 1.1x SDPA's time",
     "chunk": ">= SDPA's throughput",
 }
-PEERS = ("sdpa_flash", "sdpa_cudnn", "flex", "unfused")
 
 
 @dataclass(frozen=True)
@@ -156,15 +155,7 @@ def run_shape(s: Shape, backends: list[str], dtype, device, cuda: bool, copy_bps
     nbytes = essential_bytes(s, elem)
     copies = max(1, min(16, math.ceil(3 * l2_bytes / nbytes)))  # keep the working set out of L2
     inputs = Inputs(s, dtype, device, copies)
-    peers = {}
-    for name in PEERS:
-        if name == "flex" and not cuda:  # inductor compiles it for the CPU in minutes: the smoke test skips it
-            peers["flex_us"], peers["flex_error"] = None, "not run on the CPU"
-            continue
-        ms, why = timed(inputs.peer(name), cuda, graph_median)
-        peers[f"{name}_us"] = None if ms is None else 1e3 * ms / copies
-        if why:
-            peers[f"{name}_error"] = why
+    peers = peer_times(inputs.peer, cuda, graph_median, copies)
     rows = []
     for b in backends:
         ms, why = timed(inputs.fused(b), cuda, graph_median)

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 import torch
 
 import melt_kernels
-from common import events_median, flex, fmt, run_meta, sdpa, sdpa_backends, setup, timed, write_results
+from common import (events_median, flex, fmt, peer_times, run_meta, sdpa, sdpa_backends, setup, timed,
+                    write_results)
 
 TARGET = "fused forward + backward <= 1.5x SDPA-flash forward + backward"
-PEERS = ("sdpa_flash", "sdpa_cudnn", "flex", "unfused")
 
 
 @dataclass(frozen=True)
@@ -138,15 +138,7 @@ def run_shape(s: Shape, backends: list[str], dtype, device, cuda: bool) -> list[
     inputs = Inputs(s, dtype, device)
     fwd_flops, bwd_flops = flops(s)
     bench = events_median(inputs.leaves())
-    peers = {}
-    for name in PEERS:
-        if name == "flex" and not cuda:  # inductor compiles it for the CPU in minutes: the smoke test skips it
-            peers["flex_us"], peers["flex_error"] = None, "not run on the CPU"
-            continue
-        ms, why = timed(inputs.peer(name), cuda, bench)
-        peers[f"{name}_us"] = None if ms is None else 1e3 * ms
-        if why:
-            peers[f"{name}_error"] = why
+    peers = peer_times(inputs.peer, cuda, bench)
     rows = []
     for b in backends:
         for cache_grad in (True, False):

@@ -98,12 +98,31 @@ def events_median(grad_to_none=None) -> Callable[[Callable], float]:
     return run
 
 
+# The same attention by other means, timed beside the kernels in every run (functions below).
+PEERS = ("sdpa_flash", "sdpa_cudnn", "flex", "unfused")
+
+
 def timed(fn, cuda: bool, bench) -> tuple[Optional[float], Optional[str]]:
     """(ms, None), or (None, why) when ``fn`` cannot run here (a peer without a kernel for these inputs)."""
     try:
         return median_ms(fn, cuda, bench), None
     except (RuntimeError, NotImplementedError, ValueError, TypeError, AssertionError) as e:
         return None, (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def peer_times(peer, cuda: bool, bench, calls: int = 1) -> dict:
+    """``{name}_us`` for each of PEERS, ``peer(name)`` timed with ``bench`` and divided by the ``calls`` it
+    makes, and ``{name}_error`` where it cannot run here."""
+    times = {}
+    for name in PEERS:
+        if name == "flex" and not cuda:  # inductor compiles it for the CPU in minutes: the smoke test skips it
+            times["flex_us"], times["flex_error"] = None, "not run on the CPU"
+            continue
+        ms, why = timed(peer(name), cuda, bench)
+        times[f"{name}_us"] = None if ms is None else 1e3 * ms / calls
+        if why:
+            times[f"{name}_error"] = why
+    return times
 
 
 def copy_bandwidth(device, cuda: bool) -> float:
