@@ -49,7 +49,7 @@ import torch
 
 from melt_kernels.backends import select_backend
 from melt_kernels.checks import check_inputs
-from melt_kernels.model import GATES, LoopedLM, LoopedLMConfig
+from melt_kernels.model import GATES, LoopedLM, LoopedLMConfig, kv_bytes_per_token
 from melt_kernels.paged_cache import PagedCache
 from melt_kernels.threads import cpu_threads
 
@@ -313,8 +313,7 @@ def largest_batch(model: LoopedLM, kind: str, args, gen: torch.Generator) -> dic
 def serving(model: LoopedLM, kind: str, args, gen: torch.Generator) -> dict:
     """Continuous batching on a page pool of --serve-kv-gb (module docstring); returns the record's numbers."""
     c, dtype = model.config, model.model.embed_tokens.weight.dtype
-    pairs = c.num_hidden_layers * (1 if kind == "melt" else model.num_loops)
-    page_bytes = 2 * pairs * args.page_size * c.num_key_value_heads * c.head_dim * dtype.itemsize
+    page_bytes = args.page_size * kv_bytes_per_token(c, kind, dtype)
     num_blocks = int(args.serve_kv_gb * 2**30) // page_bytes
     life = args.prompt + args.serve_new_tokens
     per_seq = -(-life // args.page_size)  # pages a request holds at its end
