@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -38,6 +39,38 @@ REFERENCE = Backend("reference", gated_kv_attention_ref_fwd, gated_kv_attention_
 
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = re.match(r"(\d+)\.(\d+)", version).groups()
+    return int(major), int(minor)
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_incompatibility(triton_version: str, numpy_version: str) -> Optional[str]:
+    """Why this Triton's interpreter cannot run the kernels beside this NumPy, or None.
+
+    The interpreter of Triton < 3.7 turns a scalar kernel argument (a 1-element array) into a Python int with
+    ``int(array)``, which NumPy >= 2.4 refuses for arrays of one dimension, so every kernel that loops up to a
+    runtime bound fails (Triton 3.7 squeezes the array first).  torch 2.11 pins Triton 3.6.
+    """
+    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
+        return (f"backend 'triton' under TRITON_INTERPRET=1: the interpreter of Triton {triton_version} fails "
+                f"with NumPy {numpy_version} (NumPy >= 2.4 no longer converts 1-element arrays to int); "
+                f"install 'numpy<2.4' or Triton >= 3.7")
+    return None
+
+
+def triton_cpu_problem() -> Optional[str]:
+    """Why the Triton backend cannot run CPU tensors here (under Triton's interpreter), or None."""
+    if not triton_interpreted():
+        return "backend 'triton' needs a CUDA device, or TRITON_INTERPRET=1 to run on CPU tensors"
+    try:
+        import triton
+    except ModuleNotFoundError as e:
+        return f"backend 'triton' is not available here: {e}"
+    import numpy
+    return interpreter_incompatibility(triton.__version__, numpy.__version__)
 
 
 _LOADED: dict = {}  # name -> Backend, once imported (dispatch runs at every call)
@@ -72,8 +105,8 @@ def _usable(name: str) -> Optional[str]:
 
 
 def _machine_reason(name: str) -> Optional[str]:
-    if name == "triton" and not (_cuda_available() or triton_interpreted()):
-        return "backend 'triton' needs a CUDA device, or TRITON_INTERPRET=1 to run on the CPU"
+    if name == "triton" and not _cuda_available():
+        return triton_cpu_problem()
     if name == "cuda" and not _cuda_available():
         return "backend 'cuda' needs a CUDA device"
     return None
@@ -93,8 +126,10 @@ def _why_not(name: str, problem: Problem) -> Optional[str]:
     device = problem.q.device.type
     if name == "cuda" and device != "cuda":
         return f"backend 'cuda' needs CUDA tensors, got tensors on {device}"
-    if name == "triton" and device != "cuda" and not (device == "cpu" and triton_interpreted()):
-        return f"backend 'triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}"
+    if name == "triton" and device != "cuda":
+        reason = triton_cpu_problem() if device == "cpu" else f"backend 'triton' needs CUDA tensors, got {device}"
+        if reason is not None:
+            return reason
     return _load(name).unsupported(problem)
 
 

@@ -16,6 +16,17 @@ settings.register_profile("nightly", max_examples=500, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 
+def pytest_configure(config):
+    """Under TRITON_INTERPRET=1, an interpreter that cannot run the kernels stops the run at once, saying why
+    (the kernel tests would otherwise each fail deep inside Triton)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    from melt_kernels.backends import triton_cpu_problem
+    reason = triton_cpu_problem()
+    if reason is not None:
+        raise pytest.UsageError(reason)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

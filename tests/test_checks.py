@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import melt_kernels
-from melt_kernels.backends import select_backend, triton_interpreted
+from melt_kernels import backends
+from melt_kernels.backends import interpreter_incompatibility, select_backend, triton_interpreted
 from melt_kernels.checks import check_inputs
 from utils import bits, make_case
 
@@ -139,3 +140,30 @@ def test_auto_picks_reference_on_cpu_unless_interpreted():
     problem64 = check_inputs(**{n: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
                                 for n, t in _base().items()})
     assert select_backend("auto", problem64).name == "reference"
+
+
+@pytest.mark.parametrize("triton_version, numpy_version, broken", [
+    ("3.6.0", "2.4.6", True), ("3.6.1+git5a1b2c3", "2.4.0rc1", True), ("3.6.0", "2.3.5", False),
+    ("3.7.0", "2.4.6", False), ("3.9.0", "2.5.1", False), ("3.10.0", "3.0.0", False)])
+def test_interpreter_incompatibility_by_version(triton_version, numpy_version, broken):
+    """Triton < 3.7's interpreter cannot run beside NumPy >= 2.4; the reason names both and the way out."""
+    reason = interpreter_incompatibility(triton_version, numpy_version)
+    assert (reason is not None) == broken
+    if broken:
+        assert triton_version in reason and numpy_version in reason and "numpy<2.4" in reason
+
+
+def test_broken_interpreter_is_never_chosen_and_is_named(monkeypatch):
+    """Where the interpreter cannot run the kernels, auto keeps CPU tensors on the reference and an explicit
+    backend="triton" raises the reason before anything is written."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(backends, "interpreter_incompatibility", lambda *versions: "broken: install 'numpy<2.4'")
+    a = _base()
+    before = [bits(a["k_cache"]), bits(a["v_cache"])]
+    assert select_backend("auto", check_inputs(**a)).name == "reference"
+    with pytest.raises(RuntimeError, match="numpy<2.4"):
+        melt_kernels.gated_kv_attention(**a, backend="triton")
+    assert all(torch.equal(bits(a[name]), b) for name, b in zip(("k_cache", "v_cache"), before))
+    if not torch.cuda.is_available():
+        assert "triton" not in melt_kernels.available_backends()
