@@ -120,3 +120,42 @@ def test_serving_sweep_holds_t_times_the_sequences(bench, tmp_path):
         assert looplm["seqs_held"] == looplm["capacity"] == melt["capacity"] // t
         for r in (melt, looplm):  # every request generated its tokens: 3 each (--quick)
             assert r["generated_tokens"] == 3 * r["requests"] and r["tokens_per_s"] > 0
+
+
+def test_largest_batch_search_with_a_simulated_gpu_allocator(bench, monkeypatch, one_thread):
+    """The GPU-only max-batch search (its table's "max batch at a memory budget"), run on the CPU with the CUDA
+    allocator's counters simulated: the peak is the weights plus every cache allocated since the last reset, and
+    an allocation past the device's memory raises OutOfMemoryError.  The search must return the largest batch
+    whose peak fits the budget, for MELT and the LoopLM, and time it."""
+    from melt_kernels.model import LoopedLM
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the reference: the search is under test, not a kernel
+    args = bench["parse_args"](["--quick", "--device", "cpu", "--context", "40"])
+    model = LoopedLM(bench["load_config"]("quick", "kv-head")).eval()
+    model.num_loops = 3
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    held = {"peak": weights}
+    new_cache = model.new_cache
+
+    def allocating_new_cache(kind, batch, max_seqlen):
+        cache = new_cache(kind, batch, max_seqlen)
+        if weights + cache.nbytes > device_memory:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        held["peak"] = max(held["peak"], weights + cache.nbytes)
+        return cache
+
+    monkeypatch.setattr(model, "new_cache", allocating_new_cache)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: held.update(peak=weights))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: held["peak"])
+    for kind, rows in (("melt", 7), ("looplm", 3)):
+        length = args.context + max(args.warmup + args.new_tokens, bench["PROBE_STEPS"])
+        one_row = new_cache(kind, 1, length).nbytes
+        # A budget just short of rows + 1 rows (the cache's few length bytes are per row too), and a device that
+        # cannot even hold that many: the search must meet both bounds.
+        args.budget_gb = (weights + (rows + 1) * one_row - 1) / 2**30
+        device_memory = weights + (rows + 2) * one_row
+        found = bench["largest_batch"](model, kind, args, torch.Generator().manual_seed(0))
+        assert found["max_batch"] == rows, (kind, found)
+        assert found["tokens_per_s"] > 0
+        device_memory = weights + (rows - 2) * one_row  # now the device runs out first
+        assert bench["largest_batch"](model, kind, args, torch.Generator().manual_seed(0))["max_batch"] == rows - 2
