@@ -41,7 +41,7 @@ import sys
 import time
 import traceback
 import zlib
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
@@ -112,7 +112,9 @@ def gpu_table(backends: list[str], quick: bool) -> list[Check]:
                 checks.append(Check("stale", backend, "bf16", seqlen_q, 8, 2, 128, (1024, 3000, 63), gate))
         checks.append(Check("determinism", backend, "bf16", 1, 32, 8, 128, (32768, 8191, 100), "element"))
         checks.append(Check("determinism", backend, "bf16", 500, 16, 4, 128, (4096, 1000, 63), "head"))
-        for dtype, seqlen_q, groups, head_dim, gate in (("bf16", 64, 4, 128, "head"), ("fp32", 16, 1, 64, "element"),
+        # The last of the backend's dtypes: float32 for Triton, float16 for CUDA (16-bit only).
+        for dtype, seqlen_q, groups, head_dim, gate in (("bf16", 64, 4, 128, "head"),
+                                                         (dtypes[-1], 16, 1, 64, "element"),
                                                          ("fp16", 500, 2, 128, "separate"),
                                                          ("bf16", 1, 8, 64, "float")):
             checks.append(Check("backward", backend, dtype, seqlen_q, 2 * groups, 2, head_dim, (1000, 37, 0), gate))
@@ -194,23 +196,54 @@ def poisoned_allocations():
             setattr(torch, name, factory)
 
 
+def cache_len(c: Check) -> int:
+    """The check's cache capacity: its longest row, the chunk and a few spare slots (whole pages when paged)."""
+    length = max(c.lengths) + c.seqlen_q + 3
+    return -(-length // c.page_size) * c.page_size if c.page_size else length
+
+
+def why_unsupported(c: Check) -> Optional[str]:
+    """Why the op or the check's backend would refuse the check's problem (dtype, head_dim, sizes), or None.
+
+    Asked of uninitialised CPU tensors of the check's shapes, so it runs anywhere: the dry run and a test ask
+    it of the GPU's table, and an entry its backend cannot run is found in CI, not on a lease.
+    """
+    import importlib
+
+    from melt_kernels.checks import check_inputs
+
+    dtype, batch, length = DTYPES[c.dtype], len(c.lengths), cache_len(c)
+    q = torch.empty(batch, c.seqlen_q, c.heads_q, c.head_dim, dtype=dtype)
+    k, v = (torch.empty(batch, c.seqlen_q, c.heads_kv, c.head_dim, dtype=dtype) for _ in range(2))
+    k_cache, v_cache = (torch.empty(batch, length, c.heads_kv, c.head_dim, dtype=dtype) for _ in range(2))
+    try:
+        problem = check_inputs(q, k, v, k_cache, v_cache, torch.tensor(c.lengths, dtype=torch.int32), 0.5,
+                               causal=c.causal)
+    except (ValueError, TypeError) as e:  # a shape the op itself refuses
+        return str(e)
+    return importlib.import_module(f"melt_kernels.{c.backend}_backend").unsupported(problem)
+
+
+def unrunnable(checks: list[Check]) -> list[str]:
+    """"name: reason" for each check that its backend would refuse."""
+    return [f"{c.name}: {why}" for c in checks if (why := why_unsupported(c)) is not None]
+
+
 def make_inputs(c: Check, device: str, seed: int):
     """A problem with the check's row lengths; cache positions past each row's range hold NaN."""
     from utils import make_case
 
     seqlen_q, lengths = c.seqlen_q, c.lengths
-    cache_len = max(lengths) + seqlen_q + 3
-    if c.page_size:  # whole pages
-        cache_len = -(-cache_len // c.page_size) * c.page_size
+    capacity = cache_len(c)
     case = make_case(seed, batch=len(lengths), seqlen_q=seqlen_q, heads_q=c.heads_q, heads_kv=c.heads_kv,
-                     head_dim=c.head_dim, cache_len=cache_len, dtype=DTYPES[c.dtype], device=device,
+                     head_dim=c.head_dim, cache_len=capacity, dtype=DTYPES[c.dtype], device=device,
                      gate_kind=c.gate)
     case.cache_seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
-    beyond = torch.arange(cache_len, device=device)[None, :] >= (case.cache_seqlens[:, None] + seqlen_q)
+    beyond = torch.arange(capacity, device=device)[None, :] >= (case.cache_seqlens[:, None] + seqlen_q)
     for cache in (case.k_cache, case.v_cache):
         cache[beyond] = math.nan
     if c.kind == "stale":  # old slot values that would dominate the softmax if read instead of the new ones
-        active = ~beyond & (torch.arange(cache_len, device=device)[None, :] >= case.cache_seqlens[:, None])
+        active = ~beyond & (torch.arange(capacity, device=device)[None, :] >= case.cache_seqlens[:, None])
         for cache in (case.k_cache, case.v_cache):
             cache[active] = cache[active] * 1000
         if c.gate == "float":
@@ -500,6 +533,11 @@ def main(argv=None) -> int:
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"
     backends = kernel_backends(args.dry_run)
+    if args.dry_run:  # the GPU's table cannot run here: its entries are held against their backends' limits
+        refused = unrunnable(gpu_table(backends, quick=False))
+        if refused:
+            print("the GPU table has checks that their backend refuses:", *refused, sep="\n  ")
+            return 1
     checks = dry_table(backends) if args.dry_run else gpu_table(backends, args.quick)
     if args.only:
         checks = [c for c in checks if args.only in c.name]
