@@ -134,11 +134,11 @@ class Inputs:
         return [self.q, self.k, self.v, self.gate, self.k_all, self.v_all, self.anchor]
 
 
-def run_shape(s: Shape, backends: list[str], dtype, device, cuda: bool) -> list[dict]:
+def run_shape(s: Shape, backends: list[str], peer_names: list[str], dtype, device, cuda: bool) -> list[dict]:
     inputs = Inputs(s, dtype, device)
     fwd_flops, bwd_flops = flops(s)
     bench = events_median(inputs.leaves())
-    peers = peer_times(inputs.peer, cuda, bench)
+    peers = peer_times(inputs.peer, cuda, bench, peer_names)
     rows = []
     for b in backends:
         for cache_grad in (True, False):
@@ -178,11 +178,13 @@ def main(argv=None) -> int:
     print(f"{env.device_name}: backends {env.backends}", flush=True)
     rows = []
     for s in shapes(env.shape_set, env.args.quick):
-        rows += run_shape(s, env.backends, env.dtype, env.device, env.cuda)
+        rows += run_shape(s, env.backends, env.args.peers, env.dtype, env.device, env.cuda)
         print(s.label, "; ".join(f"{r['backend']} cache_grad={r['cache_grad']}: {fmt(r['us'], '.0f')} us" for r in
                                  rows[-2 * len(env.backends):]), f"flash {fmt(rows[-1]['sdpa_flash_us'], '.0f')} us",
               flush=True)
-    write_results(env.args.out, "attention_bwd", meta, rows, markdown(meta, rows))
+        paths = write_results(env.args.out, "attention_bwd", meta, rows, markdown(meta, rows))
+    print(markdown(meta, rows))
+    print("wrote", *paths)
     return 0
 
 

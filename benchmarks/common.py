@@ -46,8 +46,10 @@ def setup(doc: str, name: str, argv=None) -> Setup | None:
                         help="shapes: headline (the GPU pass), full (default on a GPU), quick (smoke test)")
     parser.add_argument("--quick", action="store_true", help="on a GPU: fewer shapes; on the CPU: the smoke test")
     parser.add_argument("--dry-run", action="store_true", help="the smoke test on the CPU (Triton interpreter)")
-    parser.add_argument("--out", help="JSON path (a .md table is written beside it); default "
-                        f"benchmarks/results/{name}-<device>-<date>.json")
+    parser.add_argument("--out", help="JSON path (a .md table is written beside it, both rewritten as each shape "
+                        f"finishes); default benchmarks/results/{name}-<device>-<date>.json")
+    parser.add_argument("--peers", nargs="+", choices=PEERS, default=list(PEERS),
+                        help="the peers timed beside the kernels (default all; FlexAttention compiles each shape)")
     args = parser.parse_args(argv)
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -110,11 +112,14 @@ def timed(fn, cuda: bool, bench) -> tuple[Optional[float], Optional[str]]:
         return None, (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
-def peer_times(peer, cuda: bool, bench, calls: int = 1) -> dict:
+def peer_times(peer, cuda: bool, bench, names, calls: int = 1) -> dict:
     """``{name}_us`` for each of PEERS, ``peer(name)`` timed with ``bench`` and divided by the ``calls`` it
-    makes, and ``{name}_error`` where it cannot run here."""
+    makes, for those in ``names``; ``{name}_error`` where it was not run or cannot run here."""
     times = {}
     for name in PEERS:
+        if name not in names:
+            times[f"{name}_us"], times[f"{name}_error"] = None, "not asked for (--peers)"
+            continue
         if name == "flex" and not cuda:  # inductor compiles it for the CPU in minutes: the smoke test skips it
             times["flex_us"], times["flex_error"] = None, "not run on the CPU"
             continue
@@ -196,19 +201,19 @@ def run_meta(device_name: str, **fields) -> dict:
                 torch=torch.__version__, triton=triton.__version__, **fields)
 
 
-def write_results(out: str | None, name: str, meta: dict, rows: list[dict], table: str) -> None:
+def write_results(out: str | None, name: str, meta: dict, rows: list[dict], table: str) -> tuple[str, str]:
     """``{"meta", "rows"}`` as JSON to ``out`` (by default benchmarks/results/<name>-<device>-<date>.json) and the
-    markdown ``table`` beside it, which is also printed."""
+    markdown ``table`` beside it; returns both paths.  Called after every shape, so that a run cut by a time
+    limit keeps the rows it finished; each file is replaced whole, never left half-written."""
     day = datetime.datetime.fromisoformat(meta["date"])
     out = out or os.path.join(HERE, "results", f"{name}-{meta['device'].replace(' ', '_')}-{day:%Y%m%d}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
     md = os.path.splitext(out)[0] + ".md"
-    with open(md, "w") as f:
-        f.write(table)
-    print(table)
-    print(f"wrote {out} and {md}")
+    for path, text in ((out, json.dumps(dict(meta=meta, rows=rows), indent=1)), (md, table)):
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    return out, md
 
 
 def fmt(x, spec: str) -> str:
