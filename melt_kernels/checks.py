@@ -158,9 +158,16 @@ def _check_pools(k_cache: torch.Tensor, v_cache: torch.Tensor, heads_kv: int, he
             raise ValueError(f"with a block_table, {name} must be a pool of shape (num_blocks, page_size, "
                              f"Hkv={heads_kv}, D={head_dim}) shared by both caches, got {tuple(t.shape)} "
                              f"(k_cache {tuple(k_cache.shape)})")
-    if page_size % PAGE_MULTIPLE or not PAGE_MULTIPLE <= page_size <= MAX_PAGE_SIZE:
-        raise ValueError(f"page_size (k_cache.shape[1]) must be a multiple of {PAGE_MULTIPLE} in "
-                         f"[{PAGE_MULTIPLE}, {MAX_PAGE_SIZE}], got {page_size}")
+    check_page_size(page_size, "page_size (k_cache.shape[1])")
+
+
+def check_page_size(page_size, name: str = "page_size") -> None:
+    """Raises ValueError unless ``page_size`` is an int multiple of PAGE_MULTIPLE in [PAGE_MULTIPLE,
+    MAX_PAGE_SIZE] (the op's pools and :class:`melt_kernels.PagePool` share the rule)."""
+    if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size % PAGE_MULTIPLE or \
+            not PAGE_MULTIPLE <= page_size <= MAX_PAGE_SIZE:
+        raise ValueError(f"{name} must be a multiple of {PAGE_MULTIPLE} in [{PAGE_MULTIPLE}, {MAX_PAGE_SIZE}], "
+                         f"got {page_size!r}")
 
 
 def _check_table_values(block_table: torch.Tensor, lengths: Optional[torch.Tensor], seqlen_q: int,

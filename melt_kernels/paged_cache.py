@@ -34,7 +34,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from melt_kernels.cache import steps_per_row
-from melt_kernels.checks import MAX_PAGE_SIZE, PAGE_MULTIPLE
+from melt_kernels.checks import check_page_size
 
 
 class PagePool:
@@ -47,10 +47,7 @@ class PagePool:
                             ("head_dim", head_dim), ("num_loops", 1 if num_loops is None else num_loops)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(page_size, int) or page_size % PAGE_MULTIPLE or \
-                not PAGE_MULTIPLE <= page_size <= MAX_PAGE_SIZE:
-            raise ValueError(f"page_size must be a multiple of {PAGE_MULTIPLE} in [{PAGE_MULTIPLE}, "
-                             f"{MAX_PAGE_SIZE}], got {page_size!r}")
+        check_page_size(page_size)
         self.num_layers, self.num_loops, self.page_size = num_layers, num_loops, page_size
         pairs = num_layers * (1 if num_loops is None else num_loops)
         shape = (num_blocks, page_size, heads_kv, head_dim)
@@ -226,7 +223,7 @@ class PagedCache:
         if any(not 0 <= r < self.batch for r in rows):
             raise ValueError(f"rows must be in [0, {self.batch}), got {rows}")
         for r in rows:
-            self.pool.release(self.table_host[r][self.table_host[r] >= 0].tolist())
+            self._release_row(r)
         keep = torch.ones(self.batch, dtype=torch.bool)
         keep[rows] = False
         self._set_rows(self.table_host[keep], self.seqlens_host[keep])
@@ -247,6 +244,10 @@ class PagedCache:
                                                               dtype=torch.int32)]),
                        torch.cat([self.seqlens_host, torch.zeros(count, dtype=torch.int32)]))
 
+    def _release_row(self, row: int) -> None:
+        """Gives row ``row``'s pages back to the pool (its table entries stay as they are)."""
+        self.pool.release(self.table_host[row][self.table_host[row] >= 0].tolist())
+
     def _set_rows(self, table: torch.Tensor, lengths: torch.Tensor, device=None) -> None:
         device = self.block_table.device if device is None else device
         self.table_host, self.seqlens_host = table.contiguous().clone(), lengths.clone()
@@ -257,7 +258,7 @@ class PagedCache:
     def reset(self) -> None:
         """Frees every row's pages and forgets the rows' tokens (the rows stay, empty)."""
         for r in range(self.batch):
-            self.pool.release(self.table_host[r][self.table_host[r] >= 0].tolist())
+            self._release_row(r)
         self.table_host.fill_(-1)
         self.block_table.fill_(-1)
         self.seqlens_host.zero_()
