@@ -331,7 +331,7 @@ def serving(model: LoopedLM, kind: str, args, gen: torch.Generator) -> dict:
         while waiting or batch.batch:
             # Admission: a request enters when the free pages cover its whole life beside what the running rows
             # will still take.
-            owed = sum(per_seq - int(n) for n in (batch.table_host >= 0).sum(1))
+            owed = sum(per_seq - int(n) for n in batch.pages_per_row())
             admit = min(waiting, (pool.free_pages - owed) // per_seq)
             if admit:
                 new = PagedCache(pool, admit, life)
@@ -377,9 +377,7 @@ def run_serving(args, model: LoopedLM, gen: torch.Generator) -> list[dict]:
     rows = [[r["method"], str(r["loops"]), str(r["pages"]), str(r["capacity"]), str(r["seqs_held"]),
              f"{r['mean_batch']:.1f}", "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.1f}"]
             for r in records]
-    widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
-    for row in [header] + rows:
-        print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+    print_columns(header, rows, left=1)
     return records
 
 
@@ -409,9 +407,14 @@ def print_table(records, on_gpu: bool) -> None:
              f"{r['ms_per_token']:.2f}"] +
             ([str(r["max_batch"]), "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.0f}"] if on_gpu else [])
             for r in records]
+    print_columns(header, rows, left=2)
+
+
+def print_columns(header: list[str], rows: list[list[str]], left: int) -> None:
+    """A plain-text table: the first ``left`` columns aligned left, the rest (numbers) right."""
     widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
     for row in [header] + rows:
-        print("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+        print("  ".join(cell.ljust(w) if i < left else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
 
 
 def plot(records, path: str, on_gpu: bool) -> None:

@@ -175,10 +175,14 @@ class PagedCache:
         """How many more tokens the fullest row can take within its table (pages permitting)."""
         return self.max_seqlen - (int(self.seqlens_host.max()) if self.batch else 0)
 
+    def pages_per_row(self) -> torch.Tensor:
+        """(B,) pages each row holds (host)."""
+        return (self.table_host >= 0).sum(1)
+
     @property
     def pages(self) -> int:
         """Pages the rows hold."""
-        return int((self.table_host >= 0).sum())
+        return int(self.pages_per_row().sum())
 
     @property
     def nbytes_in_use(self) -> int:
@@ -194,7 +198,7 @@ class PagedCache:
         if num_tokens > self.room():
             raise ValueError(f"{num_tokens} more tokens do not fit: the table has room for {self.room()}")
         page = self.pool.page_size
-        held = (self.table_host >= 0).sum(1)
+        held = self.pages_per_row()
         needed = (self.seqlens_host.long() + num_tokens + page - 1) // page - held
         total = int(needed.clamp(min=0).sum())
         if total == 0:
@@ -210,7 +214,7 @@ class PagedCache:
         """Settles ``num_tokens`` (an int, or a (B,) tensor per row) active tokens after the last loop."""
         step = steps_per_row(num_tokens, self.batch)
         new = self.seqlens_host + step
-        held = (self.table_host >= 0).sum(1) * self.pool.page_size
+        held = self.pages_per_row() * self.pool.page_size
         if self.batch and (int(step.min()) < 0 or bool((new > held).any())):
             raise ValueError(f"advancing by {step.tolist()} takes lengths {self.seqlens_host.tolist()} past the "
                              f"rows' pages ({held.tolist()} positions): reserve() first")
