@@ -1,8 +1,10 @@
 """Build script.
 
 The Triton sources live in the top-level ``kernels/`` folder and are installed
-as ``melt_kernels.kernels`` (no top-level ``kernels`` package reaches
-site-packages).  The CUDA extension ``melt_kernels._cuda`` is compiled only
+as ``melt_kernels.kernels``: no top-level ``kernels`` reaches site-packages,
+and the folder has no ``__init__.py``, so that from a checkout it never
+shadows Hugging Face's ``kernels`` package (``melt_kernels/__init__.py`` maps
+it where an editable install does not).  The CUDA extension ``melt_kernels._cuda`` is compiled only
 when ``MELT_BUILD_CUDA=1``; ``MELT_CUDA_ARCHS`` picks the architectures.
 """
 import glob

@@ -1,28 +1,58 @@
 """melt_kernels: a fused gated KV-cache update + attention op for looped language models (MELT)."""
 import importlib as _importlib
 import importlib.abc as _importlib_abc
+import importlib.machinery as _machinery
 import importlib.util as _importlib_util
+import os as _os
 import sys as _sys
-from importlib import metadata as _metadata
-
-from melt_kernels.backends import available_backends
-from melt_kernels.cache import LoopLMCache, MeltCache
-from melt_kernels.gated_kv_attention import gated_kv_attention
-from melt_kernels.paged_cache import PagedCache, PagePool
-from melt_kernels import model, ouro, train
-from melt_kernels.model import LoopedLM, LoopedLMConfig, kv_bytes_per_token
-from melt_kernels.ouro import load_ouro, to_melt
 
 
-def _transformers_major() -> int:
-    try:
-        return int(_metadata.version("transformers").split(".")[0])
-    except (_metadata.PackageNotFoundError, ValueError):
-        return 0
+def _map_kernels_folder() -> None:
+    """Makes the checkout's top-level ``kernels/`` folder ``melt_kernels.kernels`` where nothing else does.
+
+    That folder has no ``__init__.py`` on purpose: a namespace folder never wins over a regular package of the
+    same name, so Hugging Face's ``kernels`` (which transformers imports) stays itself when the checkout's root is
+    on ``sys.path`` (``python -m`` from the checkout).  A wheel installs the folder as ``melt_kernels/kernels``,
+    found as usual; setuptools' editable finder, and a checkout used without installing, do not resolve a
+    namespace subpackage that lives outside its parent, so it is mapped here.
+    """
+    name = __name__ + ".kernels"
+    if _importlib_util.find_spec(name) is not None:
+        return
+    folder = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "kernels")
+    if not _os.path.isdir(folder):
+        return
+    spec = _machinery.ModuleSpec(name, None, is_package=True)
+    spec.submodule_search_locations = [folder]
+    _sys.modules[name] = _importlib_util.module_from_spec(spec)
+
+
+_map_kernels_folder()
+
+from melt_kernels.backends import available_backends  # noqa: E402
+from melt_kernels.cache import LoopLMCache, MeltCache  # noqa: E402
+from melt_kernels.gated_kv_attention import gated_kv_attention  # noqa: E402
+from melt_kernels.paged_cache import PagedCache, PagePool  # noqa: E402
+from melt_kernels import model  # noqa: E402
+from melt_kernels.model import LoopedLM, LoopedLMConfig, kv_bytes_per_token  # noqa: E402
+
+# Imported on first use: `python -m melt_kernels.ouro` / `-m melt_kernels.train` run modules that `import
+# melt_kernels` must not have imported already (runpy warns that they are in sys.modules), and neither is needed
+# to run the op.
+_LAZY = {"ouro": ("melt_kernels.ouro", None), "train": ("melt_kernels.train", None),
+         "load_ouro": ("melt_kernels.ouro", "load_ouro"), "to_melt": ("melt_kernels.ouro", "to_melt")}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attribute = _LAZY[name]
+    value = _importlib.import_module(module)
+    return value if attribute is None else getattr(value, attribute)
 
 
 class _ThenRegister(_importlib_abc.Loader):
-    """transformers' own loader, then melt_kernels.hf's registration of model_type "melt"."""
+    """transformers' own loader, then :func:`melt_kernels.hf_support.register` (model_type "melt")."""
 
     def __init__(self, loader):
         self._loader = loader
@@ -32,7 +62,7 @@ class _ThenRegister(_importlib_abc.Loader):
 
     def exec_module(self, module):
         self._loader.exec_module(module)
-        _importlib.import_module("melt_kernels.hf")
+        _importlib.import_module("melt_kernels.hf_support").register()
 
     def __getattr__(self, name):  # resource readers, is_package, ...: the real loader's
         return getattr(self._loader, name)
@@ -52,14 +82,13 @@ class _RegisterWhenTransformersLoads(_importlib_abc.MetaPathFinder):
         return spec
 
 
-# The [hf] extra: with transformers 5.x installed, model_type "melt" is registered with its Auto classes,
-# now if transformers is already imported, else as soon as it is.
-if _transformers_major() == 5:
-    if "transformers" in _sys.modules:
-        from melt_kernels import hf  # noqa: F401
-    else:
-        _sys.meta_path.insert(0, _RegisterWhenTransformersLoads())
+# The [hf] extra: model_type "melt" is registered with transformers' Auto classes, now if transformers is already
+# imported, else as soon as it is (with transformers 4.x, as a config that says what to install instead).
+if "transformers" in _sys.modules:
+    _importlib.import_module("melt_kernels.hf_support").register()
+elif _importlib_util.find_spec("transformers") is not None:
+    _sys.meta_path.insert(0, _RegisterWhenTransformersLoads())
 
 __version__ = "0.1.0"
-__all__ = ["gated_kv_attention", "available_backends", "MeltCache", "LoopLMCache", "LoopedLM", "LoopedLMConfig",
-           "kv_bytes_per_token", "load_ouro", "to_melt", "model", "ouro", "train"]
+__all__ = ["gated_kv_attention", "available_backends", "MeltCache", "LoopLMCache", "PagedCache", "PagePool",
+           "LoopedLM", "LoopedLMConfig", "kv_bytes_per_token", "load_ouro", "to_melt", "model", "ouro", "train"]

@@ -1,15 +1,22 @@
 """Hugging Face transformers (5.x) integration: the looped model as a ``PreTrainedModel`` that generates.
 
 Importing :mod:`melt_kernels` imports this module when transformers 5.x is
-installed (the ``[hf]`` extra) and registers, in-process and without remote
-code, ``model_type="melt"`` with ``AutoConfig`` and
-``AutoModelForCausalLM``.  So a checkpoint written by
+imported (the ``[hf]`` extra) and registers, in-process, ``model_type="melt"``
+with ``AutoConfig`` and ``AutoModelForCausalLM``.  So a checkpoint written by
 :meth:`melt_kernels.model.LoopedLM.save_pretrained` (or by
 :class:`MeltForCausalLM`'s own ``save_pretrained``) loads with::
 
     import melt_kernels, transformers
     model = transformers.AutoModelForCausalLM.from_pretrained(path)
     out = model.generate(input_ids, attention_mask=mask, max_new_tokens=32)
+
+Such a checkpoint also follows the Hub's convention for architectures
+transformers does not ship: its config has an ``auto_map`` naming a
+``modeling_melt.py`` beside it that imports this module
+(:mod:`melt_kernels.remote_code`), so
+``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` loads
+it wherever melt_kernels is installed, without importing it first.  Other
+transformers versions: :mod:`melt_kernels.hf_support`.
 
 :class:`MeltForCausalLM` has the checkpoint's module tree
 (:class:`~melt_kernels.model.LoopedModel` under ``model.``, ``lm_head``) and
@@ -33,14 +40,20 @@ columns (zero logits at padding).
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional, Union
 
+from melt_kernels.hf_support import require_supported
+
+require_supported()  # before transformers' 5.x names are imported: on 4.x, the message says what to do
+# ruff: noqa: E402
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from melt_kernels import remote_code
 from melt_kernels.cache import LoopLMCache, MeltCache
 from melt_kernels.model import CHECKPOINT_MODEL_TYPE, DecoderLayer, LoopedLMConfig, LoopedModel, init_weights
 
@@ -78,6 +91,10 @@ class MeltConfig(PreTrainedConfig):
         checked = self.looped_config()
         self.num_key_value_heads, self.head_dim = checked.num_key_value_heads, checked.head_dim
         super().__post_init__(**kwargs)
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoConfig") -> None:
+        """Nothing, as :meth:`MeltForCausalLM.register_for_auto_class`."""
 
     def looped_config(self) -> LoopedLMConfig:
         return LoopedLMConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LoopedLMConfig)})
@@ -175,6 +192,19 @@ class MeltForCausalLM(PreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.lm_head = value
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """transformers' save_pretrained, with the ``auto_map`` and ``modeling_melt.py`` of
+        :mod:`melt_kernels.remote_code` (loadable with ``trust_remote_code=True`` without importing
+        melt_kernels)."""
+        os.makedirs(save_directory, exist_ok=True)
+        self.config.auto_map = remote_code.write(save_directory)
+        super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoModelForCausalLM") -> None:
+        """Nothing: transformers calls it on classes loaded through ``auto_map`` so that saving copies their
+        module (this one) into the checkpoint; the checkpoint's ``modeling_melt.py`` imports it instead."""
 
     def new_cache(self, batch: int, max_seqlen: int) -> LoopCache:
         """An empty cache for ``batch`` rows of up to ``max_seqlen`` positions: MELT's with a gate, else Ouro's."""

@@ -75,6 +75,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from melt_kernels import remote_code
 from melt_kernels.cache import LoopLMCache, MeltCache
 from melt_kernels.gated_kv_attention import gated_kv_attention
 from melt_kernels.paged_cache import PagedCache, PagePool
@@ -736,7 +737,9 @@ class LoopedLM(nn.Module):
 
         :func:`melt_kernels.ouro.load_ouro` reads it back, and so does
         ``transformers.AutoModelForCausalLM.from_pretrained`` once
-        :mod:`melt_kernels` is imported (:mod:`melt_kernels.hf`).  A tied
+        :mod:`melt_kernels` is imported (:mod:`melt_kernels.hf`), or with
+        ``trust_remote_code=True`` without importing it (the ``auto_map`` and
+        ``modeling_melt.py`` of :mod:`melt_kernels.remote_code`).  A tied
         ``lm_head.weight`` is not written (transformers' convention).
         """
         from safetensors.torch import save_file
@@ -747,7 +750,7 @@ class LoopedLM(nn.Module):
         save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
         dtype = str(self.model.embed_tokens.weight.dtype).removeprefix("torch.")
         config = {"model_type": CHECKPOINT_MODEL_TYPE, "architectures": ["MeltForCausalLM"], "dtype": dtype,
-                  **asdict(self.config)}
+                  "auto_map": remote_code.write(path), **asdict(self.config)}
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
 

@@ -15,7 +15,7 @@
 
 The whole path on a real checkpoint::
 
-    python -m melt_kernels.ouro convert OURO_DIR OUT_DIR --gate latent
+    melt convert OURO_DIR OUT_DIR --gate latent     # or: python -m melt_kernels.ouro convert ...
 """
 from __future__ import annotations
 
@@ -249,8 +249,8 @@ def to_melt(model: LoopedLM, gate: str = "latent") -> LoopedLM:
 # ---------------------------------------------------------------- the command
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m melt_kernels.ouro",
+def parse_args(argv, prog="python -m melt_kernels.ouro"):
+    p = argparse.ArgumentParser(prog=prog,
                                 description="Convert an Ouro checkpoint to MELT, save it, reload it and generate.")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("convert", help="OURO_DIR -> OUT_DIR (config.json + model.safetensors), then generate")
@@ -332,9 +332,8 @@ def convert(args) -> dict:
     return {**result, "prompt_ids": ids, "tokens": tokens, "cache_bytes": cache.nbytes}
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    return convert(args)
+def main(argv=None, prog="python -m melt_kernels.ouro") -> dict:
+    return convert(parse_args(argv, prog))
 
 
 if __name__ == "__main__":

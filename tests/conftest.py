@@ -16,6 +16,21 @@ settings.register_profile("nightly", max_examples=500, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 
+def pytest_report_header(config):
+    """The versions this run resolved, first in the log: a fresh install takes the newest releases the ranges
+    admit, so a break that an upstream release caused shows which one it was."""
+    from importlib import metadata
+
+    def version(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "absent"
+
+    names = ("torch", "triton", "numpy", "transformers", "kernels", "hypothesis")
+    return "versions: " + ", ".join(f"{name} {version(name)}" for name in names)
+
+
 def pytest_configure(config):
     """Under TRITON_INTERPRET=1, an interpreter that cannot run the kernels stops the run at once, saying why
     (the kernel tests would otherwise each fail deep inside Triton)."""

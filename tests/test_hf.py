@@ -12,9 +12,15 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+from melt_kernels.hf_support import is_supported  # noqa: E402
+
+if not is_supported(transformers.__version__):  # the refusal on other majors is tested in test_install.py
+    pytest.skip(f"melt_kernels.hf does not support transformers {transformers.__version__}",
+                allow_module_level=True)
 
 import melt_kernels  # noqa: E402  (registers model_type "melt")
 import melt_kernels.model  # noqa: E402
+from melt_kernels import remote_code  # noqa: E402
 from melt_kernels.hf import CACHE_NAME, LoopCache, MeltConfig, MeltForCausalLM  # noqa: E402
 from melt_kernels.ouro import load_ouro, to_melt  # noqa: E402
 from ouro_reference import random_weights, tensor_shapes, tiny_config, write_checkpoint  # noqa: E402
@@ -67,7 +73,7 @@ def test_auto_classes_load_the_package_checkpoint_and_round_trip(saved, tmp_path
     logits; its own save_pretrained reads back through load_ouro and the Auto classes."""
     model, path = saved
     config = json.loads((path / "config.json").read_text())
-    assert config["model_type"] == "melt" and "auto_map" not in config  # no remote code
+    assert config["model_type"] == "melt" and config["auto_map"] == remote_code.AUTO_MAP
     hf = hf_load(path)
     assert isinstance(hf, MeltForCausalLM) and isinstance(hf.config, MeltConfig)
     assert hf.config.gate == model.config.gate and hf.config.head_dim == 16
@@ -82,6 +88,7 @@ def test_auto_classes_load_the_package_checkpoint_and_round_trip(saved, tmp_path
         assert torch.equal(hf(ids).logits, want)
 
     hf.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["auto_map"] == remote_code.AUTO_MAP
     back = load_ouro(tmp_path, backend="reference")
     assert back.config == model.config
     for name, tensor in back.state_dict().items():
@@ -186,6 +193,38 @@ def test_registration_needs_only_import_melt_kernels(ouro_dir, tmp_path):
         done = subprocess.run([sys.executable, "-c", check, str(tmp_path)], env=env, capture_output=True,
                               text=True, timeout=300)
         assert done.returncode == 0, f"import {imports}: {done.stderr}"
+
+
+def test_trust_remote_code_loads_without_importing_melt_kernels(saved, tmp_path):
+    """The Hub's convention: a fresh interpreter that never imports melt_kernels loads the checkpoint with
+    trust_remote_code=True through its auto_map (the installed package's classes, same logits), and saving
+    that model again writes the same auto_map and no copy of melt_kernels' source."""
+    model, path = saved
+    ids = ids_of(14, 2, 5)
+    kind = "melt" if model.config.gate is not None else "looplm"
+    torch.save({"ids": ids, "logits": model.prefill(ids, model.new_cache(kind, 2, 5))}, tmp_path / "want.pt")
+    check = """if True:
+        import json, os, sys, torch, transformers
+        path, out = sys.argv[1], sys.argv[2]
+        torch.set_num_threads(1)  # as this test's side (one_thread): the same reduction order, the same bits
+        m = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+        assert type(m).__module__ == "melt_kernels.hf" and type(m).__name__ == "MeltForCausalLM", type(m)
+        m.backend = "reference"
+        want = torch.load(os.path.join(out, "want.pt"))
+        with torch.no_grad():
+            assert torch.equal(m(want["ids"]).logits, want["logits"])
+        m.save_pretrained(os.path.join(out, "again"))
+        files = sorted(os.listdir(os.path.join(out, "again")))
+        assert [f for f in files if f.endswith(".py")] == ["modeling_melt.py"], files
+        print(json.dumps(json.load(open(os.path.join(out, "again", "config.json")))["auto_map"]))
+    """
+    # No melt_kernels import before from_pretrained: TRITON_INTERPRET unset, and the check's own imports only.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    done = subprocess.run([sys.executable, "-c", check, str(path), str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == remote_code.AUTO_MAP
 
 
 @pytest.mark.gpu

@@ -10,7 +10,7 @@
   token;
 * :mod:`~melt_kernels.train.distributed`, :mod:`~melt_kernels.train.checkpoint`.
 
-``python -m melt_kernels.train --teacher OURO_DIR --out RUN_DIR ...`` runs it
+``melt train --teacher OURO_DIR --out RUN_DIR ...`` (or ``python -m melt_kernels.train``) runs it
 (under ``torchrun --nproc-per-node N`` for N processes).
 """
 from melt_kernels.train.data import IGNORE, CopyTask, TokenStream, stdlib_corpus

@@ -1,8 +1,10 @@
 """Post-trains MELT from a LoopLM teacher checkpoint with the paper's recipe, in 1 or N processes.
 
-    python -m melt_kernels.train --teacher Ouro-1.4B-Thinking --out runs/melt --gate latent --data tokens.npy
+    melt train --teacher Ouro-1.4B-Thinking --out runs/melt --gate latent --data tokens.npy
     torchrun --nproc-per-node 8 -m melt_kernels.train --teacher ... --out ...      # DDP: NCCL on GPUs, gloo on CPUs
-    python -m melt_kernels.train ... --resume                                     # from the newest checkpoint
+    melt train ... --resume                                                       # from the newest checkpoint
+
+(``melt train`` and ``python -m melt_kernels.train`` are the same command.)
 
 The teacher (an Ouro checkpoint, or a LoopLM saved by this package) is loaded
 frozen; the student is ``to_melt(teacher, gate)`` (or, with ``--resume``, the
@@ -38,9 +40,9 @@ from melt_kernels.train.recipe import MEMORY_MODES, Recipe
 from melt_kernels.train.trainer import Trainer
 
 
-def parse_args(argv):
+def parse_args(argv, prog="python -m melt_kernels.train"):
     d = Recipe()
-    p = argparse.ArgumentParser(prog="python -m melt_kernels.train", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--teacher", required=True, help="the LoopLM teacher's checkpoint folder (Ouro or this package's)")
@@ -90,8 +92,8 @@ def make_source(args):
     return from_file(args.data, None, args.seq_len), None, args.seq_len
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def main(argv=None, prog="python -m melt_kernels.train") -> dict:
+    args = parse_args(argv, prog)
     with cpu_threads(args.threads):
         context = distributed.init(args.device)
         try:

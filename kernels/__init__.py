@@ -1,1 +1,0 @@
-"""Triton kernels of melt_kernels (installed as ``melt_kernels.kernels``)."""
