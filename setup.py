@@ -162,7 +162,7 @@ if os.environ.get("MELT_BUILD_CUDA", "0") == "1":
     ext_modules, cmdclass = _cuda_extension()
 
 setup(
-    packages=["melt_kernels", "melt_kernels.kernels"],
+    packages=["melt_kernels", "melt_kernels.kernels", "melt_kernels.vllm"],
     package_dir={"melt_kernels": "melt_kernels", "melt_kernels.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
