@@ -1,6 +1,6 @@
 """The vLLM plugin on vLLM's CPU build: greedy tokens are LoopedLM.generate's, whatever the batch and the budget.
 
-One engine per checkpoint (MELT with each gate, Ouro), float32, eager, with a token budget of 16 per step,
+One engine per checkpoint (MELT with each gate, and with Ouro's exit rule; Ouro), float32, eager, with a token budget of 16 per step,
 so that Ouro's longer prompts are cut into chunks and MELT's prompts (served whole, never cut) share steps
 with other requests' decoding.  Skipped without vLLM (its own venv: .ci/vllm.sh).
 """

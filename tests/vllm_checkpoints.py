@@ -9,7 +9,9 @@ from melt_kernels.ouro import load_ouro, to_melt
 from ouro_reference import random_weights, tensor_shapes, tiny_config, write_checkpoint
 from utils import randomise_gates
 
-KINDS = ("latent", "kv-head", "kv-element", "ouro")  # the MELT gates, and Ouro itself
+# The MELT gates, the latent one with Ouro's exit rule (each token's loop feeds the head), and Ouro itself.
+KINDS = ("latent", "kv-head", "kv-element", "latent-exit", "ouro")
+EXIT_THRESHOLD = 0.5
 
 
 def served_config(**overrides) -> dict:
@@ -28,7 +30,10 @@ def write_folder(path, kind: str):
     if kind == "ouro":
         return write_ouro(path)
     ouro = load_ouro(write_ouro(path / "ouro"), backend="reference")
-    randomise_gates(to_melt(ouro, kind), seed=22).save_pretrained(path / kind)
+    melt = randomise_gates(to_melt(ouro, kind.removesuffix("-exit")), seed=22)
+    if kind.endswith("-exit"):
+        melt.config.exit_threshold = EXIT_THRESHOLD
+    melt.save_pretrained(path / kind)
     return path / kind
 
 
