@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CI for the vLLM plugin (melt_kernels.vllm, issue 21): a fresh venv .venv-vllm with vLLM's CPU build, this
 # package installed into it without its dependencies (vLLM pins torch and transformers), then the vLLM tests
-# (tests/test_vllm_*.py; elsewhere they skip).  About 3 minutes to install (3.5 GB), 5 to test on 2 cores.
+# (tests/test_vllm_*.py; elsewhere they skip).  3-7 minutes to install (3.5 GB), about 6 to test on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

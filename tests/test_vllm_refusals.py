@@ -12,9 +12,10 @@ from melt_kernels.ouro import load_ouro  # noqa: E402
 from vllm_checkpoints import write_folder, write_ouro  # noqa: E402
 
 
-def start(path):
+def start(path, **engine_args):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    return vllm.LLM(model=str(path), skip_tokenizer_init=True, dtype="float32", enforce_eager=True, max_model_len=64)
+    return vllm.LLM(model=str(path), skip_tokenizer_init=True, dtype="float32", enforce_eager=True, max_model_len=64,
+                    **engine_args)
 
 
 def test_melt_checkpoint_missing_a_gate_tensor(tmp_path):
@@ -24,6 +25,13 @@ def test_melt_checkpoint_missing_a_gate_tensor(tmp_path):
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(KeyError, match=r"lacks tensor.*model\.layers\.1\.self_attn\.melt_gate\.proj\.bias"):
         start(path)
+
+
+def test_quantised_kv_cache_with_a_kv_gate(tmp_path):
+    """The K/V gates blend the slots' previous values as the model computed them: a quantised cache would hold
+    others."""
+    with pytest.raises(ValueError, match="kv_cache_dtype='fp8' is not supported with the 'kv-element' gate"):
+        start(write_folder(tmp_path, "kv-element"), kv_cache_dtype="fp8")
 
 
 def test_ouro_config_field_the_package_does_not_implement(tmp_path):
