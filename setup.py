@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ext_modules = []
 cmdclass = {}
@@ -164,7 +164,9 @@ if os.environ.get("MELT_BUILD_CUDA", "0") == "1":
     ext_modules, cmdclass = _cuda_extension()
 
 setup(
-    packages=["melt_kernels", "melt_kernels.kernels"],
+    # Every package under melt_kernels/ (a subpackage left off this list would be missing from wheels, while an
+    # editable install hides it), and the kernels folder under its installed name.
+    packages=[*find_packages(include=["melt_kernels", "melt_kernels.*"]), "melt_kernels.kernels"],
     package_dir={"melt_kernels": "melt_kernels", "melt_kernels.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
