@@ -48,8 +48,7 @@ import torch
 from melt_kernels.model import LoopedLM, LoopedLMConfig, kv_bytes_per_token
 from melt_kernels.ouro import to_melt
 from melt_kernels.threads import cpu_threads
-from melt_kernels.train import Recipe, Trainer, distributed, evaluate, stdlib_corpus
-from melt_kernels.train.evaluate import gate_retention
+from melt_kernels.train import Recipe, Trainer, distributed, evaluate, gate_retention, stdlib_corpus
 
 
 DECODE_FULL = 64  # the serving schedule's decoded tail at full size: benchmarks/NOTES.md, issue 22
