@@ -198,7 +198,8 @@ def run(args, context) -> dict:
     say(f"# {context.world} process(es) on {context.device}; teacher {args.teacher} "
         f"({sum(p.numel() for p in teacher.parameters()):,} parameters, T={teacher.num_loops}), gate {args.gate!r}; "
         f"{recipe.total_steps} steps of {recipe.batch_size} x {recipe.seq_len} tokens in chunks of "
-        f"{recipe.chunk_size}" + (f"; resumed from {resumed}" if resumed else ""), file=sys.stderr)
+        f"{'/'.join(map(str, recipe.chunk_cycle)) or recipe.chunk_size}, the last {recipe.decode_tokens} one at a time"
+        + (f"; resumed from {resumed}" if resumed else ""), file=sys.stderr)
     trainer.run()
     final = os.path.join(args.out, "final")
     if context.main:

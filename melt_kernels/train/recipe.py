@@ -28,14 +28,15 @@ as serving decodes a continuation after prefilling its prompt in chunks.
 
 Pre-training (``pretrain_steps``) minimises the last loop's cross-entropy
 (``pretrain_objective="last-loop"``) or Ouro's Stage I objective
-(``"ouro"``; arXiv 2510.25741, section 3, "Stage I: learning an
-entropy-regularized objective"): per scored token x, the expected loss over
-the exit distribution minus ``exit_beta`` times its entropy,
-``sum_t p(t|x) CE_t(x) - exit_beta * H(p(.|x))``, p from the early-exit
-gate's logits (:func:`melt_kernels.model.exit_probabilities`) and CE_t the
-cross-entropy of loop t's head.  The exit gate trains with it.  AdamW with separate learning rates for
-the base weights (``lr``, the paper's 8e-6) and the gates (``gate_lr``,
-5e-4).
+(``"ouro"``; arXiv 2510.25741, section 3, the entropy-regularized objective
+of the exit gate's Stage I): per scored token x, the expected loss over the
+exit distribution minus ``exit_beta`` times its entropy, ``sum_t p(t|x)
+CE_t(x) - exit_beta * H(p(.|x))``, p from the early-exit gate's logits
+(:func:`melt_kernels.model.exit_probabilities`) and CE_t the cross-entropy
+of loop t's head.  The exit gate trains with it.
+
+AdamW with separate learning rates for the base weights (``lr``, the
+paper's 8e-6) and the gates (``gate_lr``, 5e-4).
 
 Losses are averaged over the *global* batch: each process divides its sums
 by the global count and multiplies by the number of processes, which DDP's
