@@ -51,7 +51,7 @@ from melt_kernels.threads import cpu_threads
 from melt_kernels.train import Recipe, Trainer, distributed, evaluate, gate_retention, stdlib_corpus
 
 
-DECODE_FULL = 64  # the serving schedule's decoded tail at full size: benchmarks/NOTES.md, issue 22
+DECODE_FULL = 16  # the serving schedule's decoded tail at full size: benchmarks/NOTES.md, issue 22
 
 
 @dataclass(frozen=True)
