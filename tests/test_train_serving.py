@@ -269,6 +269,9 @@ def test_cli_trains_on_tokenized_jsonl_and_ends_with_the_held_out_evaluation(tmp
         assert math.isfinite(evaluation[key]["loss"]), key
     assert evaluation["student"]["tokens"] == 4 * 8 and evaluation["student_served"]["tokens"] == 4 * 4
     assert len(evaluation["gate_retention"]) == 1
+    with pytest.raises(ValueError, match="--gate none"):
+        main(["--teacher", str(folder), "--out", str(tmp_path / "refused"), "--data", str(data), "--seq-len", "8",
+              "--pretrain-steps", "1", "--no-progress"])
 
 
 def test_two_processes_pretrain_with_ouros_objective_like_one(tmp_path):

@@ -1,4 +1,5 @@
-"""Training data: a synthetic copying task, a token stream, and a real text corpus every machine has offline.
+"""Training data: a synthetic copying task, a token stream, a real text corpus every machine has offline, and the
+user's text or JSON lines encoded by a checkpoint's own tokenizer (:class:`Tokenizer`, :func:`read_documents`).
 
 Every source draws a *global* batch from a seeded ``torch.Generator`` on the
 CPU: each process of a distributed run draws the same global batch and keeps
