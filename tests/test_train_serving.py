@@ -182,6 +182,18 @@ def test_served_evaluation_is_a_chunked_prefill_then_decoding(prompt, chunk_size
         evaluate(model, "melt", (ids, targets), 2, prompt=ids.shape[1])
 
 
+def test_per_loop_losses_are_each_loops_hidden_state_through_the_head():
+    model = tiny()
+    ids, targets = batch()
+    got = evaluate(model, "looplm", (ids, targets), 4, per_loop=True)["bits_per_token_per_loop"]
+    _, loops = model.prefill(ids, model.new_cache("looplm", *ids.shape), return_loops=True)
+    scored = targets != IGNORE
+    want = [F.cross_entropy(model.lm_head(h[scored]), targets[scored]).item() / math.log(2)
+            for h in loops.hidden_states]
+    assert got == pytest.approx(want, rel=1e-10)
+    assert len(set(got)) == model.num_loops
+
+
 @pytest.mark.parametrize("gate", ["latent", "kv-head", "kv-element"])
 def test_gate_retention_is_reported_per_loop(gate):
     """At conversion every gate keeps sigmoid(-10) of the old slot at every loop 2..T; trained-looking gates give
