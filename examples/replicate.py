@@ -5,19 +5,25 @@ its top-level *.py files, one in ten held out by a hash of the file name), every
 a size these CPUs train, all with Ouro's architecture (melt_kernels.model.LoopedLM):
 
 * standard: the same stack run once (T = 1), trained from scratch;
-* looplm: the LoopLM, T = 4 loops, one KV cache per loop, trained from scratch (the teacher);
-* last-step: that LoopLM decoding with one cache per layer that keeps each token's last loop's K/V
-  (to_melt with gates at init: training-free);
+* looplm: the LoopLM, T = 4 loops, one KV cache per loop, trained from scratch with Ouro's Stage I objective
+  (expected cross-entropy over the exit distribution - exit_beta x its entropy; the exit gate trained): the
+  teacher;
+* looplm-last-loop: the same LoopLM trained on the last loop's cross-entropy alone (the earlier teacher);
+* last-step, last-step-last-loop: those LoopLMs decoding with one cache per layer that keeps each token's last
+  loop's K/V (to_melt with gates at init: training-free);
 * melt-<gate>: MELT converted from the LoopLM (to_melt) and post-trained with the paper's recipe (phase 1,
-  interpolated transition; phase 2, KL + 0.1 x attention MSE; chunk-wise; separate gate learning rate), for
-  each gate: latent (the paper's), kv-head, kv-element (this package's);
+  interpolated transition; phase 2, KL + 0.1 x attention MSE; chunk-wise; separate gate learning rate) under
+  the serving schedule (sequences prefilled in chunks, their last `decode` tokens run one at a time), for each
+  gate: latent (the paper's), kv-head, kv-element (this package's);
+* melt-latent-fixed-chunks, melt-latent-fixed-1: melt-latent trained in fixed chunks of `chunk` and of 1;
 * ablations of melt-latent: no-interpolation (phase 2 only, for both phases' steps), no-alignment
   (beta = 0), shared-lr (the gates at the base learning rate).
 
-For every row: held-out loss in bits per byte run in training-size chunks and decoded token by token (a
-model with one cache per layer and T > 1 depends on the chunking), KV-cache bytes per token (float32, as
-trained), training time, and for MELT rows how open the gate ended up (mean retention over the held-out
-tokens, loops 2..T; at init 4.5e-5).
+For every row: held-out loss in bits per byte run in training-size chunks, decoded token by token (a model
+with one cache per layer and T > 1 depends on the chunking), and served (the first `prompt` bytes prefilled in
+chunks, the rest decoded token by token, the continuation scored), each loop's bits per byte (chunks), KV-cache
+bytes per token (float32, as trained), training time, and for MELT rows how open the gate ended up (mean
+retention over the held-out tokens, per loop 2..T and their mean; at init 4.5e-5).
 
     python examples/replicate.py --json results.json --plot results.png       # the full run: about an hour
     python examples/replicate.py --quick --json out.json                     # every row tiny (CI)
@@ -39,10 +45,13 @@ from typing import Optional
 
 import torch
 
-from melt_kernels.model import LatentGate, KVGate, LoopedLM, LoopedLMConfig, kv_bytes_per_token
+from melt_kernels.model import LoopedLM, LoopedLMConfig, kv_bytes_per_token
 from melt_kernels.ouro import to_melt
 from melt_kernels.threads import cpu_threads
-from melt_kernels.train import Recipe, Trainer, distributed, evaluate, stdlib_corpus
+from melt_kernels.train import Recipe, Trainer, distributed, evaluate, gate_retention, stdlib_corpus
+
+
+DECODE_FULL = 16  # the serving schedule's decoded tail at full size: benchmarks/NOTES.md, issue 22
 
 
 @dataclass(frozen=True)
@@ -64,26 +73,34 @@ class Size:
     pretrain_lr: float
     lr: float
     gate_lr: float
+    decode: int  # the serving schedule: the last `decode` tokens of every training sequence run one at a time
+    prompt: int  # the served evaluation's prompt, prefilled in chunks
+    exit_beta: float
 
 
 SIZES = {
     # Every row in well under a minute on 2 cores: a smoke test of the whole comparison, not a result.
     "quick": Size(hidden=32, layers=1, heads=2, kv_heads=1, head_dim=16, intermediate=64, loops=4, seq_len=32,
                   chunk=8, batch=4, pretrain_steps=6, transition_steps=3, distill_steps=3, eval_sequences=4,
-                  pretrain_lr=3e-3, lr=1e-3, gate_lr=1e-2),
+                  pretrain_lr=3e-3, lr=1e-3, gate_lr=1e-2, decode=16, prompt=16, exit_beta=0.05),
     "full": Size(hidden=128, layers=2, heads=4, kv_heads=2, head_dim=32, intermediate=384, loops=4, seq_len=128,
                  chunk=16, batch=16, pretrain_steps=1200, transition_steps=100, distill_steps=60, eval_sequences=96,
-                 pretrain_lr=3e-3, lr=3e-4, gate_lr=1e-2),
+                 pretrain_lr=3e-3, lr=3e-4, gate_lr=1e-2, decode=DECODE_FULL, prompt=64, exit_beta=0.05),
 }
-ROWS = ("standard", "looplm", "last-step", "melt-latent", "melt-kv-head", "melt-kv-element",
-        "melt-latent-no-interpolation", "melt-latent-no-alignment", "melt-latent-shared-lr")
+ROWS = ("standard", "looplm", "looplm-last-loop", "last-step", "last-step-last-loop", "melt-latent", "melt-kv-head",
+        "melt-kv-element", "melt-latent-fixed-chunks", "melt-latent-fixed-1", "melt-latent-no-interpolation",
+        "melt-latent-no-alignment", "melt-latent-shared-lr")
 DESCRIPTIONS = {
     "standard": "standard transformer (T = 1), from scratch",
-    "looplm": "LoopLM (T loops, one cache per loop), from scratch",
-    "last-step": "LoopLM, one cache per layer keeping the last loop's K/V (training-free)",
-    "melt-latent": "MELT, latent gate (the paper's), both phases",
-    "melt-kv-head": "MELT, kv-head gate (this package's), both phases",
-    "melt-kv-element": "MELT, kv-element gate (this package's), both phases",
+    "looplm": "LoopLM (T loops, one cache per loop), from scratch with Ouro's objective",
+    "looplm-last-loop": "LoopLM, from scratch on the last loop's cross-entropy",
+    "last-step": "LoopLM (Ouro's objective), one cache per layer keeping the last loop's K/V (training-free)",
+    "last-step-last-loop": "LoopLM (last loop), one cache per layer keeping the last loop's K/V (training-free)",
+    "melt-latent": "MELT, latent gate (the paper's), both phases, serving schedule",
+    "melt-kv-head": "MELT, kv-head gate (this package's), both phases, serving schedule",
+    "melt-kv-element": "MELT, kv-element gate (this package's), both phases, serving schedule",
+    "melt-latent-fixed-chunks": "MELT latent, trained in fixed chunks of the chunk size",
+    "melt-latent-fixed-1": "MELT latent, trained token by token (fixed chunks of 1)",
     "melt-latent-no-interpolation": "MELT latent, no interpolated transition (phase 2 for all steps)",
     "melt-latent-no-alignment": "MELT latent, no attention alignment (beta = 0)",
     "melt-latent-shared-lr": "MELT latent, gates at the base learning rate",
@@ -122,30 +139,6 @@ def model_config(size: Size, loops: int) -> LoopedLMConfig:
                           max_position_embeddings=max(size.seq_len, 128))
 
 
-@torch.no_grad()
-def gate_retention(model: LoopedLM, batch, chunk: int) -> Optional[float]:
-    """Mean retention of the MELT gates (z or alpha) over the held-out tokens, loops 2..T; None without gates."""
-    values = []
-
-    def latent(module, args, out):
-        x, h_prev = args
-        values.append(torch.sigmoid((module.w_z(x) + module.u_z(h_prev)).float()).mean())
-
-    def kv(module, args, out):
-        values.append(out.float().mean())
-
-    handles = [m.register_forward_hook(latent if isinstance(m, LatentGate) else kv) for m in model.modules()
-               if isinstance(m, (LatentGate, KVGate))]
-    if not handles:
-        return None
-    try:
-        evaluate(model, "melt", batch, chunk)
-    finally:
-        for h in handles:
-            h.remove()
-    return float(torch.stack(values).mean()) if values else None
-
-
 class Replication:
     def __init__(self, args, context):
         self.args, self.context, self.size = args, context, size_of(args)
@@ -156,6 +149,7 @@ class Replication:
         self.held_out = held.windows(s.eval_sequences)
         self.rows: list[dict] = []
         self.looplm: Optional[LoopedLM] = None
+        self.looplm_last_loop: Optional[LoopedLM] = None
         self.say = print if context.main else (lambda *a, **k: None)
 
     def new_model(self, loops: int) -> LoopedLM:
@@ -167,12 +161,12 @@ class Replication:
         return Trainer(model, recipe, self.train, teacher=teacher, context=self.context, seed=self.args.seed,
                        progress=self.args.progress)
 
-    def pretrain(self, loops: int) -> tuple[LoopedLM, float, list[dict]]:
+    def pretrain(self, loops: int, objective: str) -> tuple[LoopedLM, float, list[dict]]:
         s = self.size
         model = self.new_model(loops)
         recipe = Recipe(seq_len=s.seq_len, chunk_size=s.seq_len, batch_size=s.batch, pretrain_steps=s.pretrain_steps,
                         transition_steps=0, distill_steps=0, lr=s.pretrain_lr, warmup_steps=s.pretrain_steps // 10,
-                        schedule="cosine")
+                        schedule="cosine", pretrain_objective=objective, exit_beta=s.exit_beta)
         start = time.perf_counter()
         history = self.trainer(model, recipe).run()
         return model, time.perf_counter() - start, history
@@ -180,7 +174,7 @@ class Replication:
     def post_train(self, gate: str, **changes) -> tuple[LoopedLM, float, list[dict]]:
         s = self.size
         recipe = Recipe(seq_len=s.seq_len, chunk_size=s.chunk, batch_size=s.batch, transition_steps=s.transition_steps,
-                        distill_steps=s.distill_steps, lr=s.lr, gate_lr=s.gate_lr)
+                        distill_steps=s.distill_steps, lr=s.lr, gate_lr=s.gate_lr, decode_tokens=s.decode)
         recipe = dataclasses.replace(recipe, **changes)
         student = to_melt(self.looplm, gate)
         start = time.perf_counter()
@@ -190,22 +184,28 @@ class Replication:
     def record(self, name: str, model: LoopedLM, cache: str, seconds: float, history: list[dict],
                gate: Optional[str] = None) -> dict:
         s = self.size
-        chunked = evaluate(model, cache, self.held_out, s.chunk, context=self.context)
+        chunked = evaluate(model, cache, self.held_out, s.chunk, per_loop=True, context=self.context)
         decoded = evaluate(model, cache, self.held_out, 1, context=self.context)
+        served = evaluate(model, cache, self.held_out, s.chunk, prompt=s.prompt, context=self.context)
+        retention = gate_retention(model, self.held_out, s.chunk, context=self.context) if cache == "melt" else None
         phases = {}
         for r in history:
             phases[r["phase"]] = phases.get(r["phase"], 0) + 1
         row = {"model": name, "description": DESCRIPTIONS[name], "loops": model.num_loops, "cache": cache,
                "gate": gate, "parameters": sum(p.numel() for p in model.parameters()),
                "eval_loss": chunked["bits_per_token"], "eval_loss_decode": decoded["bits_per_token"],
+               "eval_loss_served": served["bits_per_token"], "eval_loss_per_loop": chunked["bits_per_token_per_loop"],
                "eval_tokens": chunked["tokens"],
                "kv_bytes_per_token": kv_bytes_per_token(model.config, cache, torch.float32),
                "train_seconds": seconds, "steps": phases,
                "final_kl": history[-1].get("kl") if history else None,
-               "gate_retention": gate_retention(model, self.held_out, s.chunk) if cache == "melt" else None}
+               "gate_retention": None if retention is None else sum(retention) / len(retention),
+               "gate_retention_per_loop": retention}
         self.rows.append(row)
         self.say(f"[{len(self.rows)}] {name:<30} bits/byte {row['eval_loss']:.4f} (chunks of {s.chunk}), "
-                 f"{row['eval_loss_decode']:.4f} (token by token); {row['kv_bytes_per_token']:,} KV bytes/token; "
+                 f"{row['eval_loss_decode']:.4f} (token by token), {row['eval_loss_served']:.4f} (served); "
+                 f"per loop {', '.join(f'{b:.3f}' for b in row['eval_loss_per_loop'])}; "
+                 f"{row['kv_bytes_per_token']:,} KV bytes/token; "
                  f"{seconds:.0f} s" + (f"; gate retention {row['gate_retention']:.3g}"
                                        if row["gate_retention"] is not None else ""), flush=True)
         return row
@@ -218,16 +218,23 @@ class Replication:
                  f"{s.eval_sequences} x {s.seq_len} held-out bytes", flush=True)
         self.say(f"# {s}", flush=True)
         if "standard" in rows:
-            model, seconds, history = self.pretrain(1)
+            model, seconds, history = self.pretrain(1, "last-loop")
             self.record("standard", model, "looplm", seconds, history)
-        if any(r != "standard" for r in rows):
-            self.looplm, seconds, history = self.pretrain(s.loops)
+        if any(r not in ("standard", "looplm-last-loop", "last-step-last-loop") for r in rows):
+            self.looplm, seconds, history = self.pretrain(s.loops, "ouro")
             if "looplm" in rows:
                 self.record("looplm", self.looplm, "looplm", seconds, history)
-        if "last-step" in rows:
-            self.record("last-step", to_melt(self.looplm, "latent"), "melt", 0.0, [], gate="latent (init)")
+        if "looplm-last-loop" in rows or "last-step-last-loop" in rows:
+            self.looplm_last_loop, seconds, history = self.pretrain(s.loops, "last-loop")
+            if "looplm-last-loop" in rows:
+                self.record("looplm-last-loop", self.looplm_last_loop, "looplm", seconds, history)
+        for name, teacher in (("last-step", self.looplm), ("last-step-last-loop", self.looplm_last_loop)):
+            if name in rows:
+                self.record(name, to_melt(teacher, "latent"), "melt", 0.0, [], gate="latent (init)")
         variants = {"melt-latent": ("latent", {}), "melt-kv-head": ("kv-head", {}),
                     "melt-kv-element": ("kv-element", {}),
+                    "melt-latent-fixed-chunks": ("latent", dict(decode_tokens=0)),
+                    "melt-latent-fixed-1": ("latent", dict(chunk_size=1, decode_tokens=0)),
                     "melt-latent-no-interpolation": ("latent", dict(
                         transition_steps=0, distill_steps=s.transition_steps + s.distill_steps)),
                     "melt-latent-no-alignment": ("latent", dict(beta=0.0)),
@@ -239,6 +246,9 @@ class Replication:
         return {"rows": self.rows, "size": dataclasses.asdict(s), "corpus": self.corpus,
                 "recipe": {"phase1": "interpolated K/V reads, KL", "phase2": "KL + beta x attention MSE",
                            "beta": Recipe().beta, "memory": Recipe().memory,
+                           "teacher_objective": "Ouro Stage I: sum_t p(t|x) CE_t - exit_beta x H(p)",
+                           "exit_beta": s.exit_beta,
+                           "schedule": f"chunks of {s.chunk}, the last {s.decode} tokens one at a time",
                            "pretrain_schedule": "AdamW, 10% linear warm-up, cosine to 0.1x",
                            "post_train_schedule": "AdamW, constant rates"},
                 "environment": {"date": datetime.date.today().isoformat(), "python": platform.python_version(),
@@ -249,13 +259,16 @@ class Replication:
 
 
 def table(result: dict) -> str:
-    lines = ["| model | T | cache | bits/byte, chunks | bits/byte, token by token | KV bytes/token | train s | "
-             "gate retention |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | T | cache | bits/byte, chunks | bits/byte, token by token | bits/byte, served | "
+             "bits/byte per loop | KV bytes/token | train s | gate retention per loop |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        retention = "" if r["gate_retention"] is None else f"{r['gate_retention']:.3g}"
+        retention = "" if r["gate_retention_per_loop"] is None else \
+            ", ".join(f"{v:.3g}" for v in r["gate_retention_per_loop"])
+        per_loop = ", ".join(f"{v:.3f}" for v in r["eval_loss_per_loop"])
         lines.append(f"| {r['model']} | {r['loops']} | {r['cache']} | {r['eval_loss']:.4f} | "
-                     f"{r['eval_loss_decode']:.4f} | {r['kv_bytes_per_token']:,} | {r['train_seconds']:.0f} | "
-                     f"{retention} |")
+                     f"{r['eval_loss_decode']:.4f} | {r['eval_loss_served']:.4f} | {per_loop} | "
+                     f"{r['kv_bytes_per_token']:,} | {r['train_seconds']:.0f} | {retention} |")
     return "\n".join(lines)
 
 
@@ -268,12 +281,13 @@ def plot(result: dict, path: str) -> None:
     names = [r["model"] for r in rows]
     x = range(len(rows))
     fig, (ax, kv) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 1.2]})
-    width = 0.4
-    ax.bar([i - width / 2 for i in x], [r["eval_loss"] for r in rows], width, label=f"in chunks of "
-           f"{result['size']['chunk']} (training size)")
-    ax.bar([i + width / 2 for i in x], [r["eval_loss_decode"] for r in rows], width, label="token by token")
-    low = min(min(r["eval_loss"], r["eval_loss_decode"]) for r in rows)
-    high = max(max(r["eval_loss"], r["eval_loss_decode"]) for r in rows)
+    width = 0.27
+    columns = (("eval_loss", f"in chunks of {result['size']['chunk']}"), ("eval_loss_decode", "token by token"),
+               ("eval_loss_served", f"served ({result['size']['prompt']} prefilled, the rest decoded)"))
+    for offset, (key, label) in zip((-width, 0, width), columns):
+        ax.bar([i + offset for i in x], [r[key] for r in rows], width, label=label)
+    low = min(r[key] for r in rows for key, _ in columns)
+    high = max(r[key] for r in rows for key, _ in columns)
     ax.set_ylim(max(0.0, low - 0.15 * (high - low + 1e-9)), high + 0.05 * (high - low + 1e-9))
     ax.set_xticks(list(x), names, rotation=35, ha="right", fontsize=8)
     ax.set_ylabel("held-out bits per byte (lower is better)")

@@ -467,10 +467,12 @@ def test_trainer_refuses_what_it_cannot_do():
 
 def test_two_processes_give_the_losses_of_one(tmp_path):
     """`python -m melt_kernels.train` under torchrun with 2 gloo processes (2 + 2 steps of a global batch of 4
-    copies, chunks of 4, latent gate) gives the single process's losses, every step, up to rounding."""
+    copies, chunk sizes 4 and 2 by turns with the last 3 tokens decoded one at a time, latent gate) gives the
+    single process's losses, every step, and evaluations, up to rounding."""
     teacher = LoopedLM(TINY, backend="reference")
     teacher.save_pretrained(tmp_path / "teacher")
-    args = ["--teacher", str(tmp_path / "teacher"), "--data", "copy", "--chunk", "4", "--batch", "4",
+    args = ["--teacher", str(tmp_path / "teacher"), "--data", "copy", "--chunk-cycle", "4", "2", "--decode-tokens",
+            "3", "--batch", "4",
             "--transition-steps", "2", "--distill-steps", "2", "--lr", "1e-3", "--gate-lr", "1e-2", "--threads", "1",
             "--no-progress", "--backend", "reference", "--eval-sequences", "8"]
     from melt_kernels.train.__main__ import main
@@ -487,7 +489,7 @@ def test_two_processes_give_the_losses_of_one(tmp_path):
     for a, b in zip(*runs):
         for key in ("loss", "kl", "attn", "ce", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-9), (key, a, b)
-    for key in ("teacher", "student", "student_decode"):
+    for key in ("teacher", "teacher_served", "student", "student_decode", "student_served"):
         assert two["eval"][key]["loss"] == pytest.approx(one["eval"][key]["loss"], rel=1e-5)
     saved = load_ouro(tmp_path / "two" / "final", backend="reference")
     assert saved.config.gate == "latent"
@@ -611,18 +613,24 @@ def test_replicate_quick_writes_every_row(tmp_path, monkeypatch):
     result = main(["--quick", "--json", str(out), "--plot", str(png)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     rows = {r["model"]: r for r in result["rows"]}
-    assert list(rows) == ["standard", "looplm", "last-step", "melt-latent", "melt-kv-head", "melt-kv-element",
-                          "melt-latent-no-interpolation", "melt-latent-no-alignment", "melt-latent-shared-lr"]
+    assert list(rows) == ["standard", "looplm", "looplm-last-loop", "last-step", "last-step-last-loop",
+                          "melt-latent", "melt-kv-head", "melt-kv-element", "melt-latent-fixed-chunks",
+                          "melt-latent-fixed-1", "melt-latent-no-interpolation", "melt-latent-no-alignment",
+                          "melt-latent-shared-lr"]
     per_pass = rows["standard"]["kv_bytes_per_token"]
     for name, row in rows.items():
-        assert math.isfinite(row["eval_loss"]) and math.isfinite(row["eval_loss_decode"]), row
-        assert row["kv_bytes_per_token"] == per_pass * (4 if name == "looplm" else 1)
-        assert (row["cache"] == "melt") == (name.startswith("melt") or name == "last-step")
-        assert (row["gate_retention"] is None) == (row["cache"] != "melt")
+        for key in ("eval_loss", "eval_loss_decode", "eval_loss_served"):
+            assert math.isfinite(row[key]), (key, row)
+        assert len(row["eval_loss_per_loop"]) == row["loops"]
+        assert row["kv_bytes_per_token"] == per_pass * (4 if name.startswith("looplm") else 1)
+        assert (row["cache"] == "melt") == (name.startswith("melt") or name.startswith("last-step"))
+        assert (row["gate_retention_per_loop"] is None) == (row["cache"] != "melt")
     # A LoopLM cache does not depend on the chunking; MELT's does.
-    for name in ("standard", "looplm"):
+    for name in ("standard", "looplm", "looplm-last-loop"):
         assert rows[name]["eval_loss"] == pytest.approx(rows[name]["eval_loss_decode"], rel=1e-5)
-    assert rows["last-step"]["gate_retention"] == pytest.approx(1 / (1 + math.exp(10)), rel=1e-3)
+    assert rows["last-step"]["gate_retention_per_loop"] == pytest.approx([1 / (1 + math.exp(10))] * 3, rel=1e-3)
+    # The two teachers differ only in their objective.
+    assert rows["looplm"]["eval_loss_per_loop"] != rows["looplm-last-loop"]["eval_loss_per_loop"]
     assert rows["melt-latent-no-interpolation"]["steps"] == {"distill": 6}
     assert rows["melt-latent"]["steps"] == {"transition": 3, "distill": 3}
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -6,18 +6,20 @@
   learning rates, DDP, checkpoints, metrics, progress);
 * :mod:`~melt_kernels.train.data`: the sources (a copying task, token
   streams, Python's standard library as a byte corpus);
-* :mod:`~melt_kernels.train.evaluate`: held-out loss, chunk-wise or token by
-  token;
+* :mod:`~melt_kernels.train.evaluate`: held-out loss, chunk-wise, token by
+  token or served (a prompt prefilled in chunks, the rest decoded), and the
+  gates' retention per loop;
 * :mod:`~melt_kernels.train.distributed`, :mod:`~melt_kernels.train.checkpoint`.
 
 ``melt train --teacher OURO_DIR --out RUN_DIR ...`` (or ``python -m melt_kernels.train``) runs it
 (under ``torchrun --nproc-per-node N`` for N processes).
 """
 from melt_kernels.train.data import IGNORE, CopyTask, TokenStream, stdlib_corpus
-from melt_kernels.train.evaluate import evaluate
+from melt_kernels.train.evaluate import evaluate, gate_retention
 from melt_kernels.train.recipe import (LossWeights, Phase, Recipe, chunkwise_step, logit_kl, recorded_attention,
                                        stack_attention, task_metrics)
 from melt_kernels.train.trainer import Trainer
 
-__all__ = ["IGNORE", "CopyTask", "TokenStream", "stdlib_corpus", "evaluate", "LossWeights", "Phase", "Recipe",
-           "chunkwise_step", "logit_kl", "recorded_attention", "stack_attention", "task_metrics", "Trainer"]
+__all__ = ["IGNORE", "CopyTask", "TokenStream", "stdlib_corpus", "evaluate", "gate_retention", "LossWeights",
+           "Phase", "Recipe", "chunkwise_step", "logit_kl", "recorded_attention", "stack_attention", "task_metrics",
+           "Trainer"]

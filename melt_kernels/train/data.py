@@ -1,4 +1,5 @@
-"""Training data: a synthetic copying task, a token stream, and a real text corpus every machine has offline.
+"""Training data: a synthetic copying task, a token stream, a real text corpus every machine has offline, and the
+user's text or JSON lines encoded by a checkpoint's own tokenizer (:class:`Tokenizer`, :func:`read_documents`).
 
 Every source draws a *global* batch from a seeded ``torch.Generator`` on the
 CPU: each process of a distributed run draws the same global batch and keeps
@@ -8,6 +9,7 @@ processes, and the generator's state is all a checkpoint needs to resume it.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sysconfig
 from dataclasses import dataclass
@@ -105,18 +107,116 @@ class TokenStream:
         return self._at(torch.arange(count) * stride)
 
 
-def from_file(path: str, vocab_size: Optional[int], seq_len: int) -> TokenStream:
-    """A :class:`TokenStream` of a ``.npy`` array of token ids (any integer dtype, memory-mapped), or of any
-    other file's bytes (vocabulary 256)."""
+TEXT_SUFFIXES = (".txt", ".jsonl")
+
+
+def from_file(path: str, vocab_size: Optional[int], seq_len: int,
+              tokenizer: Optional["Tokenizer"] = None) -> TokenStream:
+    """A :class:`TokenStream` of a ``.npy`` array of token ids (any integer dtype, memory-mapped), of a text
+    (``.txt``) or JSON-lines (``.jsonl``, :func:`read_documents`) file's documents encoded by ``tokenizer``, or
+    of any other file's bytes (vocabulary 256; also text and JSONL files when no tokenizer is given)."""
     if path.endswith(".npy"):
         import numpy as np
         tokens = torch.from_numpy(np.load(path, mmap_mode="r").astype(np.int64))
         vocab = vocab_size or int(tokens.max()) + 1
+    elif tokenizer is not None and path.endswith(TEXT_SUFFIXES):
+        tokens = torch.tensor(tokenizer.encode_documents(read_documents(path)), dtype=torch.int64)
+        vocab = vocab_size or tokenizer.vocab_size
     else:
         with open(path, "rb") as f:
             tokens = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8).long()
         vocab = vocab_size or 256
     return TokenStream(tokens, vocab, seq_len)
+
+
+def split_held_out(stream: TokenStream) -> tuple[TokenStream, TokenStream]:
+    """(training, held-out) streams of ``stream``: its last 1/:data:`HELD_OUT_EVERY` of the tokens held out, so
+    that a run on the user's data ends with an evaluation on text it never trained on."""
+    cut = stream.tokens.numel() - stream.tokens.numel() // HELD_OUT_EVERY
+    return (TokenStream(stream.tokens[:cut], stream.vocab_size, stream.seq_len),
+            TokenStream(stream.tokens[cut:], stream.vocab_size, stream.seq_len))
+
+
+# ---------------------------------------------------------------- the user's text, by the teacher's tokenizer
+
+
+JSONL_FIELDS = ("text", ("prompt", "completion"))  # what a JSON line may hold, in this order of preference
+
+
+def read_documents(path: str) -> list[str]:
+    """The documents of a text file (the whole file, one document) or a JSON-lines file: one object per non-blank
+    line, its document its ``"text"`` string or, without one, its ``"prompt"`` and ``"completion"`` strings
+    joined (the two common shapes of training data); any other line is an error naming the line."""
+    with open(path, encoding="utf-8") as f:
+        if not path.endswith(".jsonl"):
+            return [f.read()]
+        documents = []
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if isinstance(record, dict) and isinstance(record.get("text"), str):
+                documents.append(record["text"])
+            elif isinstance(record, dict) and all(isinstance(record.get(k), str) for k in ("prompt", "completion")):
+                documents.append(record["prompt"] + record["completion"])
+            else:
+                raise ValueError(f"{path}, line {number}: expected an object with a \"text\" string or "
+                                 f"\"prompt\" and \"completion\" strings")
+        return documents
+
+
+class Tokenizer:
+    """A checkpoint's own tokenizer: ``tokenizer.json`` read by the ``tokenizers`` package, or else whatever
+    transformers' ``AutoTokenizer`` loads from the folder.  Documents are joined with the end-of-sequence token
+    (``eos_token`` of ``tokenizer_config.json``, or the checkpoint's ``config.json`` ``eos_token_id``) when the
+    checkpoint names one, so that a document does not read as the continuation of the one before."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        path = os.path.join(folder, "tokenizer.json")
+        try:
+            import tokenizers
+        except ImportError:
+            tokenizers = None
+        if tokenizers is not None and os.path.exists(path):
+            self.backend = tokenizers.Tokenizer.from_file(path)
+            self.vocab_size = self.backend.get_vocab_size()
+            self._encode = lambda text: self.backend.encode(text, add_special_tokens=False).ids
+            self.eos_id = self._eos_id(lambda token: self.backend.token_to_id(token))
+            return
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise ImportError(f"tokenizing text needs the tokenizers package (pip install 'melt_kernels[train]') "
+                              f"with {path}, or transformers") from None
+        self.backend = AutoTokenizer.from_pretrained(folder)
+        self.vocab_size = len(self.backend)
+        self._encode = lambda text: self.backend(text, add_special_tokens=False)["input_ids"]
+        self.eos_id = self.backend.eos_token_id
+
+    def _eos_id(self, token_to_id) -> Optional[int]:
+        for name, key in (("tokenizer_config.json", "eos_token"), ("config.json", "eos_token_id")):
+            file = os.path.join(self.folder, name)
+            if not os.path.exists(file):
+                continue
+            with open(file) as f:
+                value = json.load(f).get(key)
+            if isinstance(value, dict):  # an AddedToken written out
+                value = value.get("content")
+            if isinstance(value, str):
+                return token_to_id(value)
+            if isinstance(value, int):
+                return value
+        return None
+
+    def encode_documents(self, documents: list[str]) -> list[int]:
+        """The documents' token ids in order, each followed by the end-of-sequence id when there is one."""
+        ids = []
+        for document in documents:
+            ids += self._encode(document)
+            if self.eos_id is not None:
+                ids.append(self.eos_id)
+        return ids
 
 
 # ---------------------------------------------------------------- the standard library's source, as bytes

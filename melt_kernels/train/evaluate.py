@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from melt_kernels.model import LoopedLM
+from melt_kernels.model import KVGate, LatentGate, LoopedLM
 from melt_kernels.reference import compute_dtype
 from melt_kernels.train.data import IGNORE, Batch, shard
 from melt_kernels.train.distributed import Context
@@ -15,23 +15,35 @@ from melt_kernels.train.distributed import Context
 
 @torch.no_grad()
 def evaluate(model: LoopedLM, kind: str, batch: Batch, chunk_size: Optional[int] = None, *,
-             context: Optional[Context] = None, rows_per_call: Optional[int] = None) -> dict:
+             prompt: Optional[int] = None, per_loop: bool = False, context: Optional[Context] = None,
+             rows_per_call: Optional[int] = None) -> dict:
     """Next-token loss of ``model`` on ``batch`` = (input_ids, targets), run chunk-wise on a fresh ``kind`` cache.
 
     ``chunk_size`` None runs each sequence as one chunk; 1 decodes token by
-    token (what serving does).  The rows are split over the processes of
-    ``context`` (the batch's rows must divide evenly) and the sums reduced,
-    so every process returns the same numbers.  ``rows_per_call`` bounds the
-    rows run at once.  Returns ``loss`` (nats per scored target),
-    ``bits_per_token`` (the same in bits: bits per byte on a byte corpus),
-    ``acc`` (greedy accuracy), ``tokens`` (scored targets) and
-    ``cache_bytes`` (what one sequence's cache holds).
+    token.  ``prompt`` = P evaluates as models are served: the first P
+    tokens are prefilled in chunks of ``chunk_size``, the rest decoded one
+    token at a time, and only the continuation's targets are scored (the
+    prompt's are what the chunked evaluation measures).  ``per_loop`` adds
+    ``bits_per_token_per_loop``: the loss of every loop's h through the head
+    (for MELT, on the cache the full T loops settle).  The rows are split
+    over the processes of ``context`` (the batch's rows must divide evenly)
+    and the sums reduced, so every process returns the same numbers.
+    ``rows_per_call`` bounds the rows run at once.  Returns ``loss`` (nats
+    per scored target), ``bits_per_token`` (the same in bits: bits per byte
+    on a byte corpus), ``acc`` (greedy accuracy), ``tokens`` (scored
+    targets) and ``cache_bytes`` (what one sequence's cache holds).
     """
     context = context or Context(device=model.model.embed_tokens.weight.device)
     ids, targets = shard(batch, context.rank, context.world)
+    if prompt is not None and not 0 < prompt < ids.shape[1]:
+        raise ValueError(f"prompt must leave a continuation: 0 < prompt < {ids.shape[1]}, got {prompt}")
+    if prompt is not None:
+        targets = targets.clone()
+        targets[:, :prompt] = IGNORE
     was_training = model.training
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64)  # nll, hits, scored
+    loops = model.num_loops if per_loop else 0
+    sums = torch.zeros(3 + loops, dtype=torch.float64)  # nll, hits, scored, each loop's nll
     step = rows_per_call or ids.shape[0]
     cache_bytes = None
     try:
@@ -39,16 +51,63 @@ def evaluate(model: LoopedLM, kind: str, batch: Batch, chunk_size: Optional[int]
             rows = ids[start:start + step].to(context.device)
             want = targets[start:start + step].to(context.device)
             cache = model.new_cache(kind, *rows.shape)
-            logits = model.prefill(rows, cache, chunk_size)
+            parts = [(rows, chunk_size)] if prompt is None else [(rows[:, :prompt], chunk_size), (rows[:, prompt:], 1)]
+            runs = [model.prefill(part, cache, size, return_loops=True) for part, size in parts]
+            logits = torch.cat([r[0] for r in runs], dim=1)
             logits = logits.to(compute_dtype(logits.dtype))
             scored = want != IGNORE
-            sums += torch.tensor([F.cross_entropy(logits[scored], want[scored], reduction="sum").item(),
-                                  (logits[scored].argmax(-1) == want[scored]).sum().item(), scored.sum().item()],
-                                 dtype=torch.float64)
+            values = [F.cross_entropy(logits[scored], want[scored], reduction="sum").item(),
+                      (logits[scored].argmax(-1) == want[scored]).sum().item(), scored.sum().item()]
+            if per_loop:
+                hidden = torch.cat([r[1].hidden_states for r in runs], dim=2)[:, scored]  # (T, S, hidden)
+                every = model.lm_head(hidden).to(logits.dtype)
+                values += [F.cross_entropy(every[t], want[scored], reduction="sum").item() for t in range(loops)]
+            sums += torch.tensor(values, dtype=torch.float64)
             cache_bytes = cache.nbytes // rows.shape[0]
     finally:
         model.train(was_training)
-    nll, hits, scored = context.all_reduce_sum(sums).tolist()
+    total = context.all_reduce_sum(sums).tolist()
+    nll, hits, scored = total[:3]
     loss = nll / scored
-    return {"loss": loss, "bits_per_token": loss / math.log(2), "acc": hits / scored, "tokens": int(scored),
-            "cache_bytes": cache_bytes}
+    result = {"loss": loss, "bits_per_token": loss / math.log(2), "acc": hits / scored, "tokens": int(scored),
+              "cache_bytes": cache_bytes}
+    if per_loop:
+        result["bits_per_token_per_loop"] = [value / scored / math.log(2) for value in total[3:]]
+    return result
+
+
+@torch.no_grad()
+def gate_retention(model: LoopedLM, batch: Batch, chunk_size: Optional[int] = None, *,
+                   context: Optional[Context] = None) -> Optional[list[float]]:
+    """How much of a token's slot the MELT gates keep, per loop: the mean retention (z of the latent gate, alpha
+    of the kv gates) over ``batch``'s tokens, layers and gate units, for loops 2..T (the gate first acts at loop
+    2), running ``batch`` in chunks of ``chunk_size`` on a MELT cache; None for a model without gates."""
+    if model.num_loops == 1:
+        return None
+    sums = torch.zeros(2, model.num_loops - 1, dtype=torch.float64)  # retention sum, count; per loop
+    layers = model.config.num_hidden_layers
+    calls = [0]
+
+    def record(retention: torch.Tensor) -> None:
+        # Gate calls come chunk by chunk, loop by loop (loops 2..T), layer by layer.
+        loop = (calls[0] // layers) % (model.num_loops - 1)
+        calls[0] += 1
+        sums[0, loop] += retention.double().sum().item()
+        sums[1, loop] += retention.numel()
+
+    def latent(module, args, out):
+        x, h_prev = args
+        record(torch.sigmoid((module.w_z(x) + module.u_z(h_prev)).float()))
+
+    handles = [m.register_forward_hook(latent if isinstance(m, LatentGate) else lambda m_, a, out: record(out))
+               for m in model.modules() if isinstance(m, (LatentGate, KVGate))]
+    if not handles:
+        return None
+    try:
+        evaluate(model, "melt", batch, chunk_size, context=context)
+    finally:
+        for h in handles:
+            h.remove()
+    context = context or Context()
+    sums = context.all_reduce_sum(sums)
+    return (sums[0] / sums[1]).tolist()

@@ -21,9 +21,22 @@ same weights plus the gates, in two phases, both chunk-wise:
 Chunk-wise: a sequence is cut into ``chunk_size`` chunks (the paper: 500 of
 10,000 tokens); each chunk runs all T loops against the settled cache of the
 earlier chunks, which is what decoding sees, and the teacher runs the same
-chunk just before on its own caches.  AdamW with separate learning rates for
-the base weights (``lr``, the paper's 8e-6) and the gates (``gate_lr``,
-5e-4).
+chunk just before on its own caches.  :meth:`Recipe.chunking` says how step
+s cuts its sequences: ``chunk_cycle`` cycles the chunk size over the steps,
+and ``decode_tokens`` runs the last tokens of every sequence one at a time,
+as serving decodes a continuation after prefilling its prompt in chunks.
+
+Pre-training (``pretrain_steps``) minimises the last loop's cross-entropy
+(``pretrain_objective="last-loop"``) or Ouro's Stage I objective
+(``"ouro"``; arXiv 2510.25741, section 3, the entropy-regularized objective
+of the exit gate's Stage I): per scored token x, the expected loss over the
+exit distribution minus ``exit_beta`` times its entropy, ``sum_t p(t|x)
+CE_t(x) - exit_beta * H(p(.|x))``, p from the early-exit gate's logits
+(:func:`melt_kernels.model.exit_probabilities`) and CE_t the cross-entropy
+of loop t's head.  The exit gate trains with it.
+
+AdamW with separate learning rates for the base weights (``lr``, the
+paper's 8e-6) and the gates (``gate_lr``, 5e-4).
 
 Losses are averaged over the *global* batch: each process divides its sums
 by the global count and multiplies by the number of processes, which DDP's
@@ -55,26 +68,44 @@ import contextlib
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
-from melt_kernels.model import LoopedLM
+from melt_kernels.model import LoopedLM, exit_probabilities
 from melt_kernels.reference import compute_dtype
 from melt_kernels.train.data import IGNORE, Batch
 
 MEMORY_MODES = ("exact", "detach", "recompute")
 SCHEDULES = ("constant", "cosine")
+PRETRAIN_OBJECTIVES = ("last-loop", "ouro")
+TERMS = ("ce", "kl", "attn", "exit_ce", "entropy")
+# Which of step_counts' (scored targets, positions, attention elements) each term is averaged over.
+COUNT_INDEX = {"ce": 0, "kl": 1, "attn": 2, "exit_ce": 0, "entropy": 0}
 
 
 @dataclass(frozen=True)
 class LossWeights:
-    """A phase's loss: ``ce * cross-entropy + kl * KL(teacher || student) + attn * attention MSE``."""
+    """A phase's loss: ``ce * cross-entropy + kl * KL(teacher || student) + attn * attention MSE + exit_ce *
+    expected cross-entropy over the exit distribution - entropy * the exit distribution's entropy``."""
 
     ce: float = 0.0
     kl: float = 0.0
     attn: float = 0.0
+    exit_ce: float = 0.0
+    entropy: float = 0.0
+
+    @property
+    def uses_exit(self) -> bool:
+        """Whether the loss reads the early-exit gate (Ouro's objective)."""
+        return bool(self.exit_ce or self.entropy)
+
+    def combine(self, terms: dict) -> torch.Tensor:
+        """The weighted loss of ``terms`` (a value per name of :data:`TERMS`, missing ones 0); the entropy is
+        subtracted: Ouro's regulariser rewards an exit distribution that keeps every loop in play."""
+        signed = {"ce": self.ce, "kl": self.kl, "attn": self.attn, "exit_ce": self.exit_ce, "entropy": -self.entropy}
+        return sum(weight * terms[name] for name, weight in signed.items() if weight and name in terms)
 
 
 @dataclass(frozen=True)
@@ -103,9 +134,14 @@ class Recipe:
     """Everything a run needs besides the models and the data; the defaults are the paper's post-training.
 
     ``pretrain_steps`` (0 in the paper's recipe) first trains the model itself
-    on next-token cross-entropy with a LoopLM cache: how the examples make a
-    teacher from scratch.  ``batch_size`` counts sequences of the global
-    batch (the paper's 320k tokens: 32 x 10,000).
+    with a LoopLM cache, on ``pretrain_objective`` ("last-loop": the last
+    loop's cross-entropy; "ouro": Ouro's Stage I, the expected cross-entropy
+    over the exit distribution minus ``exit_beta`` times its entropy): how the
+    examples make a teacher from scratch.  ``batch_size`` counts sequences of
+    the global batch (the paper's 320k tokens: 32 x 10,000).  The chunking of
+    step s is :meth:`chunking`: chunks of ``chunk_size``, or of
+    ``chunk_cycle[s % len(chunk_cycle)]`` when a cycle is given, with the last
+    ``decode_tokens`` tokens of every sequence run one at a time.
     """
 
     seq_len: int = 10_000
@@ -123,14 +159,27 @@ class Recipe:
     schedule: str = "constant"
     clip: Optional[float] = 1.0
     memory: str = "exact"
+    pretrain_objective: str = "last-loop"
+    exit_beta: float = 0.05
+    chunk_cycle: tuple[int, ...] = ()
+    decode_tokens: int = 0
 
     def __post_init__(self):
         for name in ("seq_len", "chunk_size", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("pretrain_steps", "transition_steps", "distill_steps", "warmup_steps"):
+        for name in ("pretrain_steps", "transition_steps", "distill_steps", "warmup_steps", "decode_tokens",
+                     "exit_beta"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.pretrain_objective not in PRETRAIN_OBJECTIVES:
+            raise ValueError(f"pretrain_objective must be one of {PRETRAIN_OBJECTIVES}, got "
+                             f"{self.pretrain_objective!r}")
+        self.chunk_cycle = tuple(self.chunk_cycle)  # a list when read back from a checkpoint's JSON
+        if any(not isinstance(c, int) or c < 1 for c in self.chunk_cycle):
+            raise ValueError(f"chunk_cycle must hold positive chunk sizes, got {self.chunk_cycle}")
+        if self.decode_tokens > self.seq_len:
+            raise ValueError(f"decode_tokens ({self.decode_tokens}) exceeds seq_len ({self.seq_len})")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.memory not in MEMORY_MODES:
@@ -140,10 +189,17 @@ class Recipe:
 
     def phases(self) -> list[Phase]:
         """The run's phases in order, those with no steps left out."""
-        phases = [Phase("pretrain", self.pretrain_steps, LossWeights(ce=1.0)),
+        pretrain = LossWeights(exit_ce=1.0, entropy=self.exit_beta) if self.pretrain_objective == "ouro" \
+            else LossWeights(ce=1.0)
+        phases = [Phase("pretrain", self.pretrain_steps, pretrain),
                   Phase("transition", self.transition_steps, self.transition),
                   Phase("distill", self.distill_steps, LossWeights(kl=1.0, attn=self.beta))]
         return [p for p in phases if p.steps]
+
+    def chunking(self, step: int) -> list[int]:
+        """The chunk lengths that 0-based ``step`` cuts its sequences into (they sum to ``seq_len``)."""
+        size = self.chunk_cycle[step % len(self.chunk_cycle)] if self.chunk_cycle else self.chunk_size
+        return chunk_lengths(self.seq_len, size, self.decode_tokens)
 
     @property
     def total_steps(self) -> int:
@@ -158,6 +214,16 @@ class Recipe:
             return 1.0
         progress = (step - self.warmup_steps) / max(self.total_steps - 1 - self.warmup_steps, 1)
         return 0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def chunk_lengths(length: int, chunk_size: int, decode_tokens: int = 0) -> list[int]:
+    """``length`` tokens as chunks: the first ``length - decode_tokens`` in chunks of ``chunk_size`` (the last
+    one shorter if it does not divide), then ``decode_tokens`` chunks of one token."""
+    if chunk_size < 1 or not 0 <= decode_tokens <= length:
+        raise ValueError(f"need chunk_size >= 1 and 0 <= decode_tokens <= length, got chunk_size={chunk_size}, "
+                         f"decode_tokens={decode_tokens}, length={length}")
+    prefix = length - decode_tokens
+    return [min(chunk_size, prefix - start) for start in range(0, prefix, chunk_size)] + [1] * decode_tokens
 
 
 # ---------------------------------------------------------------- losses
@@ -216,21 +282,26 @@ def unwrap(model: torch.nn.Module) -> LoopedLM:
 
 @dataclass
 class StepTotals:
-    """A process's sums over its rows of the global batch; divided by ``counts`` they are the global means."""
+    """A process's sums over its rows of the global batch (in :data:`TERMS` order); divided by their counts
+    (:data:`COUNT_INDEX`) they are the global means."""
 
     ce: torch.Tensor
     kl: torch.Tensor
     attn: torch.Tensor
+    exit_ce: torch.Tensor
+    entropy: torch.Tensor
 
     def as_tensor(self) -> torch.Tensor:
-        return torch.stack([self.ce, self.kl, self.attn]).detach().double()
+        return torch.stack([getattr(self, name) for name in TERMS]).detach().double()
 
 
-def chunkwise_step(model: torch.nn.Module, batch: Batch, phase: Phase, *, chunk_size: int,
+def chunkwise_step(model: torch.nn.Module, batch: Batch, phase: Phase, *, chunk_size: Union[int, Sequence[int]],
                    teacher: Optional[LoopedLM] = None, lam: Optional[float] = None, memory: str = "exact",
                    counts: tuple[int, int, int], world: int = 1) -> StepTotals:
     """Forward and backward of one step's loss on this process's rows ``batch`` = (input_ids, targets).
 
+    ``chunk_size``: the sequences are cut into chunks of that size, or, a
+    sequence of lengths, into those chunks in order (:meth:`Recipe.chunking`).
     ``model`` is the LoopedLM trained (or its DDP wrapper, called once per
     chunk), run chunk-wise on fresh caches: a LoopLM cache for
     "pretrain", the interpolated pairs (a LoopLM cache of its own) with
@@ -243,7 +314,8 @@ def chunkwise_step(model: torch.nn.Module, batch: Batch, phase: Phase, *, chunk_
     processes) is the global batch's.  ``memory`` is one of
     :data:`MEMORY_MODES` (module docstring).  Gradients accumulate into
     ``.grad``; the caller steps the optimiser.  Returns this process's sums
-    of each term (cross-entropy is computed in every phase, as a metric).
+    of each term (the last loop's cross-entropy is computed in every phase,
+    as a metric; the exit terms when the phase's loss uses them).
     """
     if memory not in MEMORY_MODES:
         raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
@@ -251,7 +323,12 @@ def chunkwise_step(model: torch.nn.Module, batch: Batch, phase: Phase, *, chunk_
         raise ValueError(f"the {phase.name!r} phase distils from a teacher: pass teacher=")
     if (phase.name == "transition") != (lam is not None):
         raise ValueError(f"lam is given in (and only in) the transition phase, got lam={lam!r} in {phase.name!r}")
-    run = _Run(model, batch, phase, chunk_size, teacher, lam, counts, world)
+    length = batch[0].shape[1]
+    lengths = chunk_lengths(length, chunk_size) if isinstance(chunk_size, int) else list(chunk_size)
+    if not lengths or any(n < 1 for n in lengths) or sum(lengths) != length:
+        raise ValueError(f"chunk_size must be a positive size or chunk lengths summing to the sequence length "
+                         f"({length}), got {chunk_size!r}")
+    run = _Run(model, batch, phase, lengths, teacher, lam, counts, world)
     if memory == "recompute":
         return run.recompute()
     pending = []
@@ -272,16 +349,16 @@ def chunkwise_step(model: torch.nn.Module, batch: Batch, phase: Phase, *, chunk_
 class _Run:
     """One step's chunk-wise run: its caches, the per-chunk loss, the running sums."""
 
-    def __init__(self, model, batch, phase, chunk_size, teacher, lam, counts, world):
+    def __init__(self, model, batch, phase, lengths, teacher, lam, counts, world):
         self.model, self.core, self.phase, self.teacher, self.lam = model, unwrap(model), phase, teacher, lam
         self.ids, self.targets = batch
         rows, self.length = self.ids.shape
-        self.chunk_size, self.counts, self.world = chunk_size, counts, world
-        self.starts = list(range(0, self.length, chunk_size))
+        self.counts, self.world = counts, world
+        self.starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        self.ends = dict(zip(self.starts, [s + n for s, n in zip(self.starts, lengths)]))
         self.cache = self.core.new_cache("melt" if phase.name == "distill" else "looplm", rows, self.length)
         self.teacher_cache = teacher.new_cache("looplm", rows, self.length) if phase.name != "pretrain" else None
-        self.sums = {name: torch.zeros((), dtype=torch.float64, device=self.ids.device)
-                     for name in ("ce", "kl", "attn")}
+        self.sums = {name: torch.zeros((), dtype=torch.float64, device=self.ids.device) for name in TERMS}
 
     def sync(self, skip: bool):
         """DDP's no_sync() when ``skip`` (gradients accumulate locally until a backward outside it)."""
@@ -290,16 +367,19 @@ class _Run:
     def chunk(self, start: int, cache, teacher_cache, record: bool = True):
         """Runs the teacher (if any) then the model on the chunk at ``start``; returns its weighted loss (its
         terms added to the sums when ``record``)."""
-        end = start + self.chunk_size
+        end = self.ends[start]
         chunk, targets = self.ids[:, start:end], self.targets[:, start:end]
         if teacher_cache is not None:
             with torch.no_grad(), recorded_attention(self.teacher) as teacher_attn:
                 teacher_logits = self.teacher(chunk, teacher_cache)
         with recorded_attention(self.core) as attn:
-            logits = self.model(chunk, cache, transition=None if self.lam is None else (teacher_cache, self.lam))
+            logits, loops = self.model(chunk, cache, transition=None if self.lam is None else (teacher_cache, self.lam),
+                                       return_loops=True)
         work = compute_dtype(logits.dtype)
         scored = targets != IGNORE
         terms = {"ce": F.cross_entropy(logits[scored].to(work), targets[scored], reduction="sum")}
+        if self.phase.weights.uses_exit:
+            terms.update(exit_terms(self.core, loops, targets))
         if teacher_cache is not None:
             terms["kl"] = logit_kl(logits, teacher_logits, reduction="sum")
             student = stack_attention(attn, self.core.num_loops, self.core.config.num_hidden_layers).to(work)
@@ -308,9 +388,8 @@ class _Run:
         if record:
             for name, value in terms.items():
                 self.sums[name] += value.detach().double()
-        weights = self.phase.weights
-        return sum(getattr(weights, name) * value * (self.world / n)
-                   for (name, value), n in zip(terms.items(), self.counts) if getattr(weights, name))
+        return self.phase.weights.combine({name: value * (self.world / self.counts[COUNT_INDEX[name]])
+                                           for name, value in terms.items()})
 
     @staticmethod
     def backward(loss) -> None:
@@ -318,7 +397,7 @@ class _Run:
             loss.backward()
 
     def totals(self) -> StepTotals:
-        return StepTotals(self.sums["ce"], self.sums["kl"], self.sums["attn"])
+        return StepTotals(**self.sums)
 
     def recompute(self) -> StepTotals:
         """memory="recompute": the exact gradient, one chunk's graph at a time.
@@ -340,7 +419,7 @@ class _Run:
         grads = [torch.zeros_like(t) for t in settled]  # d(later chunks' loss) / d(settled cache)
         for index in reversed(range(len(self.starts))):
             start = self.starts[index]
-            end = min(start + self.chunk_size, self.length)
+            end = self.ends[start]
             leaves = [t[:, :start].detach().requires_grad_() for t in settled]
             cache = _replay(self.cache, start, [torch.cat((leaf, t[:, start:end]), dim=1)
                                                 for leaf, t in zip(leaves, settled)])
@@ -354,6 +433,20 @@ class _Run:
                 if leaf.grad is not None:
                     g[:, :start] += leaf.grad
         return self.totals()
+
+
+def exit_terms(model: LoopedLM, loops, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Ouro's Stage I terms summed over the scored targets of a chunk: ``exit_ce`` = sum_t p(t|x) CE_t(x) and
+    ``entropy`` = H(p(.|x)), from ``loops`` (the chunk's :class:`~melt_kernels.model.LoopOutput`) and every
+    loop's logits through the model's head."""
+    scored = targets != IGNORE
+    hidden = loops.hidden_states[:, scored]  # (T, S, hidden)
+    logits = model.lm_head(hidden)
+    work = compute_dtype(logits.dtype)
+    per_loop = F.cross_entropy(logits.to(work).flatten(0, 1), targets[scored].repeat(hidden.shape[0]),
+                               reduction="none").view(hidden.shape[:2])
+    p = exit_probabilities(loops.exit_logits[:, scored])
+    return {"exit_ce": (p * per_loop).sum(), "entropy": -torch.special.xlogy(p, p).sum()}
 
 
 def _replay(cache, start: int, tensors: list[torch.Tensor]):

@@ -21,7 +21,7 @@ from melt_kernels.model import LoopedLM
 from melt_kernels.train import checkpoint
 from melt_kernels.train.data import Source, shard
 from melt_kernels.train.distributed import Context, wrap
-from melt_kernels.train.recipe import Phase, Recipe, chunkwise_step, step_counts
+from melt_kernels.train.recipe import COUNT_INDEX, TERMS, Phase, Recipe, chunkwise_step, step_counts
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -34,14 +34,18 @@ def freeze_unused(model: LoopedLM, recipe: Recipe) -> None:
     """Turns off the gradients of what the recipe never trains, so that every trainable parameter gets a
     gradient at every step (DDP requires it):
 
-    * Ouro's early-exit gate: Ouro trains it with its own entropy-regularised
-      objective, which this recipe does not include (the last loop feeds the
-      head);
+    * Ouro's early-exit gate, unless the recipe pre-trains with Ouro's
+      objective (``pretrain_objective="ouro"``), the one loss that reads it;
     * the MELT gates when no MELT phase runs or the model has one loop (the
       gate first acts at loop 2).
     """
-    model.model.early_exit_gate.requires_grad_(False)
     melt_phases = recipe.transition_steps + recipe.distill_steps
+    # With one loop the exit distribution is p(1) = 1 whatever the gate says: nothing trains it.
+    trains_exit = model.num_loops > 1 and any(phase.weights.uses_exit for phase in recipe.phases())
+    if trains_exit and melt_phases:
+        raise ValueError("Ouro's objective trains the exit gate, which the MELT phases leave without gradients: "
+                         "pre-train the LoopLM, convert it (to_melt), then post-train")
+    model.model.early_exit_gate.requires_grad_(trains_exit)
     for name, param in model.named_parameters():
         if is_gate(name) and (not melt_phases or model.num_loops == 1):
             param.requires_grad_(False)
@@ -128,8 +132,9 @@ class Trainer:
         device = self.context.device
         rows = tuple(t.to(device) for t in shard(full, self.context.rank, self.context.world))
         self.optimizer.zero_grad(set_to_none=True)
-        sums = chunkwise_step(self.ddp, rows, phase, chunk_size=self.recipe.chunk_size, teacher=self.teacher,
-                              lam=lam, memory=self.recipe.memory, counts=counts, world=self.context.world)
+        sums = chunkwise_step(self.ddp, rows, phase, chunk_size=self.recipe.chunking(self.step),
+                              teacher=self.teacher, lam=lam, memory=self.recipe.memory, counts=counts,
+                              world=self.context.world)
         trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
         clip = self.recipe.clip if self.recipe.clip is not None else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, clip))
@@ -138,12 +143,13 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         total = self.context.all_reduce_sum(sums.as_tensor()).tolist()
-        means = {name: value / n for name, value, n in zip(("ce", "kl", "attn"), total, counts)}
-        w = phase.weights
+        means = {name: value / counts[COUNT_INDEX[name]] for name, value in zip(TERMS, total)}
         record = {"step": self.step, "phase": phase.name, "phase_step": phase_step + 1,
-                  "loss": w.ce * means["ce"] + w.kl * means["kl"] + w.attn * means["attn"], "ce": means["ce"]}
+                  "loss": phase.weights.combine(means), "ce": means["ce"]}
         if phase.name != "pretrain":
             record.update(kl=means["kl"], attn=means["attn"])
+        if phase.weights.uses_exit:
+            record.update(exit_ce=means["exit_ce"], entropy=means["entropy"])
         if lam is not None:
             record["lam"] = lam
         record.update(grad_norm=grad_norm, lr=rates.get("base"), **({"gate_lr": rates["gate"]} if "gate" in rates
