@@ -346,8 +346,9 @@ def _tiles(head_dim_p2: int, seqlen_q: int, dtype: torch.dtype, interpreted: boo
 def _key_splits(max_prefix: int, block_n: int, q_programs: int, device: torch.device) -> int:
     """How many slices the dQ pass cuts the prefix into: enough programs for about two waves."""
     key_blocks = max(1, triton.cdiv(max_prefix, block_n))
-    if device.type != "cuda":
-        # Two slices whenever possible, so the tests cover the partial-sum path.
+    if device.type == "cpu":
+        # The interpreter: two slices whenever possible, so the tests cover the partial-sum path.  Meta tensors
+        # (launches inspected, not run) get the GPU's split, as in the launcher's tiles.
         return min(2, key_blocks)
     wanted = triton.cdiv(2 * num_sms(device), q_programs)
     # Each slice keeps at least four key blocks, or the reduction costs more than it saves.
