@@ -182,7 +182,7 @@ def _init_worker(cache_root: str) -> None:
     knobs.cache.dir = tempfile.mkdtemp(dir=cache_root)
 
 
-def collect(dtypes, head_dims, match=None) -> tuple[list[tuple[Launch, dict]], int]:
+def collect(dtypes, head_dims, match=None, kernels=None) -> tuple[list[tuple[Launch, dict]], int]:
     """Every distinct launch (by Triton's specialization key) of the derived problems (aot_problems.py), and
     how many launches the problems made before deduplication."""
     seen, work, made = set(), [], 0
@@ -192,6 +192,8 @@ def collect(dtypes, head_dims, match=None) -> tuple[list[tuple[Launch, dict]], i
                 if match is not None and match not in p.name:
                     continue
                 for launch in problem_launches(p, DTYPES[dname], head_dim):
+                    if kernels is not None and launch.fn.__name__ not in kernels:
+                        continue
                     made += 1
                     key = specialization_key(launch)
                     if key in seen:
@@ -235,6 +237,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-spill", type=int, default=64, help="most spill-store bytes per thread allowed")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--head-dims", nargs="+", type=int, default=list(HEAD_DIMS))
+    parser.add_argument("--kernels", nargs="+", help="only launches of these kernels (default: all)")
     parser.add_argument("--match", help="only the derived problems whose name holds this (e.g. 'G=32 M=1 ')")
     parser.add_argument("--json", help="write the rows and the verdict here")
     parser.add_argument("--md", help="write the markdown table here")
@@ -243,7 +246,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     triton_driver.set_active(Sm90Driver())
     knobs.nvidia.dump_ptxas_log = True
-    _WORK[:], made = collect(args.dtypes, args.head_dims, args.match)
+    _WORK[:], made = collect(args.dtypes, args.head_dims, args.match, args.kernels)
     print(f"Triton {triton.__version__}: {made} launches of the derived problems, {len(_WORK)} distinct ones to "
           f"compile for sm_90", flush=True)
     with tempfile.TemporaryDirectory() as cache_root:
