@@ -1,15 +1,18 @@
 """Ahead-of-time compile of every Triton launch configuration for Hopper (sm_90), without a GPU.
 
-The launchers (forward, merge, backward) are called on meta tensors for a table of problems (decode and
-chunks; float16, bfloat16, float32; head_dim 64, 80, 128, 256; MHA, GQA, MQA; a large batch; caches whose
-offsets need 64 bits) with the planners' own choices for a 132-multiprocessor H200.  Each kernel launch
-they make is caught before it runs, and the same launch is then compiled by Triton's own JIT path (its
-argument binder, specialization and options) against a stand-in driver that names the target sm_90, so
-what compiles here is what a GPU would compile.  ptxas' report gives registers and spills; Triton's metadata
-the shared memory.  Fails (exit 1) on a compile error, on more than ``--max-spill`` bytes of spill stores per
-thread, or on more shared memory than a Hopper block may have.
+The launchers (forward, merge, backward) are called on meta tensors for the problems derived from the
+planners' decision space (benchmarks/aot_problems.py: every dtype, head_dim 64, 80, 128, 256, every row tile,
+owner and split choice for GQA group sizes 1 to 32, chunks below and above the row tile, alignment, gate
+kinds, the causal flag, paged caches, the backward's tilings; a large batch; caches whose offsets need 64
+bits) with the planners' own choices for a 132-multiprocessor H200.  Each kernel launch they make is caught
+before it runs and kept once per Triton specialization; the same launch is then compiled by Triton's own JIT
+path (its argument binder, specialization and options) against a stand-in driver that names the target
+sm_90, so what compiles here is what a GPU would compile.  ptxas' report gives registers and spills; Triton's
+metadata the shared memory.  Fails (exit 1) on a compile error, on more than ``--max-spill`` bytes of spill
+stores per thread, or on more shared memory than a Hopper block may have.
 
-    python benchmarks/aot_compile.py                       # the whole table, 2 worker processes
+    python benchmarks/aot_compile.py --jobs 2              # everything, 2 worker processes
+    python benchmarks/aot_compile.py --dtypes fp32 --head-dims 80 128 --match "G=32 M=1 "
     python benchmarks/aot_compile.py --jobs 8 --json aot.json --md aot.md
 
 Needs Triton with its NVIDIA backend (the PyPI wheel) and no GPU; TRITON_INTERPRET is ignored.
@@ -41,61 +44,12 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 from melt_kernels.kernels import gated_kv_attention_bwd as bwd_module  # noqa: E402
 from melt_kernels.kernels import gated_kv_attention_fwd as fwd_module  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from aot_problems import DTYPES, H200_SMS, HEAD_DIMS, Problem, derived_problems  # noqa: E402
+
 TARGET = GPUTarget("cuda", 90, 32)
-H200_SMS = 132
 # Hopper: at most 227 KB of shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin).
 MAX_SHARED_BYTES = 227 * 1024
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-HEAD_DIMS = (64, 80, 128, 256)
-EXTRA_AT = (("bf16", 128), ("fp16", 256), ("fp32", 80))
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One call of the op: its shape and what varies the compiled code."""
-
-    name: str
-    batch: int
-    seqlen_q: int
-    heads_q: int
-    heads_kv: int
-    cache_len: int  # S; every row's L_b = S - M (host lengths: max_seqlen_k = S)
-    gate: str = "tensor"  # "tensor" (per kv head), "scalar" or "none"
-    causal: bool = True
-    backward: bool = True
-    with_dlse: bool = False
-    need_cache_grad: bool = True
-    # Every tensor one element off 16-byte alignment, heads padded by one element: no divisibility
-    # specialization (what a padded or sliced user layout compiles to).
-    unaligned: bool = False
-    # Variants whose choice is not the planner's (gate kinds, the causal flag, alignment) are compiled at a
-    # few (dtype, head_dim) pairs only, to keep the check within CI's minutes.
-    extra: bool = False
-    # Paged caches (SPEC 2.6): pools of pages of this size read through a block table; 0: contiguous.
-    page_size: int = 0
-
-
-PROBLEMS = (
-    Problem("decode-mha", 1, 1, 16, 16, 8192 + 1, backward=False),
-    Problem("decode-mha-nogate", 1, 1, 16, 16, 8192 + 1, gate="none", backward=False, extra=True),
-    Problem("decode-mha-scalar", 1, 1, 16, 16, 8192 + 1, gate="scalar", backward=False, extra=True),
-    Problem("decode-gqa", 1, 1, 32, 8, 32768 + 1, backward=False),
-    Problem("decode-mqa", 1, 1, 8, 1, 8192 + 1, backward=False),
-    Problem("decode-batch256", 256, 1, 16, 16, 4096 + 1, backward=False),
-    # A cache of 2**23 positions x 8 kv heads: batch and head offsets beyond 2**31 elements.
-    Problem("decode-wide", 2, 1, 16, 8, 2**23, backward=False),
-    Problem("chunk-16", 1, 16, 16, 16, 4096 + 16),
-    Problem("chunk-64-gqa", 4, 64, 32, 8, 8192 + 64),
-    Problem("chunk-64-gqa-noncausal", 4, 64, 32, 8, 8192 + 64, causal=False, with_dlse=True,
-            need_cache_grad=False, extra=True),
-    Problem("chunk-500", 2, 500, 16, 16, 10000 + 500, gate="none"),
-    Problem("chunk-wide", 1, 128, 16, 8, 2**22),
-    Problem("decode-unaligned", 2, 1, 16, 4, 4096 + 1, unaligned=True, extra=True),
-    Problem("chunk-unaligned", 2, 100, 16, 4, 2048 + 100, unaligned=True, extra=True),
-    Problem("decode-paged-gqa", 64, 1, 32, 8, 4096, backward=False, page_size=16),
-    Problem("decode-paged-256", 8, 1, 16, 16, 8192, backward=False, page_size=256),
-    Problem("chunk-paged-gqa", 4, 64, 32, 8, 4096, page_size=64),
-)
 
 
 # --- catching the launchers' kernel launches ---------------------------------------------------------------
@@ -140,18 +94,21 @@ def problem_launches(p: Problem, dtype: torch.dtype, head_dim: int) -> list[Laun
     table = None
     if p.page_size:
         # One pool of every row's pages; the table (B, S / page_size) int32.
-        blocks = s // p.page_size
+        blocks = -(-s // p.page_size)
         k_cache, v_cache = (empty(b * blocks, p.page_size, hkv, head_dim) for _ in range(2))
         table = empty(b, blocks, dt=torch.int32)
     else:
         k_cache, v_cache = empty(b, s, hkv, head_dim), empty(b, s, hkv, head_dim)
     paged = {} if table is None else dict(block_table=table)
     lengths = empty(b, dt=torch.int32)
-    gate = {"tensor": empty(b, m, hkv, 1, dt=torch.float32), "scalar": 0.5, "none": None}[p.gate]
+    gates = {"head": empty(b, m, hkv, 1, dt=torch.float32), "channel": empty(b, m, hkv, head_dim, dt=torch.float32),
+             "scalar": 0.5, "none": None}
+    gate_k, gate_v = gates[p.gate_k], gates[p.gate_v]
     lse = empty(b, hq, m, dt=torch.float32)
     scale = head_dim ** -0.5
     with caught_launches(H200_SMS) as launches:
-        fwd_module.gated_kv_attention_fwd(q, k, v, k_cache, v_cache, lengths, gate, gate, scale, p.causal, s, **paged)
+        fwd_module.gated_kv_attention_fwd(q, k, v, k_cache, v_cache, lengths, gate_k, gate_v, scale, p.causal, s,
+                                          **paged)
         if p.backward:
             dlse = empty(b, hq, m, dt=torch.float32) if p.with_dlse else None
             grads = (torch.empty_like(k_cache), torch.empty_like(v_cache)) if p.need_cache_grad else (None, None)
@@ -225,21 +182,25 @@ def _init_worker(cache_root: str) -> None:
     knobs.cache.dir = tempfile.mkdtemp(dir=cache_root)
 
 
-def collect(problems, dtypes, head_dims) -> list[tuple[Launch, dict]]:
-    """Every distinct launch (by Triton's specialization key) of the problem table."""
-    seen, work = set(), []
+def collect(dtypes, head_dims, match=None, kernels=None) -> tuple[list[tuple[Launch, dict]], int]:
+    """Every distinct launch (by Triton's specialization key) of the derived problems (aot_problems.py), and
+    how many launches the problems made before deduplication."""
+    seen, work, made = set(), [], 0
     for dname in dtypes:
         for head_dim in head_dims:
-            for p in problems:
-                if p.extra and (dname, head_dim) not in EXTRA_AT:
+            for p in derived_problems(DTYPES[dname], head_dim):
+                if match is not None and match not in p.name:
                     continue
                 for launch in problem_launches(p, DTYPES[dname], head_dim):
+                    if kernels is not None and launch.fn.__name__ not in kernels:
+                        continue
+                    made += 1
                     key = specialization_key(launch)
                     if key in seen:
                         continue
                     seen.add(key)
                     work.append((launch, dict(_describe(launch), problem=p.name, dtype=dname, head_dim=head_dim)))
-    return work
+    return work, made
 
 
 def verdicts(rows: list[dict], max_spill: int) -> list[str]:
@@ -276,17 +237,18 @@ def main(argv=None) -> int:
     parser.add_argument("--max-spill", type=int, default=64, help="most spill-store bytes per thread allowed")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--head-dims", nargs="+", type=int, default=list(HEAD_DIMS))
-    parser.add_argument("--problems", nargs="+", default=None, help="names from the table (default: all)")
+    parser.add_argument("--kernels", nargs="+", help="only launches of these kernels (default: all)")
+    parser.add_argument("--match", help="only the derived problems whose name holds this (e.g. 'G=32 M=1 ')")
     parser.add_argument("--json", help="write the rows and the verdict here")
     parser.add_argument("--md", help="write the markdown table here")
     args = parser.parse_args(argv)
-    problems = [p for p in PROBLEMS if args.problems is None or p.name in args.problems]
 
     start = time.perf_counter()
     triton_driver.set_active(Sm90Driver())
     knobs.nvidia.dump_ptxas_log = True
-    _WORK[:] = collect(problems, args.dtypes, args.head_dims)
-    print(f"Triton {triton.__version__}: {len(_WORK)} distinct launches to compile for sm_90", flush=True)
+    _WORK[:], made = collect(args.dtypes, args.head_dims, args.match, args.kernels)
+    print(f"Triton {triton.__version__}: {made} launches of the derived problems, {len(_WORK)} distinct ones to "
+          f"compile for sm_90", flush=True)
     with tempfile.TemporaryDirectory() as cache_root:
         context = multiprocessing.get_context("fork")
         with context.Pool(args.jobs, initializer=_init_worker, initargs=(cache_root,)) as pool:

@@ -307,13 +307,16 @@ def _bwd_dq_kernel(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table
 # float32 inputs.  Chosen without a GPU: the largest tiles that ptxas (CUDA 13, sm_90a, Triton 3.9) compiles
 # without spilling registers, given the 16-divisible pointers and strides a launch specializes on, and the
 # tiles of Triton's fused-attention tutorial where those fit.  float32 dots run in IEEE float32 on FMA units:
-# small tiles.  Not tuned on a GPU yet.
+# small tiles.  Without the causal mask at G = 1, dK/dV with two stages spilled 388, 448 and 9756 bytes at
+# head_dim 64, 128 and 256 (32-key tiles at 256 still 232 with one), and dQ with 32-row tiles at 128 1676
+# (one stage fixes that one too, but spills 656 bytes on unaligned tensors): one stage for dK/dV, 16-key
+# tiles at 256, 16-row dQ tiles at 128 (sm_90, Triton 3.9; benchmarks/aot_problems.py).  Not tuned on a GPU.
 _TILES_16BIT = {64: ((32, 128, 8, 3), (128, 64, 8, 3)),
                 128: ((32, 64, 8, 3), (128, 32, 8, 3)),
                 256: ((16, 32, 8, 2), (128, 32, 8, 2))}
-_TILES_FP32 = {64: ((16, 64, 8, 2), (32, 64, 8, 2)),
-               128: ((16, 32, 8, 2), (32, 64, 8, 2)),
-               256: ((16, 32, 8, 2), (16, 16, 4, 2))}
+_TILES_FP32 = {64: ((16, 64, 8, 1), (32, 64, 8, 2)),
+               128: ((16, 32, 8, 1), (16, 64, 8, 2)),
+               256: ((16, 16, 8, 1), (16, 16, 4, 2))}
 
 
 @functools.lru_cache(maxsize=1024)
@@ -345,8 +348,9 @@ def _tiles(head_dim_p2: int, seqlen_q: int, dtype: torch.dtype, interpreted: boo
 def _key_splits(max_prefix: int, block_n: int, q_programs: int, device: torch.device) -> int:
     """How many slices the dQ pass cuts the prefix into: enough programs for about two waves."""
     key_blocks = max(1, triton.cdiv(max_prefix, block_n))
-    if device.type != "cuda":
-        # Two slices whenever possible, so the tests cover the partial-sum path.
+    if device.type == "cpu":
+        # The interpreter: two slices whenever possible, so the tests cover the partial-sum path.  Meta tensors
+        # (launches inspected, not run) get the GPU's split, as in the launcher's tiles.
         return min(2, key_blocks)
     wanted = triton.cdiv(2 * num_sms(device), q_programs)
     # Each slice keeps at least four key blocks, or the reduction costs more than it saves.

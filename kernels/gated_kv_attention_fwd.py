@@ -382,11 +382,15 @@ def plan_launch(batch: int, seqlen_q: int, heads_q: int, heads_kv: int, head_dim
     wide = elem_size > 2
     narrow = not aligned and not wide and block_d >= 128
     if block_r is None:
-        cap = 32 if wide or (narrow and block_d > 128) else 64 if block_d > 128 else 128
+        # float32 at head_dim 256 on unaligned tensors spills 120-144 bytes with 32-row tiles (Triton 3.9).
+        cap = 16 if wide and not aligned and block_d > 128 else \
+            32 if wide or (narrow and block_d > 128) else 64 if block_d > 128 else 128
         block_r = min(max(16, triton.next_power_of_2(rows)), cap)
     if block_n is None:
         if wide:
-            block_n = 16 if block_d > 128 else 32
+            # 32-row float32 tiles at head_dim 80-128 spill 470-720 bytes (sm_90, Triton 3.6 and 3.9) with 32
+            # keys where one row block serves the chunk (MQA decode at G = 32, M = 8 at G = 4): 16 keys, none.
+            block_n = 16 if block_d > 128 or (block_d > 64 and block_r > 16) else 32
         elif narrow and block_d > 128:
             block_n = 16 if block_r > 16 else 32
         elif narrow:
