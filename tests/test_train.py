@@ -27,7 +27,7 @@ from melt_kernels.train import (IGNORE, CopyTask, LossWeights, Phase, Recipe, To
 from melt_kernels.train.data import held_out, shard
 from melt_kernels.train.recipe import step_counts
 from ouro_reference import forward, random_weights, tensor_shapes, tiny_config, write_checkpoint
-from utils import randomise_gates
+from utils import randomise_gates, train_in_one_and_two_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = dict(atol=1e-10, rtol=1e-10)
@@ -475,16 +475,7 @@ def test_two_processes_give_the_losses_of_one(tmp_path):
             "3", "--batch", "4",
             "--transition-steps", "2", "--distill-steps", "2", "--lr", "1e-3", "--gate-lr", "1e-2", "--threads", "1",
             "--no-progress", "--backend", "reference", "--eval-sequences", "8"]
-    from melt_kernels.train.__main__ import main
-    one = main(args + ["--out", str(tmp_path / "one")])
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "melt_kernels.train", *args, "--out", str(tmp_path / "two")],
-                          env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    two = json.loads(done.stdout.strip().splitlines()[-1])
-    runs = [[json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-            for name in ("one", "two")]
+    one, two, *runs = train_in_one_and_two_processes(args, tmp_path)
     assert len(runs[0]) == len(runs[1]) == 4
     for a, b in zip(*runs):
         for key in ("loss", "kl", "attn", "ce", "grad_norm"):

@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,7 +16,7 @@ from melt_kernels.train import IGNORE, CopyTask, Phase, Recipe, TokenStream, Tra
 from melt_kernels.train.data import Tokenizer, from_file, read_documents, split_held_out
 from melt_kernels.train.evaluate import gate_retention
 from melt_kernels.train.recipe import chunk_lengths, step_counts
-from utils import randomise_gates
+from utils import randomise_gates, train_in_one_and_two_processes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -294,16 +291,7 @@ def test_two_processes_pretrain_with_ouros_objective_like_one(tmp_path):
             "--batch", "4", "--gate", "none", "--pretrain-steps", "3", "--pretrain-objective", "ouro",
             "--transition-steps", "0", "--distill-steps", "0", "--lr", "1e-2", "--threads", "1", "--no-progress",
             "--backend", "reference", "--eval-sequences", "4"]
-    from melt_kernels.train.__main__ import main
-    one = main(args + ["--out", str(tmp_path / "one")])
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "melt_kernels.train", *args, "--out", str(tmp_path / "two")],
-                          env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    two = json.loads(done.stdout.strip().splitlines()[-1])
-    runs = [[json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-            for name in ("one", "two")]
+    one, two, *runs = train_in_one_and_two_processes(args, tmp_path)
     assert len(runs[0]) == len(runs[1]) == 3
     for a, b in zip(*runs):
         for key in ("loss", "ce", "exit_ce", "entropy", "grad_norm"):

@@ -5,7 +5,11 @@ turns them into tensors, so a failing example replays exactly.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, fields, replace
 from typing import Optional
 
@@ -241,3 +245,20 @@ def page_case(case: Case, page_size: int, seed: int, spare: int = 3, pad_unused:
     used = torch.zeros(total, dtype=torch.bool)
     used[table[table >= 0].long()] = True
     return Paged(pools[0], pools[1], table.to(case.q.device), used)
+
+
+def train_in_one_and_two_processes(args: list, tmp_path) -> tuple[dict, dict, list, list]:
+    """Runs `python -m melt_kernels.train ARGS` here (into tmp_path/one) and under torchrun with 2 gloo processes
+    (tmp_path/two); returns both results and both runs' metrics.jsonl records."""
+    from melt_kernels.train.__main__ import main
+
+    one = main(args + ["--out", str(tmp_path / "one")])
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "melt_kernels.train", *args, "--out", str(tmp_path / "two")],
+                          env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads(done.stdout.strip().splitlines()[-1])
+    runs = [[json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("one", "two")]
+    return one, two, runs[0], runs[1]
