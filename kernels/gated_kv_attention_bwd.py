@@ -331,17 +331,19 @@ def _tiles(head_dim_p2: int, seqlen_q: int, dtype: torch.dtype, interpreted: boo
         return dict(BM_KV=16, BN_KV=16, BM_Q=16, BN_Q=16, BM_PRE=16, warps_kv=1, warps_q=1, stages_kv=1, stages_q=1)
     table = _TILES_FP32 if dtype == torch.float32 else _TILES_16BIT
     (bm_kv, bn_kv, warps_kv, stages_kv), (bm_q, bn_q, warps_q, stages_q) = table[max(64, head_dim_p2)]
+    bm_pre = 32
     if not aligned and dtype != torch.float32:
         bn_kv = min(bn_kv, 32) if head_dim_p2 >= 128 else bn_kv
         if head_dim_p2 >= 256:
-            bm_q, bn_q, warps_q = 32, 32, 4
+            # The preprocess's two [32, 256] rows of out and dout spilled 172 bytes (Triton 3.9).
+            bm_q, bn_q, warps_q, bm_pre = 32, 32, 4, 16
     if paged:
         bn_kv = max(16, bn_kv // 2)
         if head_dim_p2 >= 256 and dtype != torch.float32:
             bm_q, bn_q, warps_q = 32, 32, 4
     # Query tiles no taller than the chunk (tl.dot needs 16 rows).
     m_cap = max(16, triton.next_power_of_2(seqlen_q))
-    return dict(BM_KV=min(bm_kv, m_cap), BN_KV=bn_kv, BM_Q=min(bm_q, m_cap), BN_Q=bn_q, BM_PRE=min(32, m_cap),
+    return dict(BM_KV=min(bm_kv, m_cap), BN_KV=bn_kv, BM_Q=min(bm_q, m_cap), BN_Q=bn_q, BM_PRE=min(bm_pre, m_cap),
                 warps_kv=warps_kv, warps_q=warps_q, stages_kv=stages_kv, stages_q=stages_q)
 
 
