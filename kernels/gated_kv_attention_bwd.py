@@ -343,6 +343,10 @@ def _tiles(head_dim_p2: int, seqlen_q: int, dtype: torch.dtype, interpreted: boo
             bm_q, bn_q, warps_q = 32, 32, 4
     # Query tiles no taller than the chunk (tl.dot needs 16 rows).
     m_cap = max(16, triton.next_power_of_2(seqlen_q))
+    if m_cap < bm_kv:
+        # A chunk shorter than the row tile: one stage for dK/dV.  Triton 3.6's software pipeliner fails
+        # ("PassManager::run failed") on the 16-bit causal-free 16-row tile with 2 or 3 stages (AOT, sm_90).
+        stages_kv = 1
     return dict(BM_KV=min(bm_kv, m_cap), BN_KV=bn_kv, BM_Q=min(bm_q, m_cap), BN_Q=bn_q, BM_PRE=min(bm_pre, m_cap),
                 warps_kv=warps_kv, warps_q=warps_q, stages_kv=stages_kv, stages_q=stages_q)
 
