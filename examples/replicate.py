@@ -305,8 +305,7 @@ def plot(result: dict, path: str) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     with cpu_threads(args.threads):
-        context = distributed.init(args.device)
-        try:
+        with distributed.session(args.device) as context:
             result = Replication(args, context).run()
             if context.main:
                 print(table(result))
@@ -316,8 +315,6 @@ def main(argv=None) -> dict:
                 if args.plot:
                     plot(result, args.plot)
             return result
-        finally:
-            distributed.shutdown()
 
 
 if __name__ == "__main__":

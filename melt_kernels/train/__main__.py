@@ -170,11 +170,8 @@ def final_evaluation(teacher, student, student_kind, batch, recipe, prompt, cont
 def main(argv=None, prog="python -m melt_kernels.train") -> dict:
     args = parse_args(argv, prog)
     with cpu_threads(args.threads):
-        context = distributed.init(args.device)
-        try:
+        with distributed.session(args.device) as context:
             return run(args, context)
-        finally:
-            distributed.shutdown()
 
 
 def run(args, context) -> dict:
