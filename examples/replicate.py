@@ -25,12 +25,17 @@ chunks, the rest decoded token by token, the continuation scored), each loop's b
 bytes per token (float32, as trained), training time, and for MELT rows how open the gate ended up (mean
 retention over the held-out tokens, per loop 2..T and their mean; at init 4.5e-5).
 
-    python examples/replicate.py --json results.json --plot results.png       # the full run: about an hour
+    python examples/replicate.py --json results.json --plot results.png --work-dir runs/replication
+                                                         # the full run: about three hours on 2 cores
     python examples/replicate.py --quick --json out.json                     # every row tiny (CI)
     torchrun --nproc-per-node 2 examples/replicate.py --quick --json out.json  # the same eval losses
 
 Under torchrun each process trains on its share of every global batch (gloo on CPU) and evaluates its share
 of the held-out sequences; the numbers are the same as in one process up to rounding.
+
+With --work-dir every finished row (rows.jsonl) and every pre-trained teacher is kept there as it finishes;
+the same command run again (same size and seed) reuses them and runs only what is missing, so a run longer
+than a sitting can be stopped and picked up.
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -46,7 +52,7 @@ from typing import Optional
 import torch
 
 from melt_kernels.model import LoopedLM, LoopedLMConfig, kv_bytes_per_token
-from melt_kernels.ouro import to_melt
+from melt_kernels.ouro import load_ouro, to_melt
 from melt_kernels.threads import cpu_threads
 from melt_kernels.train import Recipe, Trainer, distributed, evaluate, gate_retention, stdlib_corpus
 
@@ -120,6 +126,7 @@ def parse_args(argv):
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "cuda", "reference"])
     p.add_argument("--progress", action="store_true", help="progress bars (main process)")
+    p.add_argument("--work-dir", metavar="DIR", help="keep finished rows and teachers here; a rerun resumes")
     for field in dataclasses.fields(Size):
         p.add_argument("--" + field.name.replace("_", "-"), type={"int": int, "float": float}[field.type],
                        default=None, help=f"override the size's {field.name}")
@@ -139,6 +146,56 @@ def model_config(size: Size, loops: int) -> LoopedLMConfig:
                           max_position_embeddings=max(size.seq_len, 128))
 
 
+class WorkDir:
+    """The finished pieces of one run (``--work-dir``): ``run.json`` names the size and seed they belong to,
+    ``rows.jsonl`` holds a line per finished row, ``<teacher>/`` each pre-trained teacher with its
+    ``training.json`` (seconds, history).  Only the main process writes; every process reads."""
+
+    def __init__(self, path: Optional[str], fingerprint: dict, context):
+        self.path, self.context = path, context
+        self.done: dict[str, dict] = {}
+        if path is None:
+            return
+        run = os.path.join(path, "run.json")
+        if os.path.exists(run):
+            with open(run) as f:
+                held = json.load(f)
+            if held != fingerprint:
+                raise ValueError(f"--work-dir {path} holds a run of {held}, not of {fingerprint}: pass another "
+                                 "folder (or delete it)")
+            rows = os.path.join(path, "rows.jsonl")
+            if os.path.exists(rows):
+                with open(rows) as f:
+                    self.done = {row["model"]: row for row in map(json.loads, f)}
+        context.barrier()  # every process has read run.json before the main one may write it
+        if context.main and not os.path.exists(run):
+            os.makedirs(path, exist_ok=True)
+            with open(run, "w") as f:
+                json.dump(fingerprint, f, indent=1)
+
+    def add(self, row: dict) -> None:
+        if self.path is not None and self.context.main:
+            with open(os.path.join(self.path, "rows.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def teacher(self, name: str, train, backend: str) -> tuple[LoopedLM, float, list[dict]]:
+        """(model, training seconds, history) of the teacher kept under ``name``, or ``train()``'s, then
+        kept."""
+        folder = None if self.path is None else os.path.join(self.path, name)
+        if folder is not None and os.path.exists(os.path.join(folder, "training.json")):
+            with open(os.path.join(folder, "training.json")) as f:
+                training = json.load(f)
+            model = load_ouro(folder, device=self.context.device, backend=backend)
+            return model, training["seconds"], training["history"]
+        model, seconds, history = train()
+        if folder is not None and self.context.main:
+            model.save_pretrained(folder)
+            with open(os.path.join(folder, "training.json"), "w") as f:
+                json.dump({"seconds": seconds, "history": history}, f)
+        self.context.barrier()
+        return model, seconds, history
+
+
 class Replication:
     def __init__(self, args, context):
         self.args, self.context, self.size = args, context, size_of(args)
@@ -151,6 +208,7 @@ class Replication:
         self.looplm: Optional[LoopedLM] = None
         self.looplm_last_loop: Optional[LoopedLM] = None
         self.say = print if context.main else (lambda *a, **k: None)
+        self.work = WorkDir(args.work_dir, {"size": dataclasses.asdict(self.size), "seed": args.seed}, context)
 
     def new_model(self, loops: int) -> LoopedLM:
         with torch.random.fork_rng(devices=[]):
@@ -202,13 +260,27 @@ class Replication:
                "gate_retention": None if retention is None else sum(retention) / len(retention),
                "gate_retention_per_loop": retention}
         self.rows.append(row)
-        self.say(f"[{len(self.rows)}] {name:<30} bits/byte {row['eval_loss']:.4f} (chunks of {s.chunk}), "
+        self.work.add(row)
+        self.show(row)
+        return row
+
+    def show(self, row: dict, kept: bool = False) -> None:
+        s = self.size
+        self.say(f"[{len(self.rows)}] {row['model']:<30} bits/byte {row['eval_loss']:.4f} (chunks of {s.chunk}), "
                  f"{row['eval_loss_decode']:.4f} (token by token), {row['eval_loss_served']:.4f} (served); "
                  f"per loop {', '.join(f'{b:.3f}' for b in row['eval_loss_per_loop'])}; "
                  f"{row['kv_bytes_per_token']:,} KV bytes/token; "
-                 f"{seconds:.0f} s" + (f"; gate retention {row['gate_retention']:.3g}"
-                                       if row["gate_retention"] is not None else ""), flush=True)
-        return row
+                 f"{row['train_seconds']:.0f} s" + (f"; gate retention {row['gate_retention']:.3g}"
+                                                    if row["gate_retention"] is not None else "")
+                 + (f" (kept in {self.work.path})" if kept else ""), flush=True)
+
+    def kept(self, name: str) -> bool:
+        """Whether row ``name`` finished in an earlier run in the work dir (then it is this run's next row)."""
+        row = self.work.done.get(name)
+        if row is not None:
+            self.rows.append(row)
+            self.show(row, kept=True)
+        return row is not None
 
     def run(self) -> dict:
         rows, s = self.args.rows, self.size
@@ -217,19 +289,23 @@ class Replication:
                  f"{self.corpus['held_out_bytes']:,} held-out bytes ({self.corpus['split']}); evaluation: "
                  f"{s.eval_sequences} x {s.seq_len} held-out bytes", flush=True)
         self.say(f"# {s}", flush=True)
-        if "standard" in rows:
+        missing = [r for r in rows if r not in self.work.done]
+        backend = self.args.backend
+        if "standard" in rows and not self.kept("standard"):
             model, seconds, history = self.pretrain(1, "last-loop")
             self.record("standard", model, "looplm", seconds, history)
-        if any(r not in ("standard", "looplm-last-loop", "last-step-last-loop") for r in rows):
-            self.looplm, seconds, history = self.pretrain(s.loops, "ouro")
-            if "looplm" in rows:
-                self.record("looplm", self.looplm, "looplm", seconds, history)
-        if "looplm-last-loop" in rows or "last-step-last-loop" in rows:
-            self.looplm_last_loop, seconds, history = self.pretrain(s.loops, "last-loop")
-            if "looplm-last-loop" in rows:
-                self.record("looplm-last-loop", self.looplm_last_loop, "looplm", seconds, history)
+        if any(r not in ("standard", "looplm-last-loop", "last-step-last-loop") for r in missing):
+            self.looplm, seconds, history = self.work.teacher("looplm", lambda: self.pretrain(s.loops, "ouro"),
+                                                              backend)
+        if "looplm" in rows and not self.kept("looplm"):
+            self.record("looplm", self.looplm, "looplm", seconds, history)
+        if "looplm-last-loop" in missing or "last-step-last-loop" in missing:
+            self.looplm_last_loop, seconds, history = self.work.teacher(
+                "looplm-last-loop", lambda: self.pretrain(s.loops, "last-loop"), backend)
+        if "looplm-last-loop" in rows and not self.kept("looplm-last-loop"):
+            self.record("looplm-last-loop", self.looplm_last_loop, "looplm", seconds, history)
         for name, teacher in (("last-step", self.looplm), ("last-step-last-loop", self.looplm_last_loop)):
-            if name in rows:
+            if name in rows and not self.kept(name):
                 self.record(name, to_melt(teacher, "latent"), "melt", 0.0, [], gate="latent (init)")
         variants = {"melt-latent": ("latent", {}), "melt-kv-head": ("kv-head", {}),
                     "melt-kv-element": ("kv-element", {}),
@@ -240,7 +316,7 @@ class Replication:
                     "melt-latent-no-alignment": ("latent", dict(beta=0.0)),
                     "melt-latent-shared-lr": ("latent", dict(gate_lr=s.lr))}
         for name, (gate, changes) in variants.items():
-            if name in rows:
+            if name in rows and not self.kept(name):
                 model, seconds, history = self.post_train(gate, **changes)
                 self.record(name, model, "melt", seconds, history, gate=gate)
         return {"rows": self.rows, "size": dataclasses.asdict(s), "corpus": self.corpus,

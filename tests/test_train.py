@@ -627,6 +627,29 @@ def test_replicate_quick_writes_every_row(tmp_path, monkeypatch):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_replicate_work_dir_resumes_with_the_kept_rows_and_teacher(tmp_path, monkeypatch):
+    """With --work-dir a second run reuses the first's finished rows and its pre-trained LoopLM (the MELT row
+    it adds is the one a single run gives), and a work dir of another size or seed is refused."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    import runpy
+    main = runpy.run_path(str(ROOT / "examples" / "replicate.py"))["main"]
+    work = tmp_path / "work"
+    quick = ["--quick", "--eval-sequences", "2", "--pretrain-steps", "3"]
+    first = main(quick + ["--rows", "looplm", "last-step", "--work-dir", str(work)])
+    assert [r["model"] for r in first["rows"]] == ["looplm", "last-step"]
+    assert (work / "looplm" / "training.json").exists() and not (work / "looplm-last-loop").exists()
+    second = main(quick + ["--rows", "looplm", "last-step", "melt-latent", "--work-dir", str(work)])
+    assert second["rows"][:2] == first["rows"]
+    assert second["rows"][0]["steps"] == {"pretrain": 3}
+    alone = main(quick + ["--rows", "melt-latent"])
+    for key in ("eval_loss", "eval_loss_decode", "eval_loss_served", "steps"):
+        assert second["rows"][2][key] == alone["rows"][0][key], key
+    lines = (work / "rows.jsonl").read_text().splitlines()
+    assert [json.loads(line)["model"] for line in lines] == ["looplm", "last-step", "melt-latent"]
+    with pytest.raises(ValueError, match="work-dir"):
+        main(quick + ["--rows", "looplm", "--seed", "1", "--work-dir", str(work)])
+
+
 def test_learning_rate_schedules():
     constant = Recipe(seq_len=16, chunk_size=4, transition_steps=6, distill_steps=4, warmup_steps=3)
     assert [constant.lr_factor(s) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
