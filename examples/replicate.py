@@ -26,7 +26,7 @@ bytes per token (float32, as trained), training time, and for MELT rows how open
 retention over the held-out tokens, per loop 2..T and their mean; at init 4.5e-5).
 
     python examples/replicate.py --json results.json --plot results.png --work-dir runs/replication
-                                                         # the full run: about three hours on 2 cores
+                                                         # the full run: about two hours on 2 cores
     python examples/replicate.py --quick --json out.json                     # every row tiny (CI)
     torchrun --nproc-per-node 2 examples/replicate.py --quick --json out.json  # the same eval losses
 
