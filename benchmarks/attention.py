@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 
 import melt_kernels
-from common import (copy_bandwidth, flex, fmt, graph_median, peer_times, run_meta, sdpa, sdpa_backends,
-                    setup, timed, write_results)
+from common import (copy_bandwidth, flex, fmt, fused_failures, graph_median, peer_times, run_meta, sdpa,
+                    sdpa_backends, setup, timed, write_results)
 
 TARGETS = {
     "decode (>= 8k keys)": ">= 80% of the copy bandwidth and <= 1.1x SDPA's time",
@@ -216,7 +216,7 @@ def main(argv=None) -> int:
         paths = write_results(env.args.out, "attention", meta, rows, markdown(meta, rows))
     print(markdown(meta, rows))
     print("wrote", *paths)
-    return 0
+    return fused_failures(rows)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import datetime
 import json
 import os
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -71,9 +72,10 @@ def setup(doc: str, name: str, argv=None) -> Setup | None:
 # --- timing -----------------------------------------------------------------------------------------------
 
 def median_ms(fn, cuda: bool, bench: Callable[[Callable], float]) -> float:
-    """``bench(fn)`` in ms once ``fn`` has compiled; off CUDA a single run, which checks the path but times
-    nothing meaningful."""
+    """``bench(fn)`` in ms once ``fn`` has compiled; off CUDA two runs, which check the path (and that ``fn``
+    can run again, as the GPU's timing loop runs it many times) but time nothing meaningful."""
     if not cuda:
+        fn()
         start = time.perf_counter()
         fn()
         return 1e3 * (time.perf_counter() - start)
@@ -110,6 +112,15 @@ def timed(fn, cuda: bool, bench) -> tuple[Optional[float], Optional[str]]:
         return median_ms(fn, cuda, bench), None
     except (RuntimeError, NotImplementedError, ValueError, TypeError, AssertionError) as e:
         return None, (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def fused_failures(rows: list[dict]) -> int:
+    """1 (the script's exit status) when a row of this package's op has an error, after printing them: the
+    op failing at a shape the benchmark asks for is a bug, where a peer may lack a kernel for it."""
+    failed = [r for r in rows if r.get("error")]
+    for r in failed:
+        print(f"FAILED: {r['label']} {r['backend']}: {r['error']}", file=sys.stderr)
+    return int(bool(failed))
 
 
 def peer_times(peer, cuda: bool, bench, names, calls: int = 1) -> dict:

@@ -4,9 +4,10 @@
   ``dry_run``, ``budget_s``, ``steps`` ({name: {"rc", "seconds", "status", "limit_s"}}), ``decode``,
   ``chunk``, ``backward`` (rows of benchmarks/attention.py and attention_bwd.py: the shape, ``backend``,
   ``us``, ``gbps``/``pct_copy`` or ``tflops``, and the peers' ``*_us`` measured in the same run),
-  ``correctness`` (counts and the failed checks), ``sanitizer`` (errors per tool), ``loop_depth`` (the
-  loop-depth benchmark's records), ``serving`` (its --serve records: sequences held, tokens/s), ``pytest``
-  (its counts);
+  ``correctness`` (counts and the failed checks), ``sanitizer`` ({tool: {"errors"}}, racecheck's also
+  "hazards" and "warnings"), ``loop_depth`` (the loop-depth benchmark's records), ``serving`` (its --serve
+  records: sequences held, tokens/s), ``tune`` (benchmarks/tune_fwd.py's rows, when the step ran),
+  ``pytest`` (its counts);
 * ``summary.md``: one table, step, status, seconds, the key numbers;
 * ``logs.tar.gz``: every log, the ptxas report and the steps' own JSON;
 * plots: ``loop_depth.png`` and ``decode.png`` (decode time against keys, the kernels beside SDPA).
@@ -73,12 +74,28 @@ def steps_table(path: str) -> dict:
 
 
 def sanitizer_errors(log: str) -> dict:
-    """{tool: errors} from compute-sanitizer's 'ERROR SUMMARY: N errors' after each tool's banner."""
+    """{tool: {"errors": N}} from the summary after each tool's banner, N None when there is none (the tool was cut).
+
+    memcheck and synccheck end with 'ERROR SUMMARY: N errors'; racecheck with 'RACECHECK SUMMARY: H hazards
+    displayed (N errors, W warnings)', whose H and W are kept as "hazards" and "warnings" beside its N.
+    """
     found = {}
     for tool, body in re.findall(r"--- compute-sanitizer --tool (\w+)\n(.*?)(?=--- compute-sanitizer|\Z)", log, re.S):
-        summary = re.findall(r"ERROR SUMMARY: (\d+) error", body)
-        found[tool] = int(summary[-1]) if summary else None
+        race = re.findall(r"RACECHECK SUMMARY: (\d+) hazards? displayed \((\d+) errors?, (\d+) warnings?\)", body)
+        if race:
+            hazards, errors, warnings = map(int, race[-1])
+            found[tool] = dict(errors=errors, hazards=hazards, warnings=warnings)
+        else:
+            summary = re.findall(r"ERROR SUMMARY: (\d+) error", body)
+            found[tool] = dict(errors=int(summary[-1]) if summary else None)
     return found
+
+
+def sanitizer_numbers(counts: dict) -> str:
+    """'tool: N errors' per tool, racecheck's warnings when there are any, 'no summary' for a tool cut short."""
+    return ", ".join(f"{tool}: no summary" if c["errors"] is None else
+                     f"{tool}: {c['errors']} errors" + (f" ({c['warnings']} warnings)" if c.get("warnings") else "")
+                     for tool, c in counts.items())
 
 
 def pytest_counts(log: str) -> dict:
@@ -117,7 +134,7 @@ def key_numbers(name: str, results: dict) -> str:
                 parts.append(f"{r['label']} {r['backend']} {r['tflops']:.0f} TFLOP/s")
         return "; ".join(parts)
     if name == "sanitizer":
-        return ", ".join(f"{tool}: {n} errors" for tool, n in (results.get("sanitizer") or {}).items())
+        return sanitizer_numbers(results.get("sanitizer") or {})
     if name == "loop-depth":
         recs = results.get("loop_depth") or []
         return f"{len(recs)} records"
@@ -125,6 +142,12 @@ def key_numbers(name: str, results: dict) -> str:
         held = {(r["method"], r["loops"]): r.get("seqs_held") for r in results.get("serving") or []}
         return ", ".join(f"T={t}: {held[('melt', t)]} vs {held[('looplm', t)]} sequences"
                          for _, t in sorted(k for k in held if k[0] == "melt") if ("looplm", t) in held)
+    if name == "tune":
+        best = {}
+        for r in results.get("tune") or []:
+            if r.get("us") and (r["label"] not in best or r["us"] < best[r["label"]]["us"]):
+                best[r["label"]] = r
+        return "; ".join(f"{label}: best {r['config']} {r['x_default']:.2f}x default" for label, r in best.items())
     if name == "pytest":
         return ", ".join(f"{v} {k}" for k, v in (results.get("pytest") or {}).items())
     return ""
@@ -168,7 +191,7 @@ def main(argv=None) -> int:
     parser.add_argument("--work", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", required=True)
-    parser.add_argument("--budget", type=float, default=480)
+    parser.add_argument("--budget", type=float, default=510)
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
@@ -195,6 +218,7 @@ def main(argv=None) -> int:
         sanitizer=sanitizer_errors(read(os.path.join(logs, "sanitizer.log"))),
         loop_depth=load(os.path.join(work, "loop_depth.json")),
         serving=load(os.path.join(work, "serving.json")),
+        tune=(load(os.path.join(work, "tune_fwd.json")) or {}).get("rows"),
         pytest=pytest_counts(read(os.path.join(logs, "pytest.log"))))
     if correctness is not None:
         results["correctness"] = dict(

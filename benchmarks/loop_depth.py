@@ -101,7 +101,7 @@ def parse_args(argv):
                    help="CPU intra-op threads (default 1 on a CPU: the small CPU model gains nothing from more, and "
                         "spinning OpenMP threads on a shared machine make the timings erratic)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", metavar="FILE", help="write the records as a JSON list")
+    p.add_argument("--json", metavar="FILE", help="write the records as a JSON list (rewritten after every run)")
     p.add_argument("--plot", metavar="FILE.png", help="plot memory and time against T (needs matplotlib)")
     p.add_argument("--quick", action="store_true", help="smallest sizes and T in {1, 2}: seconds, for CI")
     p.add_argument("--serve", action="store_true",
@@ -373,6 +373,8 @@ def run_serving(args, model: LoopedLM, gen: torch.Generator) -> list[dict]:
             progress(f"serving {method} T={loops}")
             records.append(dict(method=method, loops=loops, backend=resolved_backend(model, backend, args.device),
                                 device=args.device.type, dtype=args.dtype, **serving(model, kind, args, gen)))
+            if args.json:
+                write_json(records, args.json)
     header = ["method", "T", "pages", "capacity", "seqs held", "mean batch", "tokens/s"]
     rows = [[r["method"], str(r["loops"]), str(r["pages"]), str(r["capacity"]), str(r["seqs_held"]),
              f"{r['mean_batch']:.1f}", "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.1f}"]
@@ -391,6 +393,14 @@ def human(nbytes) -> str:
         if abs(nbytes) < 1024 or unit == "GiB":
             return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
         nbytes /= 1024
+
+
+def write_json(records: list[dict], path: str) -> None:
+    """The records so far, written after every one so that a run cut by a time limit keeps what it measured;
+    through a temporary file, so that a kill mid-write leaves the previous list, not a truncated one."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(records, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def progress(text: str) -> None:
@@ -479,18 +489,18 @@ def run(args) -> list[dict]:
         print(f"# max batch: largest batch whose decode at context {args.context} peaks within "
               f"{args.budget_gb:g} GiB (weights included); tokens/s = batch / median decode step")
     if args.serve:
-        records = run_serving(args, model, gen)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(records, f, indent=1)
-        return records
+        return run_serving(args, model, gen)
     for method, name in backends.items():
         if device.type == "cpu" and METHODS[method][1] == "auto":
             note = " (the Triton interpreter: not kernel speed)" if name == "triton" else \
                 " (no kernel backend on a CPU: the unfused path)"
             print(f"# {method}: backend 'auto' runs {name!r}{note}")
 
-    records, todo = [], [(m, t) for m in args.methods for t in args.loops]
+    # The figures that matter first, so that a run cut by its time limit holds them: MELT beside the LoopLM at
+    # each T in turn, then the unfused path.
+    paired = [m for m in ("melt", "looplm") if m in args.methods]
+    records, todo = [], [(m, t) for t in args.loops for m in paired] + \
+        [("melt-unfused", t) for t in args.loops if "melt-unfused" in args.methods]
     for i, (method, loops) in enumerate(todo):
         kind, backend = METHODS[method]
         model.num_loops, model.backend = loops, backend
@@ -501,16 +511,17 @@ def run(args) -> list[dict]:
             progress(f"[{i + 1}/{len(todo)}] {method} T={loops}: largest batch")
             record.update(largest_batch(model, kind, args, gen))
         records.append(record)
+        if args.json:
+            write_json(records, args.json)
     progress(f"done: {len(todo)} runs")
     if sys.stderr.isatty():
         sys.stderr.write("\n")
 
-    print_table(records, on_gpu)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(records, f, indent=1)
+    # The table and the plot by method, in --methods order (the runs' order interleaves them).
+    by_method = sorted(records, key=lambda r: args.methods.index(r["method"]))
+    print_table(by_method, on_gpu)
     if args.plot:
-        plot(records, args.plot, on_gpu)
+        plot(by_method, args.plot, on_gpu)
     return records
 
 

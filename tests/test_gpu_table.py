@@ -1,6 +1,8 @@
 """The GPU pass's table of correctness checks (benchmarks/gpu_correctness.py), held on the CPU against what each
-backend accepts, so that an entry its backend refuses is found here, not on a lease."""
+backend accepts, so that an entry its backend refuses is found here, not on a lease; and its summary
+(benchmarks/gpu_summary.py) read from the logs as a GPU writes them."""
 import importlib.util
+import json
 import os
 import sys
 
@@ -8,6 +10,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import gpu_correctness  # noqa: E402
+import gpu_summary  # noqa: E402
 
 BACKENDS = ["triton"] + (["cuda"] if importlib.util.find_spec("melt_kernels._cuda") else [])
 
@@ -29,3 +32,51 @@ def test_a_refused_check_is_reported(backend, head_dim):
     check = gpu_correctness.Check("forward", backend, "bf16", 1, 4, 2, head_dim, (64, 1, 63))
     (refused,) = gpu_correctness.unrunnable([check])
     assert refused.startswith(check.name) and "head_dim" in refused
+
+
+# The sanitizer step's log as benchmarks/gpu_check.sh writes it: each tool's banner, then its output, whose last
+# line is the tool's summary (racecheck's its own form).
+CLEAN_LOG = """--- compute-sanitizer --tool memcheck
+========= COMPUTE-SANITIZER
+========= ERROR SUMMARY: 0 errors
+--- compute-sanitizer --tool racecheck
+========= COMPUTE-SANITIZER
+========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)
+--- compute-sanitizer --tool synccheck
+========= COMPUTE-SANITIZER
+========= ERROR SUMMARY: 0 errors
+"""
+# Errors from memcheck and racecheck; synccheck cut by the time limit before its summary.
+FAILED_LOG = """--- compute-sanitizer --tool memcheck
+========= COMPUTE-SANITIZER
+========= Invalid __global__ read of size 2 bytes
+========= ERROR SUMMARY: 1 error
+--- compute-sanitizer --tool racecheck
+========= COMPUTE-SANITIZER
+========= Error: Race reported between Write access at _fwd_kernel+0x1a0
+========= RACECHECK SUMMARY: 3 hazards displayed (2 errors, 1 warning)
+--- compute-sanitizer --tool synccheck
+========= COMPUTE-SANITIZER
+"""
+
+
+@pytest.mark.parametrize("log, counts, numbers", [
+    (CLEAN_LOG, dict(memcheck=dict(errors=0), racecheck=dict(errors=0, hazards=0, warnings=0),
+                     synccheck=dict(errors=0)),
+     "memcheck: 0 errors, racecheck: 0 errors, synccheck: 0 errors"),
+    (FAILED_LOG, dict(memcheck=dict(errors=1), racecheck=dict(errors=2, hazards=3, warnings=1),
+                      synccheck=dict(errors=None)),
+     "memcheck: 1 errors, racecheck: 2 errors (1 warnings), synccheck: no summary"),
+], ids=["clean", "failed"])
+def test_gpu_summary_reads_every_sanitizer_tools_summary(tmp_path, log, counts, numbers):
+    """racecheck ends with 'RACECHECK SUMMARY: H hazards displayed (N errors, W warnings)', not the others'
+    'ERROR SUMMARY: N errors': its count is read all the same, into results.json and the summary's row."""
+    assert gpu_summary.sanitizer_errors(log) == counts
+    work, out = tmp_path / "work", tmp_path / "out"
+    (work / "logs").mkdir(parents=True)
+    (work / "logs" / "sanitizer.log").write_text(log)
+    status = "passed" if log is CLEAN_LOG else "failed"
+    (work / "steps.tsv").write_text(f"sanitizer\t{0 if log is CLEAN_LOG else 1}\t42\t{status}\t60\n")
+    gpu_summary.main(["--work", str(work), "--out", str(out), "--steps", str(work / "steps.tsv")])
+    assert json.loads((out / "results.json").read_text())["sanitizer"] == counts
+    assert f"| sanitizer | {status} | 42 | 60 | {numbers} |" in (out / "summary.md").read_text()

@@ -50,6 +50,59 @@ def test_quick_records_have_the_documented_keys(quick_run):
     assert "[9/9]" in stderr
 
 
+def test_runs_pair_melt_with_looplm_at_each_depth_before_the_unfused_path(quick_run):
+    """The runs' order puts the figures that matter first (a GPU step cut by its time limit keeps them): MELT and
+    the LoopLM at T = 1, 2, 3 in turn, then the unfused path; the table still groups them by method."""
+    records, written, stdout, _ = quick_run
+    order = [("melt", 1), ("looplm", 1), ("melt", 2), ("looplm", 2), ("melt", 3), ("looplm", 3),
+             ("melt-unfused", 1), ("melt-unfused", 2), ("melt-unfused", 3)]
+    assert [(r["method"], r["loops"]) for r in records] == order
+    assert [(r["method"], r["loops"]) for r in written] == order
+    methods = ("melt", "melt-unfused", "looplm")
+    rows = [line.split() for line in stdout.splitlines()]
+    assert [(row[0], int(row[2])) for row in rows if row and row[0] in methods] == \
+        [(m, t) for m in methods for t in (1, 2, 3)]
+
+
+def stub_latency(bench, monkeypatch, cut_at=None):
+    """Replaces the measurement of a record by a stub (the real one on the first call when ``cut_at``), raising
+    RuntimeError on call ``cut_at``; returns the (method's cache kind, T) of every call."""
+    globals_, calls = bench["run"].__globals__, []
+    real = globals_["latency"]
+
+    def latency(model, kind, args, gen):
+        calls.append((kind, model.num_loops))
+        if len(calls) == cut_at:
+            raise RuntimeError("cut by the time limit")
+        if cut_at:
+            return real(model, kind, args, gen)
+        return dict(cache_bytes=1, peak_bytes=1, ms_per_token=1.0)
+
+    monkeypatch.setitem(globals_, "latency", latency)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    return calls
+
+
+def test_runs_only_the_methods_asked_for_in_that_order(bench, monkeypatch):
+    stub_latency(bench, monkeypatch)
+    with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+        records = bench["main"](["--quick", "--methods", "melt-unfused", "looplm", "--loops", "4", "1"])
+    assert [(r["method"], r["loops"]) for r in records] == \
+        [("looplm", 4), ("looplm", 1), ("melt-unfused", 4), ("melt-unfused", 1)]
+
+
+def test_json_holds_the_finished_records_when_the_run_is_cut(bench, monkeypatch, tmp_path):
+    """The JSON is rewritten after every record: a run stopped during its second keeps its first."""
+    calls = stub_latency(bench, monkeypatch, cut_at=2)
+    out = tmp_path / "cut.json"
+    with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()), pytest.raises(RuntimeError):
+        bench["main"](["--quick", "--loops", "1", "2", "--json", str(out)])
+    assert calls == [("melt", 1), ("looplm", 1)]
+    (first,) = json.loads(out.read_text())
+    assert (first["method"], first["loops"]) == ("melt", 1) and first["peak_bytes"] >= first["cache_bytes"] > 0
+    assert os.listdir(tmp_path) == ["cut.json"]  # the temporary file was renamed over it
+
+
 def test_melt_cache_is_constant_in_loop_depth_and_looplm_linear(quick_run):
     records = quick_run[0]
     size = {(r["method"], r["loops"]): r["cache_bytes"] for r in records}
