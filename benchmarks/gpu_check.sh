@@ -10,14 +10,17 @@
 #   correctness  150 s  benchmarks/gpu_correctness.py: each kernel backend against the reference, a fixed
 #                       set (decode and chunks, GQA, head_dims, gate kinds, lengths to 32k, forced splits,
 #                       stale-slot traps, 20-run determinism, gradients), in parallel worker processes
-#   bench        110 s  benchmarks/attention.py (60% of it at most) and attention_bwd.py at the headline
+#   bench        150 s  benchmarks/attention.py (60% of it at most) and attention_bwd.py at the headline
 #                       shapes, beside SDPA (flash, cuDNN), the unfused path and the copy bandwidth
 #   sanitizer     60 s  compute-sanitizer memcheck, racecheck and synccheck on benchmarks/sanitize_run.py
-#   loop-depth    40 s  benchmarks/loop_depth.py on the GPU
+#   loop-depth    90 s  benchmarks/loop_depth.py on the GPU (MELT and the LoopLM at each T first, then the
+#                       unfused path; each run's record written as it finishes)
 #   serving       40 s  benchmarks/loop_depth.py --serve: paged, continuously batched decode at a KV budget,
 #                       sequences held and tokens/s for MELT and the LoopLM at T = 1, 2, 4, 8
 #   pytest       rest   pytest -m gpu
-# Total: 480 s by default (--budget), i.e. 8 minutes from a fresh checkout; step limits scale with it.
+#   tune          60 s  only when --steps names it: benchmarks/tune_fwd.py, the Triton forward's plan against
+#                       a few others at the headline shapes
+# Total: 510 s by default (--budget), i.e. 8.5 minutes from a fresh checkout; step limits scale with it.
 #
 # OUT receives at most 8 files: summary.md (one table: step, status, seconds, key numbers), results.json
 # (every number, see benchmarks/gpu_summary.py), logs.tar.gz (every log, the ptxas report), and plots.
@@ -33,7 +36,7 @@ usage() { echo "usage: $0 OUT [--dry-run] [--quick] [--steps a,b,...] [--budget 
 [ $# -ge 1 ] || usage
 OUT_ARG=$1
 shift
-DRY=0 QUICK=0 STEPS="" BUDGET=480
+DRY=0 QUICK=0 STEPS="" BUDGET=510
 while [ $# -gt 0 ]; do
     case $1 in
         --dry-run) DRY=1 ;;
@@ -96,7 +99,7 @@ step() {
     local name=$1 limit=$2 begin=$SECONDS rc status
     shift 2
     wanted "$name" || return 0
-    limit=$((limit * BUDGET / 480))
+    limit=$((limit * BUDGET / 510))
     local left=$((BUDGET - (SECONDS - START)))
     [ "$limit" -gt "$left" ] && limit=$left
     if [ "$limit" -le 5 ]; then
@@ -174,6 +177,10 @@ remaining_pytest() {
     "$PY" -m pytest -q -rs -m gpu -x -p no:cacheprovider tests
 }
 
+tune() {
+    "$PY" benchmarks/tune_fwd.py $MODE_FLAGS --out "$WORK/tune_fwd.json"
+}
+
 correctness() {
     "$PY" benchmarks/gpu_correctness.py $MODE_FLAGS --out "$WORK/correctness.json"
 }
@@ -193,15 +200,17 @@ bench() {
 
 MODE_FLAGS="${MODE[*]}"
 export DRY PY LOGS WORK MODE_FLAGS
-export -f build correctness bench sanitize loop_depth serving remaining_pytest
+export -f build correctness bench sanitize loop_depth serving remaining_pytest tune
 
 step build 120 build
 step correctness 150 correctness
-step bench 110 bench
+step bench 150 bench
 step sanitizer 60 sanitize
-step loop-depth 40 loop_depth
+step loop-depth 90 loop_depth
 step serving 40 serving
-step pytest 480 remaining_pytest
+# Tuning is a question asked once in a while, not a check: only when named.
+[[ ",$STEPS," == *",tune,"* ]] && step tune 60 tune
+step pytest 510 remaining_pytest
 
 # The summary runs whatever happened above (outside the budget: a few seconds).
 "$PY" benchmarks/gpu_summary.py --work "$WORK" --out "$OUT" --steps "$STEP_LINES" --budget "$BUDGET" "${MODE[@]}"
