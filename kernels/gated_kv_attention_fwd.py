@@ -1,10 +1,9 @@
 """Forward of the fused gated KV-cache update + attention (SPEC §2.1-2.2) in Triton.
 
-Decode: one launch blends the active tokens' fresh keys/values into the
-caches in place and attends over the updated caches.  Chunk (several row
-blocks): a small blend launch first, then the attention launch.  When the
-keys are cut into several splits (flash-decoding) or the rows into several
-row blocks, a last small launch merges the partial results by their
+One launch blends the active tokens' fresh keys/values into the caches in
+place and attends over the updated caches; when the keys are cut into
+several splits (flash-decoding) or the active tokens' rows into several row
+blocks, a second small launch merges the partial results by their
 log-sum-exp.
 
 Work decomposition.  The rows of a kv head h of row b are the M * G pairs
@@ -14,24 +13,22 @@ each K/V tile it loads feeds all of them.  Rows are cut into NR row blocks
 of BLOCK_R; the settled prefix [0, L_b) into P splits of SPLIT_LEN keys.
 The active slots [L_b, L_b + M) are not part of any split.
 
-Ownership rule (what makes the update race-free by construction).  Each
-active slot [L_b, L_b + M) has exactly one writer, which reads the slot's
-old value (only when a gate needs it) before it overwrites it, and no
-program reads an active slot while it may still be written:
+Ownership rule (what makes the update race-free by construction).  For
+every (b, h) exactly one program, the *owner*, touches the active slots
+[L_b, L_b + M): it reads their old values (only when a gate needs them),
+blends, stores the rounded result, waits at a CTA barrier, and is then the
+only program that reads those slots back for attention.  Every other
+program of the launch reads positions < L_b only, which nothing in the
+launch writes.  So each active slot has one writer, no program reads a slot
+another program may have overwritten, and the old value is read by the very
+program that overwrites it, before it does.  The owner is:
 
-* NR == 1 (decode, small M * G): in the one launch, the program of split 0
-  is the *owner*: it blends, stores the rounded result, waits at a CTA
-  barrier, and is then the only program that reads those slots back, over
-  its prefix split and then the active slots.  Every other program reads
-  positions < L_b only, which nothing in the launch writes.
-* NR > 1 (chunk): the blend launch writes the slots, one program per
-  BLOCK_N of them; the attention launch after it (stream order) only reads.
-  Its items per (b, h) are one *active item* per row block, over the
-  active keys (the last row block, the longest causal range, launched
-  first), then the prefix splits of every row block; the merge adds the
-  two.  One program serving the active part of every row block in turn
-  (the single-launch design) left the chunk's causal triangle to B * Hkv
-  programs: on an H100 at L = 0, B = 4, 16 heads, 4.6x SDPA-flash's time.
+* NR == 1 (decode, small M * G): the program of split 0; it serves all rows,
+  so it attends over its prefix split and then over the active slots.
+* NR > 1 (chunk): one extra program per (b, h), item 0 of the (b, h) group
+  (launched first, as it does the longest single task), that serves the
+  active part of all NR row blocks in turn; the prefix programs of each row
+  block leave the active keys to it and the merge adds the two.
 
 Every access is masked: head_dim is padded to a power of two, rows past
 M * G, keys past the range, and the row lengths are clamped to [0, S - M] in
@@ -185,38 +182,6 @@ def _attend(acc, b_m, b_l, b_q, KC, VC, BT, s_kb, s_kn, s_vb, s_vn, lo, hi, b_la
 
 
 @triton.jit
-def gated_kv_blend_kernel(
-    K, V, KC, VC, SEQLENS, BT, GK, GV,
-    s_kb, s_km, s_kh, s_vb, s_vm, s_vh, s_kcb, s_kcn, s_kch, s_vcb, s_vcn, s_vch, s_btb,
-    s_gkb, s_gkm, s_gkh, s_gkd, s_gvb, s_gvm, s_gvh, s_gvd,
-    gk_alpha, gk_beta, gv_alpha, gv_beta, M, S, HKV, NTILES, PAGE, NB,
-    D: tl.constexpr, GATE_K: tl.constexpr, GATE_V: tl.constexpr, PAGED: tl.constexpr, FIX_BF16: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """The chunk's blend launch: active slots [L_b + n * BLOCK_N, ... + BLOCK_N) of (b, h) per program, grid
-    (B * Hkv * NTILES,); the attention launch that follows reads them (module docstring)."""
-    i_bh, i_n = tl.program_id(0) // NTILES, tl.program_id(0) % NTILES
-    i_b64, i_h64 = (i_bh // HKV).to(tl.int64), (i_bh % HKV).to(tl.int64)
-    # The same clamp as the attention launch's, so both see the same slots.
-    L = tl.minimum(tl.maximum(tl.load(SEQLENS + i_b64), 0), tl.maximum(S - M, 0))
-    i_0 = i_n * BLOCK_N
-    i_064 = i_0.to(tl.int64)
-    KC = KC + i_h64 * s_kch
-    VC = VC + i_h64 * s_vch
-    BT = BT + i_b64 * s_btb
-    if not PAGED:
-        KC = KC + i_b64 * s_kcb
-        VC = VC + i_b64 * s_vcb
-    n = tl.minimum(M - i_0, BLOCK_N)
-    _blend_active(KC, K + i_b64 * s_kb + i_h64 * s_kh + i_064 * s_km,
-                  GK + i_b64 * s_gkb + i_h64 * s_gkh + i_064 * s_gkm, BT, gk_alpha, gk_beta, s_kcb, s_kcn, s_km,
-                  s_gkm, s_gkd, L + i_0, n, S, PAGE, NB, GATE_K, PAGED, D, BLOCK_N, BLOCK_D, FIX_BF16)
-    _blend_active(VC, V + i_b64 * s_vb + i_h64 * s_vh + i_064 * s_vm,
-                  GV + i_b64 * s_gvb + i_h64 * s_gvh + i_064 * s_gvm, BT, gv_alpha, gv_beta, s_vcb, s_vcn, s_vm,
-                  s_gvm, s_gvd, L + i_0, n, S, PAGE, NB, GATE_V, PAGED, D, BLOCK_N, BLOCK_D, FIX_BF16)
-
-
-@triton.jit
 def gated_kv_attention_fwd_kernel(
     Q, K, V, KC, VC, SEQLENS, BT, GK, GV, O, LSE, O_PART, LSE_PART,
     s_qb, s_qm, s_qh, s_kb, s_km, s_kh, s_vb, s_vm, s_vh,
@@ -229,13 +194,12 @@ def gated_kv_attention_fwd_kernel(
     SEPARATE_OWNER: tl.constexpr, DIRECT: tl.constexpr, PAGED: tl.constexpr, PRECISION: tl.constexpr,
     FIX_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One program per work item t of a (b, h): grid (B * Hkv * NT,), NT = P (NR == 1) or NR * (1 + P).
+    """One program per work item t of a (b, h): grid (B * Hkv * NT,), NT = SEPARATE_OWNER + NR * P.
 
-    NR == 1: item t is prefix split t, and item 0 owns the active slots (module docstring).  SEPARATE_OWNER
-    (NR > 1, after the blend launch): item t < NR attends row block NR - 1 - t over the active keys; item
-    t >= NR is prefix split s = w // NR of row block w % NR (w = t - NR).  Each row has NS = P +
-    SEPARATE_OWNER partial slots (normalised output and lse): slot 0 holds the active keys (and, with
-    NR == 1, split 0), slot SEPARATE_OWNER + s split s.  DIRECT (NS == 1): the final out/lse.
+    Item t >= SEPARATE_OWNER is prefix split s = w // NR of row block w % NR (w = t - SEPARATE_OWNER);
+    item 0 with SEPARATE_OWNER is the owner of the active slots (module docstring).  Each row has
+    NS = P + SEPARATE_OWNER partial slots (normalised output and lse): slot 0 holds the active keys
+    (and, with NR == 1, split 0), slot SEPARATE_OWNER + s split s.  DIRECT (NS == 1): the final out/lse.
     """
     i_bh, i_t = tl.program_id(0) // NT, tl.program_id(0) % NT
     i_b, i_h = i_bh // HKV, i_bh % HKV
@@ -249,19 +213,21 @@ def gated_kv_attention_fwd_kernel(
     # The last prefix split reaches the row's true L_b, however short the bound the plan was sized by (a
     # max_seqlen_k hint that was too small costs time, never keys).
     if SEPARATE_OWNER:
-        attends_active = i_t < NR
-        i_w = tl.maximum(i_t - NR, 0)
+        is_owner = i_t == 0
+        i_w = tl.maximum(i_t - 1, 0)
         i_s = i_w // NR
-        i_slot = tl.where(attends_active, 0, 1 + i_s)
-        # An active item's prefix range is empty.
-        i_r = tl.where(attends_active, NR - 1 - i_t, i_w % NR)
-        p_lo = tl.where(attends_active, 0, i_s * SPLIT_LEN)
-        p_hi = tl.where(attends_active, 0, tl.where(i_s == NS - 2, L, tl.minimum(p_lo + SPLIT_LEN, L)))
+        i_slot = tl.where(is_owner, 0, 1 + i_s)
+        # The owner serves every row block over the active keys only: its prefix range is empty.
+        r_lo = tl.where(is_owner, 0, i_w % NR)
+        r_hi = tl.where(is_owner, NR, r_lo + 1)
+        p_lo = tl.where(is_owner, 0, i_s * SPLIT_LEN)
+        p_hi = tl.where(is_owner, 0, tl.where(i_s == NS - 2, L, tl.minimum(p_lo + SPLIT_LEN, L)))
     else:
         # NR == 1: item t is prefix split t, and split 0 owns the active slots.
-        attends_active = i_t == 0
+        is_owner = i_t == 0
         i_slot = i_t
-        i_r = 0
+        r_lo = 0
+        r_hi = 1
         p_lo = i_t * SPLIT_LEN
         p_hi = tl.where(i_t == NT - 1, L, tl.minimum(p_lo + SPLIT_LEN, L))
 
@@ -272,52 +238,52 @@ def gated_kv_attention_fwd_kernel(
     if not PAGED:
         KC = KC + i_b64 * s_kcb
         VC = VC + i_b64 * s_vcb
-    if not SEPARATE_OWNER:
-        if attends_active:
-            _blend_active(KC, K + i_b64 * s_kb + i_h64 * s_kh, GK + i_b64 * s_gkb + i_h64 * s_gkh, BT, gk_alpha,
-                          gk_beta, s_kcb, s_kcn, s_km, s_gkm, s_gkd, L, M, S, PAGE, NB, GATE_K, PAGED, D, BLOCK_N,
-                          BLOCK_D, FIX_BF16)
-            _blend_active(VC, V + i_b64 * s_vb + i_h64 * s_vh, GV + i_b64 * s_gvb + i_h64 * s_gvh, BT, gv_alpha,
-                          gv_beta, s_vcb, s_vcn, s_vm, s_gvm, s_gvd, L, M, S, PAGE, NB, GATE_V, PAGED, D, BLOCK_N,
-                          BLOCK_D, FIX_BF16)
-        # The owner's stores must be visible to all its threads before it reads the slots back.
-        tl.debug_barrier()
+    if is_owner:
+        _blend_active(KC, K + i_b64 * s_kb + i_h64 * s_kh, GK + i_b64 * s_gkb + i_h64 * s_gkh, BT, gk_alpha,
+                      gk_beta, s_kcb, s_kcn, s_km, s_gkm, s_gkd, L, M, S, PAGE, NB, GATE_K, PAGED, D, BLOCK_N,
+                      BLOCK_D, FIX_BF16)
+        _blend_active(VC, V + i_b64 * s_vb + i_h64 * s_vh, GV + i_b64 * s_gvb + i_h64 * s_gvh, BT, gv_alpha,
+                      gv_beta, s_vcb, s_vcn, s_vm, s_gvm, s_gvd, L, M, S, PAGE, NB, GATE_V, PAGED, D, BLOCK_N,
+                      BLOCK_D, FIX_BF16)
+    # The owner's stores must be visible to all its threads before it reads the slots back.
+    tl.debug_barrier()
 
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
-    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    m_r = o_r < R
-    o_i, o_g = o_r // G, o_r % G
-    m_rd = m_r[:, None] & m_d[None, :]
-    # [BR, BD]
-    b_q = tl.load(Q + i_b64 * s_qb + (i_h64 * G + o_g)[:, None] * s_qh + o_i.to(tl.int64)[:, None] * s_qm
-                  + o_d[None, :], mask=m_rd, other=0.)
-    # Causal: the last key each row sees (rows past R see every key and are never stored).
-    b_last = L + o_i
-    b_m = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    b_l = tl.zeros([BLOCK_R], tl.float32)
-    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-    acc, b_m, b_l = _attend(acc, b_m, b_l, b_q, KC, VC, BT, s_kcb, s_kcn, s_vcb, s_vcn, p_lo, p_hi, b_last,
-                            qk_scale, PAGE, NB, False, PAGED, D, BLOCK_N, BLOCK_D, PRECISION, FIX_BF16)
-    if attends_active:
-        # Causal rows of this block see no active key past their last token.
-        t_hi = a_hi
-        if CAUSAL:
-            t_hi = tl.minimum(a_hi, L + (tl.minimum((i_r + 1) * BLOCK_R, R) - 1) // G + 1)
-        acc, b_m, b_l = _attend(acc, b_m, b_l, b_q, KC, VC, BT, s_kcb, s_kcn, s_vcb, s_vcn, L, t_hi, b_last,
-                                qk_scale, PAGE, NB, CAUSAL, PAGED, D, BLOCK_N, BLOCK_D, PRECISION, FIX_BF16)
-    # An empty prefix split (l = 0) leaves out = 0 and lse = -inf, which the merge weighs by 0.
-    b_l_safe = tl.where(b_l > 0, b_l, 1.)
-    b_out = acc / b_l_safe[:, None]
-    b_lse = tl.where(b_l > 0, (b_m + tl.log2(b_l_safe)) * LN2, float("-inf"))
-    if DIRECT:
-        p_o = O + i_b64 * s_ob + o_i.to(tl.int64)[:, None] * s_om + (i_h64 * G + o_g)[:, None] * s_oh
-        tl.store(p_o + o_d[None, :], _round(b_out, O.dtype.element_ty, FIX_BF16), mask=m_rd)
-        tl.store(LSE + i_b64 * s_lb + (i_h64 * G + o_g) * s_lh + o_i, b_lse, mask=m_r)
-    else:
-        p_part = (i_bh.to(tl.int64) * NS + i_slot) * R + o_r
-        tl.store(O_PART + p_part[:, None] * D + o_d[None, :], b_out, mask=m_rd)
-        tl.store(LSE_PART + p_part, b_lse, mask=m_r)
+    for i_r in range(r_lo, r_hi):
+        o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        m_r = o_r < R
+        o_i, o_g = o_r // G, o_r % G
+        m_rd = m_r[:, None] & m_d[None, :]
+        # [BR, BD]
+        b_q = tl.load(Q + i_b64 * s_qb + (i_h64 * G + o_g)[:, None] * s_qh + o_i.to(tl.int64)[:, None] * s_qm
+                      + o_d[None, :], mask=m_rd, other=0.)
+        # Causal: the last key each row sees (rows past R see every key and are never stored).
+        b_last = L + o_i
+        b_m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        b_l = tl.zeros([BLOCK_R], tl.float32)
+        acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+        acc, b_m, b_l = _attend(acc, b_m, b_l, b_q, KC, VC, BT, s_kcb, s_kcn, s_vcb, s_vcn, p_lo, p_hi, b_last,
+                                qk_scale, PAGE, NB, False, PAGED, D, BLOCK_N, BLOCK_D, PRECISION, FIX_BF16)
+        if is_owner:
+            # Causal rows of this block see no active key past their last token.
+            t_hi = a_hi
+            if CAUSAL:
+                t_hi = tl.minimum(a_hi, L + (tl.minimum((i_r + 1) * BLOCK_R, R) - 1) // G + 1)
+            acc, b_m, b_l = _attend(acc, b_m, b_l, b_q, KC, VC, BT, s_kcb, s_kcn, s_vcb, s_vcn, L, t_hi, b_last,
+                                    qk_scale, PAGE, NB, CAUSAL, PAGED, D, BLOCK_N, BLOCK_D, PRECISION, FIX_BF16)
+        # An empty prefix split (l = 0) leaves out = 0 and lse = -inf, which the merge weighs by 0.
+        b_l_safe = tl.where(b_l > 0, b_l, 1.)
+        b_out = acc / b_l_safe[:, None]
+        b_lse = tl.where(b_l > 0, (b_m + tl.log2(b_l_safe)) * LN2, float("-inf"))
+        if DIRECT:
+            p_o = O + i_b64 * s_ob + o_i.to(tl.int64)[:, None] * s_om + (i_h64 * G + o_g)[:, None] * s_oh
+            tl.store(p_o + o_d[None, :], _round(b_out, O.dtype.element_ty, FIX_BF16), mask=m_rd)
+            tl.store(LSE + i_b64 * s_lb + (i_h64 * G + o_g) * s_lh + o_i, b_lse, mask=m_r)
+        else:
+            p_part = (i_bh.to(tl.int64) * NS + i_slot) * R + o_r
+            tl.store(O_PART + p_part[:, None] * D + o_d[None, :], b_out, mask=m_rd)
+            tl.store(LSE_PART + p_part, b_lse, mask=m_r)
 
 
 @triton.jit
@@ -376,8 +342,8 @@ class LaunchPlan:
 
     @property
     def items(self) -> int:
-        """NT: programs per (b, kv head) of the attention launch."""
-        return self.row_blocks * (int(self.separate_owner) + self.splits)
+        """NT: programs per (b, kv head)."""
+        return int(self.separate_owner) + self.row_blocks * self.splits
 
     @property
     def slots(self) -> int:
@@ -465,18 +431,9 @@ def _gate_args(gate, like: torch.Tensor, kv_shape: tuple):
     return GATE_TENSOR, gate, strides, 0., 0.
 
 
-def blend_tiles(seqlen_q: int, plan: LaunchPlan) -> int:
-    """Programs per (b, kv head) of the blend launch (chunks only)."""
-    return triton.cdiv(seqlen_q, plan.block_n)
-
-
-def fwd_grids(batch: int, heads_kv: int, seqlen_q: int, rows: int, plan: LaunchPlan) -> dict:
-    """The grid of each launch of a call, in launch order: the blend (chunks), the attention kernel, and the
-    merge unless the plan is direct."""
-    grids = {}
-    if plan.separate_owner:
-        grids["gated_kv_blend_kernel"] = (batch * heads_kv * blend_tiles(seqlen_q, plan),)
-    grids["gated_kv_attention_fwd_kernel"] = (batch * heads_kv * plan.items,)
+def fwd_grids(batch: int, heads_kv: int, rows: int, plan: LaunchPlan) -> dict:
+    """The grid of each launch of a call: the main kernel, and the merge unless the plan is direct."""
+    grids = {"gated_kv_attention_fwd_kernel": (batch * heads_kv * plan.items,)}
     if not plan.direct:
         grids["gated_kv_attention_merge_kernel"] = (batch * heads_kv * rows,)
     return grids
@@ -512,7 +469,7 @@ def gated_kv_attention_fwd(q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_
                  aligned=aligned(q, k, v, k_cache, v_cache))
     rows = seqlen_q * groups
     direct, slots = plan.direct, plan.slots
-    grids = fwd_grids(batch, heads_kv, seqlen_q, rows, plan)
+    grids = fwd_grids(batch, heads_kv, rows, plan)
     check_grids(grids)
     if q.dtype == torch.float32:
         precision = input_precision or "ieee"
@@ -535,18 +492,6 @@ def gated_kv_attention_fwd(q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_
         _gate_args(gate_v, v, kv_shape)
 
     with device_guard(device):
-        if plan.separate_owner:
-            gated_kv_blend_kernel[grids["gated_kv_blend_kernel"]](
-                k, v, k_cache, v_cache, cache_seqlens, block_table if paged else cache_seqlens, gk, gv,
-                *k.stride()[:3], *v.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
-                block_table.stride(0) if paged else 0,
-                *s_gk, *s_gv, gk_alpha, gk_beta, gv_alpha, gv_beta,
-                seqlen_q, cache_len, heads_kv, blend_tiles(seqlen_q, plan), page_size, k_cache.shape[0],
-                D=head_dim, GATE_K=gk_kind, GATE_V=gv_kind, PAGED=paged, FIX_BF16=fix_bf16,
-                BLOCK_N=plan.block_n, BLOCK_D=plan.block_d, num_warps=4,
-                # alpha*old and (1-alpha)*fresh rounded separately, as PyTorch does: no FMA contraction.
-                enable_fp_fusion=False,
-            )
         gated_kv_attention_fwd_kernel[grids["gated_kv_attention_fwd_kernel"]](
             q, k, v, k_cache, v_cache, cache_seqlens, block_table if paged else cache_seqlens, gk, gv, out, lse,
             o_part, lse_part,

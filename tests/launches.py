@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 
 KERNELS = {
-    "melt_kernels.kernels.gated_kv_attention_fwd": ("gated_kv_blend_kernel", "gated_kv_attention_fwd_kernel",
+    "melt_kernels.kernels.gated_kv_attention_fwd": ("gated_kv_attention_fwd_kernel",
                                                      "gated_kv_attention_merge_kernel"),
     "melt_kernels.kernels.gated_kv_attention_bwd": ("_bwd_preprocess_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"),
 }

@@ -115,8 +115,6 @@ kernels = {
     "fwd": (f.gated_kv_attention_fwd_kernel, dict(G=4, D=128, GATE_K=f.GATE_TENSOR, GATE_V=f.GATE_TENSOR,
             CAUSAL=True, SEPARATE_OWNER=True, DIRECT=False, PAGED=False, PRECISION=None, FIX_BF16=False, BLOCK_R=64,
             BLOCK_N=64, BLOCK_D=128), dict(num_warps=8, enable_fp_fusion=False)),
-    "blend": (f.gated_kv_blend_kernel, dict(D=128, GATE_K=f.GATE_TENSOR, GATE_V=f.GATE_TENSOR, PAGED=False,
-              FIX_BF16=False, BLOCK_N=64, BLOCK_D=128), dict(enable_fp_fusion=False)),
     "merge": (f.gated_kv_attention_merge_kernel, dict(G=4, D=128, BLOCK_T=16, BLOCK_D=128, FIX_BF16=False), {}),
     "preprocess": (b._bwd_preprocess_kernel, dict(D=128, BD=128, BM=32, HAS_DLSE=True, WIDE=False), {}),
     "dkdv": (b._bwd_dkdv_kernel, dict(common, BM=32, BN=64, PREFIX_DK=True, PREFIX_DV=True), dict(num_warps=8)),
@@ -139,7 +137,7 @@ def test_no_32_bit_stride_products_compiled():
                           text=True, timeout=600, cwd=os.path.dirname(__file__))
     assert done.returncode == 0, done.stderr[-4000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])
-    assert set(found) == {"fwd", "blend", "merge", "preprocess", "dkdv", "dq"}
+    assert set(found) == {"fwd", "merge", "preprocess", "dkdv", "dq"}
     # The IR names the arguments (%stride_kch); without that this test would see nothing.
     assert all(f["uses"] > 0 for f in found.values()), f"no stride argument found in the IR: {found}"
     assert not any(f["i32"] for f in found.values()), f"32-bit index * stride products: {found}"

@@ -212,7 +212,7 @@ def test_plan_fills_a_large_gpu():
     assert plan_launch(1, 1, 16, 16, 256, 0, 132).splits == 1
 
 
-# Compiles the three kernels for sm_90 with this machine's Triton, no GPU needed: the interpreter runs Python, so
+# Compiles both kernels for sm_90 with this machine's Triton, no GPU needed: the interpreter runs Python, so
 # only a real compile catches what the compiler rejects (globals, types, shapes) or what it lowers badly.
 _COMPILE_SM90 = r"""
 from sm90 import compile_sm90
@@ -229,10 +229,6 @@ for dtype, elem, (batch, seqlen_q, heads_q, heads_kv, head_dim), paged in [
         SEPARATE_OWNER=plan.separate_owner, DIRECT=plan.direct, PAGED=paged, PRECISION="ieee" if elem == 4 else None,
         FIX_BF16=False, BLOCK_R=plan.block_r, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d),
         num_warps=plan.num_warps, num_stages=plan.num_stages, enable_fp_fusion=False)
-    if plan.separate_owner:
-        compile_sm90(m.gated_kv_blend_kernel, dtype, dict(
-            D=head_dim, GATE_K=m.GATE_TENSOR, GATE_V=m.GATE_SCALAR, PAGED=paged, FIX_BF16=False,
-            BLOCK_N=plan.block_n, BLOCK_D=plan.block_d), num_warps=4, enable_fp_fusion=False)
     compile_sm90(m.gated_kv_attention_merge_kernel, dtype, dict(
         G=groups, D=head_dim, BLOCK_T=16, BLOCK_D=plan.block_d, FIX_BF16=False), num_warps=4,
         enable_fp_fusion=True)
