@@ -21,6 +21,13 @@ from melt_kernels.reference import gated_kv_attention_ref_bwd, gated_kv_attentio
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
+# "auto"'s order, fastest first, as the GPU pass measured it (H100, Triton 3.6, 2026-12-06,
+# benchmarks/results/gpu-2026-12-06): the Triton forward took 0.71-0.85x the CUDA one's time at all 7 decode
+# shapes (1k-128k keys, batch 1 and 64) and 0.67-0.73x at 500-token chunks after a prefix; the CUDA one was
+# faster only at a chunk with no prefix (0.59x Triton's).  Both passed every correctness check; the backward
+# is Triton's for both.
+KERNEL_BACKENDS = ("triton", "cuda")
+
 
 @dataclass(frozen=True)
 class Backend:
@@ -114,7 +121,7 @@ def _machine_reason(name: str) -> Optional[str]:
 
 def available_backends() -> list[str]:
     """The backends that can run on this machine, fastest first, "reference" last."""
-    return [name for name in ("cuda", "triton") if _usable(name) is None] + ["reference"]
+    return [name for name in KERNEL_BACKENDS if _usable(name) is None] + ["reference"]
 
 
 def _why_not(name: str, problem: Problem) -> Optional[str]:
@@ -144,7 +151,7 @@ def select_backend(name: str, problem: Problem) -> Backend:
         return _load(name)
     if problem.q.device.type == "cpu" and not triton_interpreted():
         return REFERENCE
-    for candidate in ("cuda", "triton"):
+    for candidate in KERNEL_BACKENDS:
         if _why_not(candidate, problem) is None:
             return _load(candidate)
     return REFERENCE
@@ -152,4 +159,4 @@ def select_backend(name: str, problem: Problem) -> Backend:
 
 def explain_backend(problem: Problem) -> dict[str, Optional[str]]:
     """For each kernel backend, why it would not run ``problem`` (None: it would)."""
-    return {name: _why_not(name, problem) for name in ("cuda", "triton")}
+    return {name: _why_not(name, problem) for name in KERNEL_BACKENDS}

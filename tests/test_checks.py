@@ -131,6 +131,25 @@ def test_unavailable_backends_raise_clearly():
                                            else t for n, t in a.items()}, backend="triton")
 
 
+def test_auto_takes_the_backends_in_the_measured_order(monkeypatch):
+    """Where both kernel backends could run a problem, "auto" takes the one the GPU pass measured faster
+    (Triton), and falls to the other only when the first cannot run it."""
+    loaded = {name: backends.Backend(name, None, None) for name in backends.KERNEL_BACKENDS}
+    refusals = {}
+    monkeypatch.setattr(backends, "_usable", lambda name: None)
+    monkeypatch.setattr(backends, "_why_not", lambda name, problem: refusals.get(name))
+    monkeypatch.setattr(backends, "_load", loaded.__getitem__)
+    monkeypatch.setattr(backends, "triton_interpreted", lambda: True)
+    assert backends.KERNEL_BACKENDS == ("triton", "cuda")
+    assert melt_kernels.available_backends() == ["triton", "cuda", "reference"]
+    problem = check_inputs(**_base())
+    assert select_backend("auto", problem).name == "triton"
+    refusals["triton"] = "no"
+    assert select_backend("auto", problem).name == "cuda"
+    refusals["cuda"] = "no"
+    assert select_backend("auto", problem).name == "reference"
+
+
 def test_auto_picks_reference_on_cpu_unless_interpreted():
     available = melt_kernels.available_backends()
     assert available[-1] == "reference"

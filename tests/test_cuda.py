@@ -367,11 +367,15 @@ def test_gpu_bad_lengths_stay_in_bounds():
 @needs_extension
 def test_gpu_dispatch():
     supported = problem(device="cuda", head_dim=128)
-    assert backends.select_backend("auto", supported).name == "cuda"
+    # "auto" takes Triton first on a GPU (backends.KERNEL_BACKENDS, the GPU pass's order); CUDA runs by name.
+    assert backends.select_backend("auto", supported).name == "triton"
+    assert backends.select_backend("cuda", supported).name == "cuda"
     for p, words in ((problem(device="cuda", head_dim=32), "head_dim"),
                      (problem(device="cuda", dtype=torch.float32), "float32")):
         assert words in backends.explain_backend(p)["cuda"]
         assert backends.select_backend("auto", p).name == "triton"
+        with pytest.raises(RuntimeError, match=words):
+            backends.select_backend("cuda", p)
 
 
 @pytest.mark.gpu
