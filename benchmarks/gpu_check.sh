@@ -18,8 +18,9 @@
 #   serving       40 s  benchmarks/loop_depth.py --serve: paged, continuously batched decode at a KV budget,
 #                       sequences held and tokens/s for MELT and the LoopLM at T = 1, 2, 4, 8
 #   pytest       rest   pytest -m gpu
-#   tune          60 s  only when --steps names it: benchmarks/tune_fwd.py, the Triton forward's plan against
-#                       a few others at the headline shapes
+#   tune          60 s  only when --steps names it (and in the dry run, so that CI runs its code):
+#                       benchmarks/tune_fwd.py, the Triton forward's plan against a few others at the
+#                       headline shapes
 # Total: 510 s by default (--budget), i.e. 8.5 minutes from a fresh checkout; step limits scale with it.
 #
 # OUT receives at most 8 files: summary.md (one table: step, status, seconds, key numbers), results.json
@@ -208,8 +209,10 @@ step bench 150 bench
 step sanitizer 60 sanitize
 step loop-depth 90 loop_depth
 step serving 40 serving
-# Tuning is a question asked once in a while, not a check: only when named.
-[[ ",$STEPS," == *",tune,"* ]] && step tune 60 tune
+# Tuning is a question asked once in a while, not a check: on a GPU only when named.
+if [[ ",$STEPS," == *",tune,"* ]] || { [ $DRY -eq 1 ] && wanted tune; }; then
+    step tune 60 tune
+fi
 step pytest 510 remaining_pytest
 
 # The summary runs whatever happened above (outside the budget: a few seconds).
