@@ -147,7 +147,10 @@ def key_numbers(name: str, results: dict) -> str:
         for r in results.get("tune") or []:
             if r.get("us") and (r["label"] not in best or r["us"] < best[r["label"]]["us"]):
                 best[r["label"]] = r
-        return "; ".join(f"{label}: best {r['config']} {r['x_default']:.2f}x default" for label, r in best.items())
+        # x_default is None where the default plan itself failed: then the best plan's time is all there is.
+        return "; ".join(f"{label}: best {r['config']} " + (f"{r['x_default']:.2f}x default" if r["x_default"]
+                                                          else f"{r['us']:.1f} us, the default failed")
+                         for label, r in best.items())
     if name == "pytest":
         return ", ".join(f"{v} {k}" for k, v in (results.get("pytest") or {}).items())
     return ""

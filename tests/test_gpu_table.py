@@ -80,3 +80,14 @@ def test_gpu_summary_reads_every_sanitizer_tools_summary(tmp_path, log, counts, 
     gpu_summary.main(["--work", str(work), "--out", str(out), "--steps", str(work / "steps.tsv")])
     assert json.loads((out / "results.json").read_text())["sanitizer"] == counts
     assert f"| sanitizer | {status} | 42 | 60 | {numbers} |" in (out / "summary.md").read_text()
+
+
+def test_tune_key_numbers_name_each_shapes_best_plan():
+    rows = [dict(label="chunk", config="default", us=100.0, x_default=1.0),
+            dict(label="chunk", config={"block_n": 128}, us=80.0, x_default=0.8),
+            dict(label="chunk", config={"num_warps": 4}, us=None, x_default=None),
+            dict(label="decode", config="default", us=None, x_default=None),
+            dict(label="decode", config={"split_len": 512}, us=30.0, x_default=None)]
+    text = gpu_summary.key_numbers("tune", dict(tune=rows))
+    assert text == ("chunk: best {'block_n': 128} 0.80x default; "
+                    "decode: best {'split_len': 512} 30.0 us, the default failed")
