@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -139,16 +140,26 @@ class Inputs:
                 attend(t)
         return run
 
-    def max_diff(self, backend: str) -> float:
-        """Max |fused - unfused| on the first set, from the same caches (its active slots restored after each)."""
+    def active_slots_restorer(self) -> Callable[[], None]:
+        """A function that puts the first set's active slots back as they are now (every call of the op, and
+        the unfused path, blends into them)."""
         t, s = self.sets[0], self.shape
         active = slice(s.cache_len, s.cache_len + s.seqlen_q)
         saved = t["k_cache"][:, active].clone(), t["v_cache"][:, active].clone()
+
+        def restore():
+            t["k_cache"][:, active], t["v_cache"][:, active] = saved
+        return restore
+
+    def max_diff(self, backend: str) -> float:
+        """Max |fused - unfused| on the first set, from the same caches (its active slots restored after each)."""
+        t = self.sets[0]
+        restore = self.active_slots_restorer()
         fused = melt_kernels.gated_kv_attention(t["q"], t["k"], t["v"], t["k_cache"], t["v_cache"], self.lengths,
                                                 t["gate"], backend=backend)
-        t["k_cache"][:, active], t["v_cache"][:, active] = saved
+        restore()
         unfused = self.unfused(t).transpose(1, 2)
-        t["k_cache"][:, active], t["v_cache"][:, active] = saved
+        restore()
         return (fused.float() - unfused.float()).abs().max().item()
 
 

@@ -37,7 +37,9 @@ usage() { echo "usage: $0 OUT [--dry-run] [--quick] [--steps a,b,...] [--budget 
 [ $# -ge 1 ] || usage
 OUT_ARG=$1
 shift
-DRY=0 QUICK=0 STEPS="" BUDGET=510
+# The budget the step limits below are sized for; --budget scales them.
+DEFAULT_BUDGET=510
+DRY=0 QUICK=0 STEPS="" BUDGET=$DEFAULT_BUDGET
 while [ $# -gt 0 ]; do
     case $1 in
         --dry-run) DRY=1 ;;
@@ -100,7 +102,7 @@ step() {
     local name=$1 limit=$2 begin=$SECONDS rc status
     shift 2
     wanted "$name" || return 0
-    limit=$((limit * BUDGET / 510))
+    limit=$((limit * BUDGET / DEFAULT_BUDGET))
     local left=$((BUDGET - (SECONDS - START)))
     [ "$limit" -gt "$left" ] && limit=$left
     if [ "$limit" -le 5 ]; then
@@ -213,7 +215,7 @@ step serving 40 serving
 if [[ ",$STEPS," == *",tune,"* ]] || { [ $DRY -eq 1 ] && wanted tune; }; then
     step tune 60 tune
 fi
-step pytest 510 remaining_pytest
+step pytest "$DEFAULT_BUDGET" remaining_pytest
 
 # The summary runs whatever happened above (outside the budget: a few seconds).
 "$PY" benchmarks/gpu_summary.py --work "$WORK" --out "$OUT" --steps "$STEP_LINES" --budget "$BUDGET" "${MODE[@]}"

@@ -48,27 +48,25 @@ def launcher(inputs: Inputs, overrides: dict | None):
 
 def run_shape(s: Shape, configs: list, dtype, device, cuda: bool) -> list[dict]:
     inputs = Inputs(s, dtype, device, copies=1)
-    t = inputs.sets[0]
-    active = slice(s.cache_len, s.cache_len + s.seqlen_q)
-    saved = t["k_cache"][:, active].clone(), t["v_cache"][:, active].clone()
+    restore = inputs.active_slots_restorer()
 
     def output(overrides):
         out = launcher(inputs, overrides)()
-        t["k_cache"][:, active], t["v_cache"][:, active] = saved
+        restore()
         return out.float()
 
     want = output(None)
-    scale = want.abs().max().item() or 1.0
+    magnitude = want.abs().max().item() or 1.0
     rows = []
     for overrides in configs:
         try:
-            diff = (output(overrides) - want).abs().max().item() / scale
+            diff = (output(overrides) - want).abs().max().item() / magnitude
         except Exception as e:  # a plan the compiler rejects (shared memory, registers) is a result here
             diff, why = None, f"{type(e).__name__}: {e}"[:200]
         else:
             ms, why = timed(launcher(inputs, overrides), cuda, graph_median)
             # The timed runs blended the active slots again and again: back to the inputs' for the next plan.
-            t["k_cache"][:, active], t["v_cache"][:, active] = saved
+            restore()
         us = None if why else 1e3 * ms
         rows.append(dict(label=s.label, kind=s.kind, config=overrides or "default", us=us, error=why,
                          rel_diff_vs_default=diff, tflops=None if us is None else flops(s) / (us * 1e-6) / 1e12))
