@@ -1,6 +1,6 @@
 """Ahead-of-time compile of every Triton launch configuration for Hopper (sm_90), without a GPU.
 
-The launchers (forward, merge, backward) are called on meta tensors for the problems derived from the
+The launchers (forward: decode or blend + chunk attention, merge; backward) are called on meta tensors for the problems derived from the
 planners' decision space (benchmarks/aot_problems.py: every dtype, head_dim 64, 80, 128, 256, every row tile,
 owner and split choice for GQA group sizes 1 to 32, chunks below and above the row tile, alignment, gate
 kinds, the causal flag, paged caches, the backward's tilings; a large batch; caches whose offsets need 64
@@ -41,11 +41,12 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver as triton_driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from melt_kernels.kernels import gated_kv_attention_bwd as bwd_module  # noqa: E402
-from melt_kernels.kernels import gated_kv_attention_fwd as fwd_module  # noqa: E402
+from melt_kernels.kernels import bwd as bwd_module  # noqa: E402
+from melt_kernels.kernels import fwd as fwd_module  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from aot_problems import DTYPES, H200_SMS, HEAD_DIMS, Problem, derived_problems  # noqa: E402
+from melt_kernels.reference import BlendGrad  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 # Hopper: at most 227 KB of shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin).
@@ -112,8 +113,14 @@ def problem_launches(p: Problem, dtype: torch.dtype, head_dim: int) -> list[Laun
         if p.backward:
             dlse = empty(b, hq, m, dt=torch.float32) if p.with_dlse else None
             grads = (torch.empty_like(k_cache), torch.empty_like(v_cache)) if p.need_cache_grad else (None, None)
-            bwd_module.gated_kv_attention_bwd(q, k_cache, v_cache, k, v, lengths, out, lse, dout, dlse, scale,
-                                              p.causal, *grads, s, **paged)
+            # Training calls: the blend's backward folded in, dQ atomically (the default) and by its own
+            # kernel (deterministic mode).
+            blend = BlendGrad(k, v, empty(b, m, hkv, head_dim), empty(b, m, hkv, head_dim), gate_k, gate_v,
+                              True, True, p.need_cache_grad, p.need_cache_grad)
+            for deterministic in (False, True):
+                bwd_module.gated_kv_attention_bwd(q, k_cache, v_cache, k, v, lengths, out, lse, dout, dlse, scale,
+                                                  p.causal, *grads, s, **paged, blend=blend,
+                                                  deterministic=deterministic)
     return launches
 
 

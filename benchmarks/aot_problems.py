@@ -1,10 +1,10 @@
 """The problems the sm_90 ahead-of-time compile (benchmarks/aot_compile.py) compiles, derived from the planners'
 decision space instead of a hand-picked list.
 
-The planners (``plan_launch`` of the forward, ``_tiles`` of the backward) choose tiles, warps and stages from
-the dtype, the padded head_dim, the rows of a kv head (M * G: the row tile and whether several row blocks need
-a separate owner program), the prefix length against the batch (split-KV or one direct program per row), the
-chunk length (the backward's query tiles), alignment and paging.  :func:`derived_problems` walks those inputs
+The planners (``plan_forward`` of the forward, ``plan_bwd`` of the backward) choose tiles, warps and stages from
+the dtype, the padded head_dim, the rows of a kv head (M * G: the decode or the chunk path, the row tile), the
+prefix length against the batch (split-KV or one direct program per row), the chunk length (the backward's
+query tiles), alignment and paging.  :func:`derived_problems` walks those inputs
 at the values where a planner's answer can change, read off the planners themselves (the row tiles from 16 up
 to the largest one the forward gives the dtype and head_dim, a chunk just past it, prefixes that do and do not
 split), for GQA group sizes 1 to 32 (G is a compile-time constant of the forward kernels), and keeps one
@@ -21,10 +21,12 @@ from dataclasses import dataclass, replace
 from typing import Iterator
 
 import torch
-import triton
 
-from melt_kernels.kernels.gated_kv_attention_bwd import _tiles
-from melt_kernels.kernels.gated_kv_attention_fwd import LaunchPlan, plan_launch
+import dataclasses
+
+from melt_kernels.kernels.bwd import plan_bwd
+from melt_kernels.kernels.decode import DECODE_ROWS
+from melt_kernels.kernels.fwd import Plan, plan_forward
 
 H200_SMS = 132
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -62,35 +64,37 @@ class Problem:
     # Every tensor one element off 16-byte alignment, heads padded by one element: no divisibility
     # specialization (what a padded or sliced user layout compiles to).
     unaligned: bool = False
-    # Paged caches (SPEC 2.6): pools of pages of this size read through a block table; 0: contiguous.
+    # Paged caches (docs/op.md#paged-caches): pools of pages of this size read through a block table; 0: contiguous.
     page_size: int = 0
 
     @property
     def groups(self) -> int:
         return self.heads_q // self.heads_kv
 
-    def fwd_plan(self, dtype: torch.dtype, head_dim: int) -> LaunchPlan:
+    def fwd_plan(self, dtype: torch.dtype, head_dim: int) -> Plan:
         """The forward's plan for this problem on an H200, as the launcher asks for it."""
         prefix = self.cache_len - self.seqlen_q
-        return plan_launch(self.batch, self.seqlen_q, self.heads_q, self.heads_kv, head_dim, prefix, H200_SMS,
-                           dtype.itemsize, aligned=not self.unaligned)
+        return plan_forward(self.batch, self.seqlen_q, self.heads_q, self.heads_kv, head_dim, prefix, H200_SMS,
+                            dtype.itemsize, aligned=not self.unaligned)
 
     def bwd_tiles(self, dtype: torch.dtype, head_dim: int) -> dict:
         """The backward's tiles for this problem on a GPU, as its launcher asks for them."""
-        return _tiles(max(16, triton.next_power_of_2(head_dim)), self.seqlen_q, dtype, False, not self.unaligned,
-                      self.page_size > 0)
+        return dataclasses.asdict(plan_bwd(head_dim, self.seqlen_q, dtype, False, not self.unaligned,
+                                           self.page_size > 0))
 
 
 def row_tiles(dtype: torch.dtype, head_dim: int, aligned: bool = True) -> list[int]:
     """The forward's row tiles for ``dtype`` and ``head_dim``: 16 up to the one it gives the most rows."""
-    largest = plan_launch(1, 2**20, 1, 1, head_dim, 0, H200_SMS, dtype.itemsize, aligned=aligned).block_r
+    largest = plan_forward(1, 2**20, 1, 1, head_dim, 0, H200_SMS, dtype.itemsize, aligned=aligned).block_r
     return [16 << i for i in range(largest.bit_length() - 4)]
 
 
 def chunk_lengths(groups: int, tiles: list[int]) -> list[int]:
-    """M for G query heads per kv head: decode, the longest chunk each row tile holds, and one just past the
-    largest tile (two row blocks, the second partial, and a separate owner)."""
-    return sorted({1, tiles[-1] // groups + 1}.union(max(1, tile // groups) for tile in tiles))
+    """M for G query heads per kv head: decode, the longest chunk each row tile holds, the longest the decode
+    path takes and the shortest past it, and one just past the largest tile (two row blocks, the second
+    partial)."""
+    edges = {max(1, DECODE_ROWS // groups), DECODE_ROWS // groups + 1}
+    return sorted({1, tiles[-1] // groups + 1}.union(max(1, tile // groups) for tile in tiles).union(edges))
 
 
 def _problem(name: str, seqlen_q: int, groups: int, prefix: int, **variant) -> Problem:
@@ -106,9 +110,9 @@ VARIANTS = (
 )
 
 
-def plan_choices(plan: LaunchPlan) -> tuple:
+def plan_choices(plan: Plan) -> tuple:
     """What of a forward plan the kernels compile in (the split count and length are run-time values)."""
-    return (plan.block_r, plan.block_n, plan.block_d, plan.num_warps, plan.num_stages, plan.separate_owner,
+    return (type(plan).__name__, plan.block_r, plan.block_n, plan.block_d, plan.num_warps, plan.num_stages,
             plan.direct)
 
 

@@ -162,8 +162,8 @@ def planner_splits(backend: str) -> list[int]:
         for length in (256, 1024, 4096, 16384, 32768):
             for groups in (1, 8):
                 if backend == "triton":
-                    from melt_kernels.kernels.gated_kv_attention_fwd import plan_launch
-                    chosen.add(plan_launch(batch, 1, 2 * groups, 2, 128, length, 132).splits)
+                    from melt_kernels.kernels.fwd import plan_forward
+                    chosen.add(plan_forward(batch, 1, 2 * groups, 2, 128, length, 132).splits)
                 else:
                     from melt_kernels.cuda_backend import num_splits
                     chosen.add(num_splits(batch * 2, -(-length // 64) + 1, 132))
@@ -256,7 +256,7 @@ def make_inputs(c: Check, device: str, seed: int):
 def launcher(c: Check, dry_run: bool):
     """fwd(p) -> (out, lse) for a validated Problem p, through the check's backend (and forced splits)."""
     if c.backend == "triton":
-        from melt_kernels.kernels.gated_kv_attention_fwd import gated_kv_attention_fwd as fwd
+        from melt_kernels.kernels.fwd import gated_kv_attention_fwd as fwd
         extra = {}
         if c.splits is not None:
             extra["split_len"] = max(1, -(-max(c.lengths) // c.splits))

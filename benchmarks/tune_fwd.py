@@ -18,7 +18,7 @@ import torch
 
 from attention import Inputs, Shape, flops
 from common import fmt, graph_median, run_meta, setup, timed, write_results
-from melt_kernels.kernels import gated_kv_attention_fwd as fwd
+from melt_kernels.kernels import fwd
 
 # Overrides tried at each kind of shape: None is the default plan.  Chunks are matmul-bound (tiles, warps,
 # stages); decode is memory-bound (how many keys each program streams, and how deep).

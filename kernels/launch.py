@@ -7,12 +7,16 @@
   before its first launch and passes them through :func:`check_grids`, so that a call too large to launch
   raises before anything is written.
 * Positions: the kernels index cache positions and the rows of a kv head in 32 bits (offsets in memory are
-  64-bit): :func:`size_reason` says when a problem is beyond that.
+  64-bit along batch and head, and inside a (b, h) slice 32-bit unless :func:`needs_wide_offsets`):
+  :func:`size_reason` says when a problem is beyond that.
+* Arrival counters: :func:`arrival_counters` gives the self-clearing counters with which the last program
+  of a group finds out that it is last (the decode kernel's folded merge).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+from typing import Optional
 
 import torch
 
@@ -62,3 +66,30 @@ def size_reason(cache_len: int, seqlen_q: int, groups: int):
         return (f"the Triton kernels index the rows of a kv head in 32 bits; M * Hq / Hkv = {seqlen_q * groups} "
                 f"rows is beyond that")
     return None
+
+
+def needs_wide_offsets(tensors, block: int, pools=()) -> bool:
+    """Whether an offset inside some (b, h) slice of one of ``tensors`` (B, rows, H, D), up to a block of rows
+    past its end, or anywhere in one of the ``pools`` (paged caches, addressed through a table), can reach
+    2**31 elements.  Batch and head offsets are 64-bit in every kernel; what stays 32-bit without WIDE is the
+    offset inside a slice, as 64-bit offsets per element cost registers enough to spill."""
+    slices = max(((t.shape[1] + block) * t.stride(1) + t.shape[2] * t.stride(2) for t in tensors if t is not None),
+                 default=0)
+    pooled = max((t.shape[0] * t.stride(0) for t in pools if t is not None), default=0)
+    return max(slices, pooled) >= 2**31
+
+
+_COUNTERS: dict = {}  # (device, stream) -> int32 counters, all zero between launches
+
+
+def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
+    """``count`` int32 counters, zero, for one launch on ``device``'s current stream.  The kernel that takes
+    them leaves them zero again (the last program of each group resets its counter), so they are made once
+    per stream and reused by every launch on it, CUDA-graph replays included: launches on one stream never
+    overlap, while two streams each get their own."""
+    stream: Optional[int] = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    key = (str(device), stream)
+    counters = _COUNTERS.get(key)
+    if counters is None or counters.numel() < count:
+        counters = _COUNTERS[key] = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
+    return counters

@@ -1,32 +1,35 @@
-"""Autograd for the fused op, shared by every backend (SPEC §2.3).
+"""Autograd for the fused op, shared by every backend (docs/op.md#gradients).
 
 The functional definition is ``(out, K_new, V_new) = f(q, k, v, K_old, V_old,
 alpha_k, alpha_v)``; the op computes it in place.  Two autograd nodes express
 it:
 
 * :class:`GatedKVAttentionFunction` runs the backend's forward (which writes
-  the caches) and returns ``out``, ``lse`` and the active slots' new values
-  (B, M, Hkv, D).  Its backward is attention's backward plus the blend's
-  chain rule, giving the gradients of q, k, v, the gates and the caches'
-  values before the call (positions < L_b: attention's dK/dV added to what
-  later uses gave them; active slots: ``alpha`` times the gradient of the new
-  slot values; every other position: what later uses gave it).
+  the caches, and what the backward reads of the active slots: their values
+  after the update, and before it for a gate's gradient) and returns ``out``
+  and ``lse``.  Its backward is the backend's backward with the blend's chain
+  rule (``melt_kernels.reference.BlendGrad``): the gradients of q, k, v, the
+  gates and the caches' values before the call (positions < L_b: attention's
+  dK/dV added to what later uses gave them; active slots: ``alpha`` times the
+  gradient of the new slot values; every other position: what later uses
+  gave it).
 * :class:`_CommitFunction`, one per cache, declares the write: it marks the
   cache dirty (its version counter moves and its history is rebased onto
-  this node) and routes the cache's incoming gradient to the active slots'
-  new values.  Splitting the declaration off keeps each dirty tensor the
-  single output of its node, which autograd requires when a cache is a view
-  (a slice of a bigger buffer, or k and v cut from one packed tensor).
+  this node) and hands the cache's incoming gradient to the main node, whose
+  ``lse`` it takes as input so that its backward runs first.  Splitting the
+  declaration off keeps each dirty tensor the single output of its node,
+  which autograd requires when a cache is a view (a slice of a bigger buffer,
+  or k and v cut from one packed tensor).
 
 Memory.  Saved per call: O(B*M*Hkv*D) (the active slots' values after the
-update, before it only when a gate needs its gradient, out, lse) plus inputs
-the forward was given.  The caches' gradient is one buffer per chain of calls
-on a cache, allocated (or, when it comes from outside the op, copied) once
-and updated in place by every call's backward (:class:`_CacheLink`), so a
-call's backward allocates O(B*M*H*D) plus what its backend needs, never a
-cache-sized tensor.  The gradient handed from one call to the previous one
-is that buffer: a tensor hook registered on a cache between two calls sees
-it before the earlier call's backward updates it.
+update when a gate is given, before it only when a gate needs its gradient,
+out, lse) plus inputs the forward was given.  The caches' gradient is one
+buffer per chain of calls on a cache, allocated (or, when it comes from
+outside the op, copied) once and updated in place by every call's backward
+(:class:`_CacheLink`), so a call's backward allocates O(B*M*H*D) plus what its
+backend needs, never a cache-sized tensor.  The gradient handed from one call
+to the previous one is that buffer: a tensor hook registered on a cache
+between two calls sees it before the earlier call's backward updates it.
 
 Positions < L_b are read from the live caches at backward time, so they must
 not change before the backward runs.  This op's own later calls may write
@@ -49,7 +52,7 @@ import torch
 from torch.autograd.graph import increment_version
 
 from melt_kernels.checks import Gate, Problem
-from melt_kernels.reference import active_slots, compute_dtype
+from melt_kernels.reference import BlendGrad
 
 _WRITE_LOG = "_melt_write_log"
 
@@ -106,23 +109,6 @@ def _gate_tensor(gate: Gate):
     return gate if isinstance(gate, torch.Tensor) else None
 
 
-def _through_blend(d_new: torch.Tensor, fresh, old, alpha: Gate, need_alpha_grad: bool):
-    """Backward of ``new = alpha * old + (1 - alpha) * fresh`` at the active slots.
-
-    ``d_new`` is the total gradient reaching the new slot values (compute dtype).
-    Returns (d_fresh, d_old, d_alpha); d_old is None for write-through.  d_alpha
-    is reduced to the gate's own shape (gates broadcast by strides).
-    """
-    if alpha is None:
-        return d_new, None, None
-    a = alpha.to(d_new.dtype) if isinstance(alpha, torch.Tensor) else alpha
-    d_alpha = None
-    if need_alpha_grad:
-        d_alpha = (d_new * (old.to(d_new.dtype) - fresh.to(d_new.dtype))).sum_to_size(alpha.shape)
-        d_alpha = d_alpha.to(alpha.dtype)
-    return (1 - a) * d_new, a * d_new, d_alpha
-
-
 class _CacheLink:
     """How the gradient of one cache passes between one call's two backward nodes and the previous call's.
 
@@ -138,7 +124,8 @@ class _CacheLink:
     __slots__ = ("grad", "handed")
 
     def __init__(self):
-        self.grad: Optional[torch.Tensor] = None  # the cache's gradient after this call, owned by the op
+        # The cache's gradient after this call: the op's own when the main node writes into it, else borrowed.
+        self.grad: Optional[torch.Tensor] = None
         self.handed: Optional[torch.Tensor] = None  # what the next call's main node returned for it
 
 
@@ -149,101 +136,82 @@ def _previous_link(cache: torch.Tensor) -> Optional[_CacheLink]:
 
 
 class GatedKVAttentionFunction(torch.autograd.Function):
-    """Fused update + attention through ``impl`` (the backend's (fwd, bwd) pair).
-
-    Returns (out, lse, k_new, v_new), k_new/v_new the active slots after the
-    update; the write itself is declared by :class:`_CommitFunction`.
-    """
+    """Fused update + attention through ``impl`` (the backend's (fwd, bwd) pair); returns (out, lse).  The
+    write itself is declared by :class:`_CommitFunction`."""
 
     @staticmethod
     def forward(ctx, q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v, softmax_scale, causal,
                 max_seqlen_k, block_table, impl, logs, links):
         ctx.set_materialize_grads(False)
-        index = active_slots(cache_seqlens, k.shape[1], k_cache, block_table)
-        # The old slot values and the fresh ones only enter a gate's gradient.
+        # What the backward reads of the active slots, written by the forward: their values after the update
+        # (with write-through they are k and v themselves) and, for a gate's gradient, before it.
+        def slots(gated: bool):
+            return torch.empty(k.shape, dtype=k_cache.dtype, device=k.device) if gated else None
         need_alpha = (isinstance(gate, torch.Tensor) and ctx.needs_input_grad[6],
                       isinstance(gate_v, torch.Tensor) and ctx.needs_input_grad[7])
-        k_old = k_cache[index] if need_alpha[0] else None
-        v_old = v_cache[index] if need_alpha[1] else None
+        k_new, v_new = slots(gate is not None), slots(gate_v is not None)
+        k_old, v_old = slots(need_alpha[0]), slots(need_alpha[1])
         out, lse = impl.fwd(q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v, softmax_scale, causal,
-                            max_seqlen_k, **_table(block_table))
-        k_new, v_new = k_cache[index], v_cache[index]
-        # No gradient reaches k/v/gate/old cache through k_new unless one of them wants it.
-        for new, needs in ((k_new, (1, 3, 6)), (v_new, (2, 4, 7))):
-            if not any(ctx.needs_input_grad[i] for i in needs):
-                ctx.mark_non_differentiable(new)
+                            max_seqlen_k, **_table(block_table), k_new=k_new, v_new=v_new, k_old=k_old, v_old=v_old)
         # ``.data`` aliases the live caches under a fresh version counter:
         # later loops legitimately rewrite the active slots, and the prefix is
         # guarded by _check_not_rewritten instead of autograd's saved-tensor check.
-        ctx.save_for_backward(q, k if need_alpha[0] else None, v if need_alpha[1] else None, cache_seqlens,
-                              _gate_tensor(gate), _gate_tensor(gate_v), k_old, v_old, k_new, v_new, out, lse,
-                              k_cache.data, v_cache.data, block_table)
+        ctx.save_for_backward(q, k, v, cache_seqlens, _gate_tensor(gate), _gate_tensor(gate_v), k_old, v_old,
+                              k_new, v_new, out, lse, k_cache.data, v_cache.data, block_table)
         ctx.gates = (None if isinstance(gate, torch.Tensor) else gate,
                      None if isinstance(gate_v, torch.Tensor) else gate_v)
         ctx.cache_roots = (weakref.ref(_root(k_cache)), weakref.ref(_root(v_cache)))
         ctx.logs, ctx.links = logs, links
         ctx.previous = (_previous_link(k_cache), _previous_link(v_cache))
         ctx.softmax_scale, ctx.causal, ctx.max_seqlen_k, ctx.impl = softmax_scale, causal, max_seqlen_k, impl
-        return out, lse, k_new, v_new
+        return out, lse
 
     @staticmethod
-    def backward(ctx, dout, dlse, dk_new_in, dv_new_in):
+    def backward(ctx, dout, dlse):
         for name, root_ref, log in zip(("k_cache", "v_cache"), ctx.cache_roots, ctx.logs):
             _check_not_rewritten(name, root_ref, log)
         (q, k, v, cache_seqlens, gate_t, gate_v_t, k_old, v_old, k_new, v_new, out, lse, k_live,
          v_live, block_table) = ctx.saved_tensors
         gate = gate_t if gate_t is not None else ctx.gates[0]
         gate_v = gate_v_t if gate_v_t is not None else ctx.gates[1]
-        # The caches' gradient after this call (from this call's commit nodes), or zeros at the end of a chain.
-        cache_grads = []
-        for cache, link, needed in zip((k_live, v_live), ctx.links, ctx.needs_input_grad[3:5]):
-            grad = None
-            if needed:
-                grad, link.grad = link.grad, None
-                if grad is None:
-                    grad = torch.zeros(cache.shape, dtype=cache.dtype, device=cache.device)
-            cache_grads.append(grad)
+        updates = ctx.needs_input_grad[3:5]
+        # The caches' gradient after this call, as the commit nodes took it (None: nothing reached it); a cache
+        # whose gradient is wanted gets zeros at the end of a chain.
+        buffers = []
+        for cache, link, update in zip((k_live, v_live), ctx.links, updates):
+            grad, link.grad = link.grad, None
+            if grad is None and update:
+                grad = torch.zeros(cache.shape, dtype=cache.dtype, device=cache.device)
+            buffers.append(grad)
         if dout is None:
             dout = torch.zeros_like(out)
-        # Adds attention's gradient at positions < L_b into the cache gradients.
-        dq, dk_attn, dv_attn = ctx.impl.bwd(q, k_live, v_live, k_new, v_new, cache_seqlens, out, lse, dout, dlse,
-                                            ctx.softmax_scale, ctx.causal, *cache_grads, ctx.max_seqlen_k,
-                                            **_table(block_table))
-
-        index = active_slots(cache_seqlens, k_new.shape[1], k_live, block_table)
-        ct = compute_dtype(q.dtype)
-        grads = []
-        for d_attn, d_in, d_cache, fresh, old, alpha, need_alpha, previous in (
-                (dk_attn, dk_new_in, cache_grads[0], k, k_old, gate, ctx.needs_input_grad[6], ctx.previous[0]),
-                (dv_attn, dv_new_in, cache_grads[1], v, v_old, gate_v, ctx.needs_input_grad[7], ctx.previous[1])):
-            d_new = d_attn.to(ct)
-            if d_in is not None:
-                d_new = d_new + d_in.to(ct)
-            d_fresh, d_old_active, d_alpha = _through_blend(d_new, fresh, old, alpha, need_alpha)
-            if d_cache is not None:
-                # The active slots' old values reach the output only through the blend (nothing with
-                # write-through): their gradient replaces what the slots' new values got.
-                d_cache[index] = 0. if d_old_active is None else d_old_active.to(d_cache.dtype)
-                if previous is not None:
-                    previous.handed = d_cache
-            grads.append((d_fresh.to(k_new.dtype), d_cache, d_alpha))
-        (dk, dk_cache, dgate), (dv, dv_cache, dgate_v) = grads
-        return dq, dk, dv, dk_cache, dv_cache, None, dgate, dgate_v, None, None, None, None, None, None, None
+        blend = BlendGrad(k, v, k_old, v_old, gate, gate_v, ctx.needs_input_grad[6], ctx.needs_input_grad[7],
+                          *updates)
+        # The buffers of updated caches become the caches' gradient before the call, in place.
+        dq, dk, dv, dgate, dgate_v = ctx.impl.bwd(
+            q, k_live, v_live, k if k_new is None else k_new, v if v_new is None else v_new, cache_seqlens, out,
+            lse, dout, dlse, ctx.softmax_scale, ctx.causal, *buffers, ctx.max_seqlen_k, **_table(block_table),
+            blend=blend)
+        cache_grads = []
+        for buffer, update, previous in zip(buffers, updates, ctx.previous):
+            cache_grads.append(buffer if update else None)
+            if update and previous is not None:
+                previous.handed = buffer
+        return (dq, dk, dv, *cache_grads, None, dgate, dgate_v, None, None, None, None, None, None, None)
 
 
 class _CommitFunction(torch.autograd.Function):
-    """Declares the in-place write of the active slots' new values ``new`` (B, M, Hkv, D) into ``cache``.
+    """Declares the in-place write of the active slots into ``cache``; ``after`` is an output of the call's
+    main node (its lse), so that this node's backward runs before the main node's.
 
-    Its backward routes the cache's incoming gradient to ``new`` (the active slots) and leaves it to the
-    call's main node (through ``link``) to finish as the gradient of the cache before the call.
+    Its backward hands the cache's incoming gradient to the main node (through ``link``), which finishes it
+    as the gradient of the cache before the call.
     """
 
     @staticmethod
-    def forward(ctx, cache, new, cache_seqlens, block_table, link):
+    def forward(ctx, cache, after, link):
         ctx.set_materialize_grads(False)
         ctx.mark_dirty(cache)
-        ctx.save_for_backward(cache_seqlens, block_table)
-        ctx.seqlen_q = new.shape[1]
         ctx.link = link
         ctx.is_view = cache._is_view()
         return cache
@@ -253,20 +221,19 @@ class _CommitFunction(torch.autograd.Function):
         link = ctx.link
         handed, link.handed = link.handed, None
         if d_cache is None:
-            return None, None, None, None, None
-        cache_seqlens, block_table = ctx.saved_tensors
-        d_new = d_cache[active_slots(cache_seqlens, ctx.seqlen_q, d_cache, block_table)] \
-            if ctx.needs_input_grad[1] else None
+            return None, None, None
+        writes = ctx.needs_input_grad[0]
+        # The main node reads the new slots' gradient here and, when the cache's own gradient is wanted, writes
+        # into it: the op's own buffer is taken as it is, anything else is copied once into a buffer the op
+        # owns (read-only, it is taken as it is).
+        link.grad = d_cache if d_cache is handed or not writes else d_cache.clone(memory_format=torch.contiguous_format)
         d_old = None
-        if ctx.needs_input_grad[0]:
-            # The op's own buffer is taken as it is; anything else is copied once into a buffer the op owns.
-            link.grad = d_cache if d_cache is handed else d_cache.clone(memory_format=torch.contiguous_format)
+        if writes and ctx.is_view:
             # The main node returns the whole gradient of the cache before the call.  For a view, autograd's
             # CopySlices (the base's node) drops the base's entire gradient when this one is None: zeros
             # then, broadcast from one element (no allocation).
-            if ctx.is_view:
-                d_old = d_cache.new_zeros(()).expand(d_cache.shape)
-        return d_old, d_new, None, None, None
+            d_old = d_cache.new_zeros(()).expand(d_cache.shape)
+        return d_old, None, None
 
 
 def _table(block_table: Optional[torch.Tensor]) -> dict:
@@ -291,10 +258,9 @@ def run(problem: Problem, impl) -> tuple[torch.Tensor, torch.Tensor]:
         lengths = p.cache_seqlens.clone()
         table = None if table is None else table.clone()
         links = (_CacheLink(), _CacheLink())
-        out, lse, k_new, v_new = GatedKVAttentionFunction.apply(*args[:5], lengths, *args[6:], table, impl, logs,
-                                                                links)
-        _CommitFunction.apply(p.k_cache, k_new, lengths, table, links[0])
-        _CommitFunction.apply(p.v_cache, v_new, lengths, table, links[1])
+        out, lse = GatedKVAttentionFunction.apply(*args[:5], lengths, *args[6:], table, impl, logs, links)
+        _CommitFunction.apply(p.k_cache, lse, links[0])
+        _CommitFunction.apply(p.v_cache, lse, links[1])
     else:
         out, lse = impl.fwd(*args, **_table(table))
         # Kernel writes do not move the version counter; declare the mutation.

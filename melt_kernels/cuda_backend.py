@@ -36,6 +36,7 @@ except ImportError as e:  # not built (ModuleNotFoundError), or built but not lo
 
 from melt_kernels.backends import Backend
 from melt_kernels.checks import Problem, cache_capacity
+from melt_kernels.reference import read_active
 
 HEAD_DIMS = (64, 128)
 _DTYPES = {torch.float16: _cuda.FLOAT16, torch.bfloat16: _cuda.BFLOAT16}
@@ -176,12 +177,15 @@ def _launch(entry, q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v, softm
 
 def gated_kv_attention_fwd(q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v, softmax_scale, causal,
                            max_seqlen_k=None, *, block_table: Optional[torch.Tensor] = None,
-                           splits: Optional[int] = None):
-    """In-place gated update of the active slots and attention over the updated caches (SPEC §2.1-2.2).
+                           splits: Optional[int] = None, k_new=None, v_new=None, k_old=None, v_old=None):
+    """In-place gated update of the active slots and attention over the updated caches
+    (docs/op.md#the-cache-update, docs/op.md#the-attention-read).
 
     Same signature and result as ``melt_kernels.reference.gated_kv_attention_ref_fwd``: returns
-    (out (B, M, Hq, D) in q.dtype, lse (B, Hq, M) float32), launched on the current stream of q's device.
-    ``block_table``: paged caches (SPEC 2.6).  ``splits`` forces the number of key splits (tests and tuning).
+    (out (B, M, Hq, D) in q.dtype, lse (B, Hq, M) float32), launched on the current stream of q's device;
+    the active slots' values before and after the update are copied into ``k_old``/``v_old`` and
+    ``k_new``/``v_new`` when given (the kernels do not write them).  ``block_table``: paged caches
+    (docs/op.md#paged-caches).  ``splits`` forces the number of key splits (tests and tuning).
     """
     if q.device.type != "cuda":
         raise RuntimeError(f"backend 'cuda' needs CUDA tensors, got tensors on {q.device.type}")
@@ -189,9 +193,14 @@ def gated_kv_attention_fwd(q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_
     if reason is not None:
         raise RuntimeError(reason)
     with torch.cuda.device(q.device):
-        return _launch(_cuda.fwd, q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v, softmax_scale, causal,
-                       max_seqlen_k, splits, _num_sms(q.device), block_table,
-                       stream=torch.cuda.current_stream(q.device).cuda_stream)
+        read_active(k_cache, cache_seqlens, block_table, k_old)
+        read_active(v_cache, cache_seqlens, block_table, v_old)
+        out, lse = _launch(_cuda.fwd, q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v, softmax_scale, causal,
+                           max_seqlen_k, splits, _num_sms(q.device), block_table,
+                           stream=torch.cuda.current_stream(q.device).cuda_stream)
+        read_active(k_cache, cache_seqlens, block_table, k_new)
+        read_active(v_cache, cache_seqlens, block_table, v_new)
+    return out, lse
 
 
 def gated_kv_attention_fwd_emulated(q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_v, softmax_scale, causal,
@@ -257,15 +266,11 @@ def _extent_bytes(t: torch.Tensor) -> int:
     return (sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) + 1) * t.element_size()
 
 
-def gated_kv_attention_bwd(q, k_cache, v_cache, k_new, v_new, cache_seqlens, out, lse, dout,
-                           dlse: Optional[torch.Tensor], softmax_scale: float, causal: bool,
-                           dk_cache: Optional[torch.Tensor] = None, dv_cache: Optional[torch.Tensor] = None,
-                           max_seqlen_k: Optional[int] = None, block_table: Optional[torch.Tensor] = None):
-    """Attention's backward for this backend: the Triton backend's kernels, imported on first use."""
+def gated_kv_attention_bwd(*args, **kwargs):
+    """The backward for this backend: the Triton backend's kernels, imported on first use."""
     from melt_kernels.triton_backend import BACKEND as TRITON
 
-    return TRITON.bwd(q, k_cache, v_cache, k_new, v_new, cache_seqlens, out, lse, dout, dlse, softmax_scale, causal,
-                      dk_cache, dv_cache, max_seqlen_k, block_table=block_table)
+    return TRITON.bwd(*args, **kwargs)
 
 
 BACKEND = Backend("cuda", gated_kv_attention_fwd, gated_kv_attention_bwd, unsupported)

@@ -1,4 +1,4 @@
-"""The pure-PyTorch reference of the fused op (SPEC §2.1-2.3): the definition
+"""The pure-PyTorch reference of the fused op (docs/op.md#the-op): the definition
 every kernel is tested against.
 
 Vectorised over batch, tokens and heads (no Python loop over tokens), on any
@@ -8,12 +8,13 @@ kernel launchers in ``melt_kernels.kernels``:
 * :func:`gated_kv_attention_ref_fwd` blends the active slots into the caches
   in place and returns ``(out, lse)``;
 * :func:`gated_kv_attention_ref_bwd` is attention's backward given the
-  active slots' values as the forward read them; the gates' part of the chain
-  rule is shared by all backends and lives in ``melt_kernels.autograd``.
+  active slots' values as the forward read them, and with a :class:`BlendGrad`
+  the blend's backward too (:func:`through_blend`): the gradients of the op's
+  own inputs, which ``melt_kernels.autograd`` hands back for every backend.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -37,7 +38,7 @@ def slot_index(positions: torch.Tensor, block_table: Optional[torch.Tensor] = No
     """Where logical positions (B, N) of each row live in a cache: ``cache[i0, i1]`` is (B, N, Hkv, D).
 
     Contiguous caches (no table) are the identity mapping (row b, position p); through a block table
-    (SPEC 2.6) position p of row b is slot p % page_size of page block_table[b, p // page_size], the entry
+    (docs/op.md#paged-caches) position p of row b is slot p % page_size of page block_table[b, p // page_size], the entry
     clamped to [0, num_blocks) so that positions a row does not need never index outside the pool.
     """
     if block_table is None:
@@ -52,6 +53,14 @@ def active_slots(cache_seqlens: torch.Tensor, seqlen_q: int, cache: torch.Tensor
     """The (i0, i1) index of the active slots L_b .. L_b+M-1 of ``cache`` (see :func:`slot_index`)."""
     pos = cache_seqlens.long()[:, None] + torch.arange(seqlen_q, device=cache_seqlens.device)  # [B, M]
     return slot_index(pos, block_table, cache.shape[1], cache.shape[0])
+
+
+def read_active(cache: torch.Tensor, cache_seqlens: torch.Tensor, block_table: Optional[torch.Tensor],
+                into: Optional[torch.Tensor]) -> None:
+    """Copies the active slots of ``cache`` into ``into`` (B, M, Hkv, D), when it is not None: the side outputs
+    the forward launchers write for the backward (their values before or after the update)."""
+    if into is not None:
+        into.copy_(cache[active_slots(cache_seqlens, into.shape[1], cache, block_table)])
 
 
 def logical(cache: torch.Tensor, block_table: Optional[torch.Tensor], window: int) -> torch.Tensor:
@@ -90,7 +99,7 @@ def splice(cache: torch.Tensor, active: torch.Tensor, cache_seqlens: torch.Tenso
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
               softmax_scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """SPEC §2.2 over caches already holding the active tokens; differentiable.
+    """docs/op.md#the-attention-read over caches already holding the active tokens; differentiable.
 
     Returns out (B, M, Hq, D) in q.dtype and lse (B, Hq, M) in the compute dtype.
     The caches may be cut to any window that covers max_b(L_b) + M positions.
@@ -129,40 +138,100 @@ def _window(max_seqlen_k: Optional[int], cache_len: int) -> int:
 
 def gated_kv_attention_ref_fwd(q, k, v, k_cache, v_cache, cache_seqlens, gate: Gate, gate_v: Gate,
                                softmax_scale: float, causal: bool, max_seqlen_k: Optional[int] = None,
-                               block_table: Optional[torch.Tensor] = None):
-    """In-place gated update of the active slots (SPEC §2.1), then attention (§2.2).
+                               block_table: Optional[torch.Tensor] = None, *, k_new=None, v_new=None, k_old=None,
+                               v_old=None):
+    """In-place gated update of the active slots (docs/op.md#the-cache-update), then attention
+    (docs/op.md#the-attention-read).
 
     ``cache_seqlens`` is a (B,) integer tensor on q's device; ``gate``/``gate_v``
     are None, floats or tensors broadcastable to (B, M, Hkv, D).  With
-    ``block_table`` the caches are (num_blocks, page_size, Hkv, D) pools (SPEC 2.6).
-    Returns (out, lse); lse is float32 (float64 for float64 inputs).
+    ``block_table`` the caches are (num_blocks, page_size, Hkv, D) pools
+    (docs/op.md#paged-caches).  ``k_new``/``v_new`` and ``k_old``/``v_old``:
+    None or (B, M, Hkv, D) buffers that receive the active slots' values after
+    and before the update.  Returns (out, lse); lse is float32 (float64 for
+    float64 inputs).
     """
     slots = active_slots(cache_seqlens, k.shape[1], k_cache, block_table)
-    for cache, fresh, alpha in ((k_cache, k, gate), (v_cache, v, gate_v)):
+    for cache, fresh, alpha, new, old_out in ((k_cache, k, gate, k_new, k_old), (v_cache, v, gate_v, v_new, v_old)):
         old = None if alpha is None else cache[slots]
+        if old_out is not None:
+            old_out.copy_(old)
         # index_put_, not scatter_: PyTorch's CPU scatter_ rewrites the bits of untouched bfloat16 NaNs
         # (0x7FC0 -> 0xFFFF), a write outside the active slots.
         cache[slots] = blend(old, fresh, alpha, cache.dtype)
+        read_active(cache, cache_seqlens, block_table, new)
     window = _window(max_seqlen_k, cache_capacity(k_cache, block_table))
     return attention(q, logical(k_cache, block_table, window), logical(v_cache, block_table, window),
                      cache_seqlens, softmax_scale, causal)
 
 
+class BlendGrad(NamedTuple):
+    """What a backward launcher needs of the blend (docs/op.md#gradients) to return the gradients of the op's
+    own inputs instead of attention's gradient at the new slot values.
+
+    ``k``/``v``: the fresh values; ``k_old``/``v_old``: the slots' values before the update, (B, M, Hkv, D)
+    contiguous (None unless a gate's gradient is wanted); ``gate``/``gate_v``: None, a float or a tensor, as
+    the forward took them; ``need_gate``/``need_gate_v``: whether their gradient is wanted; ``update_k``/
+    ``update_v``: whether the cache gradient buffers (dk_cache/dv_cache) are to become the gradient of the
+    caches before the call (attention's prefix gradient added, the active slots replaced by the old values'
+    gradient), or, if False, only hold what later uses gave the new values (read at the active slots).
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    k_old: Optional[torch.Tensor]
+    v_old: Optional[torch.Tensor]
+    gate: Gate
+    gate_v: Gate
+    need_gate: bool
+    need_gate_v: bool
+    update_k: bool
+    update_v: bool
+
+
+def through_blend(d_new: torch.Tensor, fresh: torch.Tensor, old: Optional[torch.Tensor], alpha: Gate,
+                  need_alpha_grad: bool):
+    """Backward of ``new = alpha * old + (1 - alpha) * fresh`` at the active slots.
+
+    ``d_new`` is the total gradient reaching the new slot values (compute dtype).  Returns (d_fresh, d_old,
+    d_alpha) in the compute dtype but for d_alpha, reduced to the gate's own shape and dtype (gates broadcast
+    by strides); d_old is None for write-through (the old value never reaches the output), d_alpha None
+    unless asked for.
+    """
+    if alpha is None:
+        return d_new, None, None
+    a = alpha.to(d_new.dtype) if isinstance(alpha, torch.Tensor) else alpha
+    d_alpha = None
+    if need_alpha_grad:
+        d_alpha = (d_new * (old.to(d_new.dtype) - fresh.to(d_new.dtype))).sum_to_size(alpha.shape).to(alpha.dtype)
+    return (1 - a) * d_new, a * d_new, d_alpha
+
+
 def gated_kv_attention_ref_bwd(q, k_cache, v_cache, k_new, v_new, cache_seqlens, out, lse, dout,
                                dlse: Optional[torch.Tensor], softmax_scale: float, causal: bool,
                                dk_cache: Optional[torch.Tensor] = None, dv_cache: Optional[torch.Tensor] = None,
-                               max_seqlen_k: Optional[int] = None, block_table: Optional[torch.Tensor] = None):
-    """Attention's backward by recomputation.
+                               max_seqlen_k: Optional[int] = None, block_table: Optional[torch.Tensor] = None, *,
+                               blend: Optional[BlendGrad] = None):
+    """The backward by recomputation.
 
     Positions < L_b are read from the live caches; the active slots from
     ``k_new``/``v_new`` (B, M, Hkv, D), the values the forward attended to.
-    ``dk_cache``/``dv_cache``: None, or (B, S, Hkv, D) buffers to which
-    attention's gradient at positions < L_b is added in place (nothing else
-    of them changes, bit for bit).  ``max_seqlen_k`` must bound
-    max_b(L_b) + M (the window attended over).  Returns (dq, dk_new, dv_new).
+    ``max_seqlen_k`` must bound max_b(L_b) + M (the window attended over).
     ``out`` and ``lse`` are not needed here (kernels use them); they are
     accepted to keep one signature for every backend.
+
+    Without ``blend``, attention's backward: ``dk_cache``/``dv_cache`` are
+    None, or (B, S, Hkv, D) buffers to which attention's gradient at
+    positions < L_b is added in place (nothing else of them changes, bit for
+    bit); returns (dq, dk_new, dv_new).  With ``blend`` (:class:`BlendGrad`),
+    the gradients of the op's inputs: the buffers hold, on entry, the
+    gradient of the caches after the call (None: zero) and, where
+    ``blend.update_*``, on return the gradient of the caches before it;
+    returns (dq, dk, dv, dgate, dgate_v).
     """
+    if blend is not None:
+        return _ref_bwd_through_blend(q, k_cache, v_cache, k_new, v_new, cache_seqlens, out, lse, dout, dlse,
+                                      softmax_scale, causal, dk_cache, dv_cache, max_seqlen_k, block_table, blend)
     del out, lse
     window = _window(max_seqlen_k, cache_capacity(k_cache, block_table))
     buffers = (dk_cache, dv_cache)
@@ -195,3 +264,29 @@ def gated_kv_attention_ref_bwd(q, k_cache, v_cache, k_new, v_new, cache_seqlens,
                     i0, i1 = slot_index(positions, block_table, buffer.shape[1], buffer.shape[0])
                     buffer.index_put_((i0[settled], i1[settled]), g[settled].to(buffer.dtype), accumulate=True)
     return dq, dk_new, dv_new
+
+
+def _ref_bwd_through_blend(q, k_cache, v_cache, k_new, v_new, cache_seqlens, out, lse, dout, dlse, softmax_scale,
+                           causal, dk_cache, dv_cache, max_seqlen_k, block_table, blend: BlendGrad):
+    """:func:`gated_kv_attention_ref_bwd` with ``blend``: attention's backward, then the blend's."""
+    buffers = (dk_cache, dv_cache)
+    slots = active_slots(cache_seqlens, k_new.shape[1], k_cache, block_table)
+    # What later uses gave the new slot values, before anything is written.
+    grads_in = [None if b is None else b[slots] for b in buffers]
+    updated = [b if update else None for b, update in zip(buffers, (blend.update_k, blend.update_v))]
+    dq, dk_attn, dv_attn = gated_kv_attention_ref_bwd(q, k_cache, v_cache, k_new, v_new, cache_seqlens, out, lse,
+                                                      dout, dlse, softmax_scale, causal, *updated, max_seqlen_k,
+                                                      block_table)
+    ct = compute_dtype(q.dtype)
+    results = [dq]
+    for d_attn, d_in, buffer, fresh, old, alpha, need_alpha in (
+            (dk_attn, grads_in[0], updated[0], blend.k, blend.k_old, blend.gate, blend.need_gate),
+            (dv_attn, grads_in[1], updated[1], blend.v, blend.v_old, blend.gate_v, blend.need_gate_v)):
+        d_new = d_attn.to(ct) if d_in is None else d_attn.to(ct) + d_in.to(ct)
+        d_fresh, d_old, d_alpha = through_blend(d_new, fresh, old, alpha,
+                                                need_alpha and isinstance(alpha, torch.Tensor))
+        if buffer is not None:
+            buffer[slots] = 0. if d_old is None else d_old.to(buffer.dtype)
+        results += [d_fresh.to(fresh.dtype), d_alpha]
+    dq, dk, dgate, dv, dgate_v = results
+    return dq, dk, dv, dgate, dgate_v

@@ -8,8 +8,8 @@ import torch
 
 from melt_kernels.backends import Backend
 from melt_kernels.checks import Problem
-from melt_kernels.kernels.gated_kv_attention_bwd import gated_kv_attention_bwd
-from melt_kernels.kernels.gated_kv_attention_fwd import gated_kv_attention_fwd
+from melt_kernels.kernels.bwd import gated_kv_attention_bwd
+from melt_kernels.kernels.fwd import gated_kv_attention_fwd
 from melt_kernels.kernels.launch import size_reason
 
 

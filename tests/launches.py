@@ -10,9 +10,8 @@ from dataclasses import dataclass
 import pytest
 
 KERNELS = {
-    "melt_kernels.kernels.gated_kv_attention_fwd": ("gated_kv_attention_fwd_kernel",
-                                                     "gated_kv_attention_merge_kernel"),
-    "melt_kernels.kernels.gated_kv_attention_bwd": ("_bwd_preprocess_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"),
+    "melt_kernels.kernels.fwd": ("decode_kernel", "blend_kernel", "chunk_attention_kernel", "merge_kernel"),
+    "melt_kernels.kernels.bwd": ("bwd_preprocess_kernel", "bwd_dkdv_kernel", "bwd_dq_kernel"),
 }
 
 

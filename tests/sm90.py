@@ -7,10 +7,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 # Argument names of the forward (upper case) and backward kernels, by the type a launch passes.
-DTYPE_POINTERS = {"Q", "K", "V", "KC", "VC", "O", "q", "k_cache", "v_cache", "k_new", "v_new", "dout", "out",
-                  "dk_cache", "dv_cache"}
-FP32_POINTERS = {"GK", "GV", "LSE", "O_PART", "LSE_PART", "lse", "delta", "dlse", "dk_new", "dv_new", "dq"}
-INT32_POINTERS = {"SEQLENS", "cache_seqlens", "BT", "block_table"}
+DTYPE_POINTERS = {"Q", "K", "V", "KC", "VC", "O", "KN", "VN", "KO", "VO", "q", "k_cache", "v_cache", "k_new",
+                  "v_new", "dout", "out", "dk_cache", "dv_cache", "BUF_K", "BUF_V", "DK", "DV"}
+FP32_POINTERS = {"GK", "GV", "LSE", "O_PART", "LSE_PART", "lse", "delta", "dlse", "dq", "dq_acc", "dk_new", "dv_new",
+                 "DK_ATTN", "DV_ATTN", "DGK", "DGV"}
+INT32_POINTERS = {"SEQLENS", "COUNTERS", "cache_seqlens", "BT", "block_table"}
 FP32_SCALARS = {"gk_alpha", "gk_beta", "gv_alpha", "gv_beta", "qk_scale", "softmax_scale"}
 
 

@@ -62,8 +62,9 @@ needs_kernels = pytest.mark.skipif(not (triton_interpreted() or torch.cuda.is_av
 
 
 @needs_kernels
-def test_forward_far_heads():
-    from melt_kernels.kernels.gated_kv_attention_fwd import gated_kv_attention_fwd
+@pytest.mark.parametrize("path", ["decode", "chunk"])
+def test_forward_far_heads(path):
+    from melt_kernels.kernels.fwd import gated_kv_attention_fwd
 
     t, lengths = _problem(0)
     gate = torch.rand(BATCH, SEQLEN_Q, HEADS, 1, generator=torch.Generator().manual_seed(1)).to(DEVICE)
@@ -71,7 +72,7 @@ def test_forward_far_heads():
     want = gated_kv_attention_ref_fwd(t["q"].double(), t["k"].double(), t["v"].double(), want_k, want_v, lengths,
                                       gate, gate, 0.25, True)
     got = gated_kv_attention_fwd(t["q"], t["k"], t["v"], t["k_cache"], t["v_cache"], lengths, gate, gate, 0.25,
-                                 True, None, block_r=16, block_n=16, split_len=16)
+                                 True, None, block_r=16, block_n=16, split_len=16, path=path)
     for g, w in zip(got, want):
         torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-5)
     assert torch.equal(t["k_cache"], want_k) and torch.equal(t["v_cache"], want_v)
@@ -82,7 +83,7 @@ def test_forward_far_heads():
 def test_backward_far_heads(bound):
     """Every gradient, the cache gradients added into far-head views too; ``bound`` SEQLEN_Q is a
     max_seqlen_k hint far too small (one prefix block that walks to L_b)."""
-    from melt_kernels.kernels.gated_kv_attention_bwd import gated_kv_attention_bwd
+    from melt_kernels.kernels.bwd import gated_kv_attention_bwd
 
     t, lengths = _problem(2)
     out, lse = gated_kv_attention_ref_fwd(t["q"], t["k"], t["v"], t["k_cache"], t["v_cache"], lengths, None, None,
@@ -107,18 +108,28 @@ _SCALAR_I32_STRIDE_PRODUCTS = r"""
 import json
 import re
 from sm90 import compile_sm90
-from melt_kernels.kernels import gated_kv_attention_bwd as b
-from melt_kernels.kernels import gated_kv_attention_fwd as f
+from melt_kernels.kernels import blend, bwd, chunk_fwd, decode, merge
+from melt_kernels.kernels.tile_ops import GATE_TENSOR
 
+side = dict(GATE_K=GATE_TENSOR, GATE_V=GATE_TENSOR, SAVE_NEW_K=True, SAVE_NEW_V=True, SAVE_OLD_K=True,
+            SAVE_OLD_V=True, PAGED=False, WIDE=False, FIX_BF16=False)
 common = dict(D=128, BD=128, UPCAST=False, WIDE=False, IS_CAUSAL=True, PAGED=False)
+gates = dict(GATE_K=GATE_TENSOR, GATE_V=GATE_TENSOR, GRAD_IN_K=True, GRAD_IN_V=True, UPDATE_K=True, UPDATE_V=True,
+             NEED_DGATE_K=True, NEED_DGATE_V=True, DGATE_ROWS_K=True, DGATE_ROWS_V=False)
 kernels = {
-    "fwd": (f.gated_kv_attention_fwd_kernel, dict(G=4, D=128, GATE_K=f.GATE_TENSOR, GATE_V=f.GATE_TENSOR,
-            CAUSAL=True, SEPARATE_OWNER=True, DIRECT=False, PAGED=False, PRECISION=None, FIX_BF16=False, BLOCK_R=64,
-            BLOCK_N=64, BLOCK_D=128), dict(num_warps=8, enable_fp_fusion=False)),
-    "merge": (f.gated_kv_attention_merge_kernel, dict(G=4, D=128, BLOCK_T=16, BLOCK_D=128, FIX_BF16=False), {}),
-    "preprocess": (b._bwd_preprocess_kernel, dict(D=128, BD=128, BM=32, HAS_DLSE=True, WIDE=False), {}),
-    "dkdv": (b._bwd_dkdv_kernel, dict(common, BM=32, BN=64, PREFIX_DK=True, PREFIX_DV=True), dict(num_warps=8)),
-    "dq": (b._bwd_dq_kernel, dict(common, BM=64, BN=32), dict(num_warps=8)),
+    "decode": (decode.decode_kernel, dict(side, G=4, D=128, CAUSAL=True, DIRECT=False, FOLD_MERGE=True,
+               PRECISION=None, BLOCK_R=64, BLOCK_N=64, BLOCK_D=128), dict(num_warps=4, enable_fp_fusion=False)),
+    "blend": (blend.blend_kernel, dict(side, D=128, BLOCK_N=16, BLOCK_D=128), dict(enable_fp_fusion=False)),
+    "chunk": (chunk_fwd.chunk_attention_kernel, dict(G=4, D=128, CAUSAL=True, DIRECT=False, PAGED=False, WIDE=False,
+              PRECISION=None, FIX_BF16=False, BLOCK_R=128, BLOCK_N=64, BLOCK_D=128), dict(num_warps=8)),
+    "merge": (merge.merge_kernel, dict(G=4, D=128, BLOCK_R=16, BLOCK_D=128, FIX_BF16=False), {}),
+    "preprocess": (bwd.bwd_preprocess_kernel, dict(D=128, BD=128, BM=32, HAS_DLSE=True, ZERO_DQ=True, WIDE=False),
+                   {}),
+    "dkdv": (bwd.bwd_dkdv_kernel, dict(common, BM=16, BN=128, PREFIX_DK=True, PREFIX_DV=True, DQ_ATOMIC=True),
+             dict(num_warps=8)),
+    "blend_bwd": (blend.blend_bwd_kernel, dict(gates, D=128, PAGED=False, WIDE=False, UPCAST=False, BLOCK_N=16,
+                  BLOCK_D=128), {}),
+    "dq": (bwd.bwd_dq_kernel, dict(common, BM=128, BN=64), dict(num_warps=8)),
 }
 found = {}
 for name, (fn, consts, options) in kernels.items():
@@ -137,7 +148,7 @@ def test_no_32_bit_stride_products_compiled():
                           text=True, timeout=600, cwd=os.path.dirname(__file__))
     assert done.returncode == 0, done.stderr[-4000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])
-    assert set(found) == {"fwd", "merge", "preprocess", "dkdv", "dq"}
+    assert set(found) == {"decode", "blend", "chunk", "merge", "preprocess", "dkdv", "dq", "blend_bwd"}
     # The IR names the arguments (%stride_kch); without that this test would see nothing.
     assert all(f["uses"] > 0 for f in found.values()), f"no stride argument found in the IR: {found}"
     assert not any(f["i32"] for f in found.values()), f"32-bit index * stride products: {found}"

@@ -1,7 +1,7 @@
 """bfloat16 rounding of the Triton kernels under the interpreter.
 
 The Triton interpreter (3.9) converts float32 to bfloat16 by truncation, not to nearest even as the GPU does.
-The kernels therefore round through ``_round`` (kernels/gated_kv_attention_fwd.py), which under the
+The kernels therefore round through ``round_to`` (kernels/tile_ops.py), which under the
 interpreter rounds to nearest even on the bits.  Truncation is biased (every value moves towards zero), and
 a bias adds up linearly in a reduction: in the backward it made the gradient of a broadcast gate (a sum over
 every token and channel) up to 10x less accurate under the interpreter than on a GPU (issue 13).
@@ -18,15 +18,15 @@ if not triton_interpreted():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from melt_kernels.kernels.gated_kv_attention_bwd import gated_kv_attention_bwd  # noqa: E402
-from melt_kernels.kernels.gated_kv_attention_fwd import _round  # noqa: E402
+from melt_kernels.kernels.bwd import gated_kv_attention_bwd  # noqa: E402
+from melt_kernels.kernels.tile_ops import round_to  # noqa: E402
 from melt_kernels.reference import gated_kv_attention_ref_bwd  # noqa: E402
 
 
 @triton.jit
 def _round_kernel(x, y, N: tl.constexpr):
     o = tl.arange(0, N)
-    tl.store(y + o, _round(tl.load(x + o), tl.bfloat16, True))
+    tl.store(y + o, round_to(tl.load(x + o), tl.bfloat16, True))
 
 
 def test_round_is_round_to_nearest_even():

@@ -5,8 +5,8 @@ run (tests/launches.py), on meta tensors (no memory, no kernel), so B = 2048 or 
   forward and the backward must be 1-D (x allows 2**31 - 1) at sizes a real call can have; a call beyond x's
   limit raises ValueError before anything is launched.
 * Device guard: every launch runs inside a guard for the tensors' device (Triton uses the current device).
-* Split-KV plans (SPEC 2.7): with lengths on the device and a max_seqlen_k hint, the plan is the one the exact
-  host lengths give, not the capacity's (S = 131072, L = 2000: 512 programs working, not 64).
+* Split-KV plans (docs/op.md#cuda-graphs-and-host-cost): with lengths on the device and a max_seqlen_k hint, the plan is the one the exact
+  host lengths give, not the capacity's (S = 131072, L = 2000: 320 programs working, not 64).
 """
 import contextlib
 import inspect
@@ -14,8 +14,8 @@ import inspect
 import pytest
 import torch
 
-import melt_kernels.kernels.gated_kv_attention_bwd as bwd_module
-import melt_kernels.kernels.gated_kv_attention_fwd as fwd_module
+import melt_kernels.kernels.bwd as bwd_module
+import melt_kernels.kernels.fwd as fwd_module
 from launches import Recorder
 from melt_kernels.autograd import run
 from melt_kernels.checks import check_inputs
@@ -23,8 +23,8 @@ from melt_kernels.kernels.launch import MAX_GRID, device_guard
 from melt_kernels.triton_backend import BACKEND as TRITON
 
 META = torch.device("meta")
-# Where the forward kernel takes its keys per prefix split (read before a Recorder replaces the kernel).
-_SPLIT_LEN = list(inspect.signature(fwd_module.gated_kv_attention_fwd_kernel.fn).parameters).index("SPLIT_LEN")
+# Where the decode kernel takes its keys per prefix split (read before a Recorder replaces the kernel).
+_SPLIT_LEN = list(inspect.signature(fwd_module.decode_kernel.fn).parameters).index("SPLIT_LEN")
 
 
 def _tensors(batch, seqlen_q, heads_q, heads_kv, head_dim, cache_len, device=META, dtype=torch.bfloat16):
@@ -36,13 +36,16 @@ def _tensors(batch, seqlen_q, heads_q, heads_kv, head_dim, cache_len, device=MET
 
 
 def _launch_all(recorder, batch, seqlen_q, heads_q, heads_kv, head_dim, cache_len, max_seqlen_k=None):
-    """The forward's and the backward's (with cache gradients) launches for one problem; returns the grids."""
+    """The forward's and the backward's (with cache gradients, both ways of making dQ) launches for one
+    problem; returns the grids."""
     q, k, v, k_cache, v_cache = _tensors(batch, seqlen_q, heads_q, heads_kv, head_dim, cache_len)
     lengths = torch.empty(batch, dtype=torch.int32, device=META)
     out, lse = fwd_module.gated_kv_attention_fwd(q, k, v, k_cache, v_cache, lengths, 0.5, None, 0.1, True,
                                                  max_seqlen_k)
-    bwd_module.gated_kv_attention_bwd(q, k_cache, v_cache, k, v, lengths, out, lse, torch.empty_like(out), None,
-                                      0.1, True, torch.empty_like(k_cache), torch.empty_like(v_cache), max_seqlen_k)
+    for deterministic in (False, True):
+        bwd_module.gated_kv_attention_bwd(q, k_cache, v_cache, k, v, lengths, out, lse, torch.empty_like(out), None,
+                                          0.1, True, torch.empty_like(k_cache), torch.empty_like(v_cache),
+                                          max_seqlen_k, deterministic=deterministic)
     return [(launch.kernel, launch.grid) for launch in recorder.launches]
 
 
@@ -61,17 +64,18 @@ def test_every_grid_fits_cuda_limits(monkeypatch, sizes):
     recorder = Recorder(monkeypatch)
     launched = _launch_all(recorder, *sizes)
     kernels = {name for name, _ in launched}
-    assert {"gated_kv_attention_fwd_kernel", "_bwd_preprocess_kernel", "_bwd_dkdv_kernel",
-            "_bwd_dq_kernel"} <= kernels
+    assert {"bwd_preprocess_kernel", "bwd_dkdv_kernel", "bwd_dq_kernel"} <= kernels
+    assert "decode_kernel" in kernels or {"blend_kernel", "chunk_attention_kernel"} <= kernels
     for name, grid in launched:
         assert all(1 <= n <= limit for n, limit in zip(grid, MAX_GRID)), f"{name}: grid {grid} beyond {MAX_GRID}"
 
 
 def test_too_large_for_one_launch_raises_before_launching(monkeypatch):
-    """B * Hq * M = 2**31 query rows: the merge would need 2**31 programs; nothing is launched."""
+    """B * Hkv = 2**29 over 1024-token chunks: the blend launch would need 2**35 programs; nothing is
+    launched."""
     recorder = Recorder(monkeypatch)
-    with pytest.raises(ValueError, match="gated_kv_attention_merge_kernel would need a grid"):
-        _launch_all(recorder, 2**16, 1024, 32, 32, 16, 2048)
+    with pytest.raises(ValueError, match="blend_kernel would need a grid"):
+        _launch_all(recorder, 2**23, 1024, 64, 64, 16, 2048)
     assert recorder.launches == []
 
 
@@ -121,12 +125,12 @@ def _fwd_plan(recorder, lengths, hint, batch=8, heads_q=32, heads_kv=8, cache_le
     q, k, v, k_cache, v_cache = _tensors(batch, 1, heads_q, heads_kv, 128, cache_len)
     with torch.no_grad():
         run(check_inputs(q, k, v, k_cache, v_cache, lengths, 0.5, max_seqlen_k=hint), TRITON)
-    main, = [launch for launch in recorder.launches if launch.kernel == "gated_kv_attention_fwd_kernel"]
+    main, = [launch for launch in recorder.launches if launch.kernel == "decode_kernel"]
     return main.grid[0], main.args[_SPLIT_LEN]
 
 
 def test_hint_plans_like_host_lengths(monkeypatch):
-    """S = 131072, every L_b = 2000, B * Hkv = 64 on a 132-SM GPU.  Host lengths: 8 splits of 256 keys, 512
+    """S = 131072, every L_b = 2000, B * Hkv = 64 on a 132-SM GPU.  Host lengths: 5 splits of 448 keys, 320
     programs all working.  Device lengths without a hint: a plan for 131071 keys, whose first split alone
     holds all 2000.  Device lengths with the hint L + M: the host plan."""
     monkeypatch.setattr(fwd_module, "num_sms", lambda device: 132)
@@ -134,7 +138,7 @@ def test_hint_plans_like_host_lengths(monkeypatch):
     host = torch.full((8,), 2000, dtype=torch.int32)
     device = host.to(META)
     programs, split_len = _fwd_plan(recorder, host, None)
-    assert programs == 512 and split_len * 8 >= 2000
+    assert programs == 64 * 5 and split_len * 5 >= 2000 > split_len * 4
     assert _fwd_plan(recorder, device, 2001) == (programs, split_len)
     assert _fwd_plan(recorder, host, 131072) == (programs, split_len)  # ignored: the host lengths are exact
     capacity_programs, capacity_split = _fwd_plan(recorder, device, None)
@@ -153,7 +157,7 @@ def test_backward_hint_plans_like_host_lengths(monkeypatch):
                                           q, None, 0.1, True, torch.empty_like(k_cache), None, bound)
         grids.append(recorder.grids())
     hinted, capacity = grids
-    assert hinted["_bwd_dkdv_kernel"][0] < capacity["_bwd_dkdv_kernel"][0] / 32
+    assert hinted["bwd_dkdv_kernel"][0] < capacity["bwd_dkdv_kernel"][0] / 32
 
 
 def test_positions_beyond_32_bits_are_not_for_the_kernels():

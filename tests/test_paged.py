@@ -171,7 +171,7 @@ def _launcher(backend):
     """The backend's forward launcher on CPU tensors (the CUDA kernels through the host emulator)."""
     if backend == "cuda":
         return lambda *args, **kw: cuda_backend.gated_kv_attention_fwd_emulated(*args, splits=2, **kw)
-    from melt_kernels.kernels.gated_kv_attention_fwd import gated_kv_attention_fwd
+    from melt_kernels.kernels.fwd import gated_kv_attention_fwd
     return lambda *args, **kw: gated_kv_attention_fwd(*args, block_n=16, block_r=16, split_len=16, **kw)
 
 

@@ -20,7 +20,6 @@ import torch
 
 from melt_kernels.backends import triton_interpreted
 from melt_kernels.checks import check_inputs
-from melt_kernels.reference import active_index
 from utils import bits, make_case
 
 try:
@@ -97,42 +96,54 @@ def test_triton_check_catches_planted_race(plant):
 # (batch, seqlen_q, heads_q, heads_kv, head_dim, cache_len, gate_kind, causal, dtype, block_r, split_len)
 # block_r 16 cuts M * G rows into several row blocks (the chunk path's separate owner program), split_len
 # several key splits; None lets the launcher choose.
+# The decode path's folded merge (the split that finishes last reads the others' partial results, ordered by
+# an atomic arrival counter) is communication this check cannot see (atomics are not logged): not run here.
 TRITON_CASES = [
-    (2, 1, 4, 2, 16, 70, "head", True, torch.float32, 16, 16),        # decode, GQA, 4 splits, owner = split 0
-    (3, 2, 3, 1, 24, 50, "float", False, torch.bfloat16, 16, 32),     # decode, MQA, 2 active tokens
-    (2, 20, 2, 1, 16, 60, "element", True, torch.float32, 16, 16),    # chunk: 3 row blocks x 3 splits + owner
-    (1, 9, 4, 2, 16, 45, "separate", False, torch.float16, 16, None),  # chunk, GQA, launcher's own splits
-    (2, 12, 2, 2, 32, 40, "none", True, torch.float32, 16, 16),       # write-through, MHA, row blocks
-    (2, 5, 4, 2, 16, 30, "broadcast", True, torch.bfloat16, None, 16),  # one gate per kv head, 2 splits
+    (2, 1, 4, 2, 16, 70, "head", True, torch.float32, 16, 16, "decode"),         # GQA, 4 splits, owner = split 0
+    (3, 2, 3, 1, 24, 50, "float", False, torch.bfloat16, 16, 32, "decode"),      # MQA, 2 active tokens
+    (2, 20, 2, 1, 16, 60, "element", True, torch.float32, 16, 16, "chunk"),      # blend, 3 row blocks x 4 splits
+    (1, 9, 4, 2, 16, 45, "separate", False, torch.float16, 16, None, "chunk"),   # GQA, launcher's own splits
+    (2, 12, 2, 2, 32, 40, "none", True, torch.float32, 16, 16, "chunk"),         # write-through, MHA, row blocks
+    (2, 5, 4, 2, 16, 30, "broadcast", True, torch.bfloat16, None, 16, "decode"),  # one gate per kv head, 2 splits
 ]
 
 
-def _triton_call(case, causal, block_r, split_len, seed):
-    """Forward launcher on ``case`` (caches updated in place), then the backward launcher on its results."""
-    from melt_kernels.kernels.gated_kv_attention_bwd import gated_kv_attention_bwd
-    from melt_kernels.kernels.gated_kv_attention_fwd import gated_kv_attention_fwd
+def _triton_call(case, causal, block_r, split_len, seed, path):
+    """Forward launcher on ``case`` (caches updated in place, the active slots' old and new values written
+    aside), then the backward launcher on its results with the blend's backward, deterministic (dQ by its own
+    kernel: the atomic dQ is not logged)."""
+    from melt_kernels.kernels.bwd import gated_kv_attention_bwd
+    from melt_kernels.kernels.fwd import gated_kv_attention_fwd
+    from melt_kernels.reference import BlendGrad
 
     p = check_inputs(*case.args(), causal=causal)
+    k_new, v_new, k_old, v_old = (torch.empty(p.k.shape, dtype=p.k.dtype) for _ in range(4))
     out, lse = gated_kv_attention_fwd(p.q, p.k, p.v, p.k_cache, p.v_cache, p.cache_seqlens, p.gate, p.gate_v,
                                       p.softmax_scale, causal, p.max_seqlen_k, block_r=block_r, block_n=16,
-                                      split_len=split_len)
-    index = active_index(p.cache_seqlens, tuple(p.k.shape))
-    k_new, v_new = p.k_cache.gather(1, index), p.v_cache.gather(1, index)
+                                      split_len=split_len, path=path, k_new=k_new, v_new=v_new,
+                                      k_old=k_old if p.gate is not None else None,
+                                      v_old=v_old if p.gate_v is not None else None)
+    if p.gate is None:
+        k_new, v_new = p.k, p.v
     gen = torch.Generator().manual_seed(seed)
     dout = torch.randn(out.shape, generator=gen).to(out.dtype)
     dlse = torch.randn(lse.shape, generator=gen)
-    # The cache gradients are added into buffers (the chain's, in autograd): here fresh zeros.
-    dk_cache, dv_cache = torch.zeros_like(p.k_cache), torch.zeros_like(p.v_cache)
+    # The cache gradients: what later uses gave the caches (here random), turned into the caches' gradient
+    # before the call in place.
+    dk_cache, dv_cache = (torch.randn(c.shape, generator=gen).to(c.dtype) for c in (p.k_cache, p.v_cache))
+    blend = BlendGrad(p.k, p.v, k_old, v_old, p.gate, p.gate_v, True, True, True, True)
     grads = gated_kv_attention_bwd(p.q, p.k_cache, p.v_cache, k_new, v_new, p.cache_seqlens, out, lse, dout, dlse,
-                                   p.softmax_scale, causal, dk_cache, dv_cache, p.max_seqlen_k)
-    results = (out, lse, p.k_cache, p.v_cache, *grads, dk_cache, dv_cache)
-    return results, dict(q=p.q, k=p.k, v=p.v, k_cache=p.k_cache, v_cache=p.v_cache, out=out, lse=lse)
+                                   p.softmax_scale, causal, dk_cache, dv_cache, p.max_seqlen_k, blend=blend,
+                                   deterministic=True)
+    results = (out, lse, p.k_cache, p.v_cache, *(g for g in grads if g is not None), dk_cache, dv_cache)
+    return results, dict(q=p.q, k=p.k, v=p.v, k_cache=p.k_cache, v_cache=p.v_cache, out=out, lse=lse,
+                         k_old=k_old, v_old=v_old, k_new=k_new, v_new=v_new, dk_cache=dk_cache, dv_cache=dv_cache)
 
 
-@pytest.mark.parametrize("batch,seqlen_q,heads_q,heads_kv,head_dim,cache_len,gate_kind,causal,dtype,block_r,split_len",
-                         TRITON_CASES)
+@pytest.mark.parametrize(
+    "batch,seqlen_q,heads_q,heads_kv,head_dim,cache_len,gate_kind,causal,dtype,block_r,split_len,path", TRITON_CASES)
 def test_triton_kernels_race_free(batch, seqlen_q, heads_q, heads_kv, head_dim, cache_len, gate_kind, causal, dtype,
-                                  block_r, split_len):
+                                  block_r, split_len, path):
     _skip_without_race_check()
     case = make_case(seqlen_q, batch=batch, seqlen_q=seqlen_q, heads_q=heads_q, heads_kv=heads_kv,
                      head_dim=head_dim, cache_len=cache_len, dtype=dtype, gate_kind=gate_kind, layout="padded")
@@ -140,9 +151,10 @@ def test_triton_kernels_race_free(batch, seqlen_q, heads_q, heads_kv, head_dim, 
     for order in ORDERS:
         copy = case.clone()
         with race_check.record_launches(order) as launches:
-            result, names = _triton_call(copy, causal, block_r, split_len, seqlen_q)
+            result, names = _triton_call(copy, causal, block_r, split_len, seqlen_q, path)
         kernels = [launch.kernel for launch in launches]
-        assert "gated_kv_attention_fwd_kernel" in kernels and "_bwd_dkdv_kernel" in kernels, kernels
+        assert {"decode": "decode_kernel", "chunk": "chunk_attention_kernel"}[path] in kernels, kernels
+        assert "bwd_dkdv_kernel" in kernels, kernels
         assert all(launch.reads > 0 and launch.writes > 0 for launch in launches)
         assert not any(launch.conflicts for launch in launches), \
             f"{order} order: {race_check.describe(launches, names)}"
@@ -207,7 +219,7 @@ def test_cuda_kernels_race_free(batch, seqlen_q, heads_q, heads_kv, head_dim, ga
     _same_results(results, "CUDA forward (emulated)")
 
 
-# --- paged caches (SPEC 2.6): rows' pages shuffled through one pool ----------------------------------------------
+# --- paged caches (docs/op.md#paged-caches): rows' pages shuffled through one pool ----------------------------------------------
 
 def _paged(case, page_size, seed):
     from utils import page_case
@@ -218,12 +230,13 @@ def _paged(case, page_size, seed):
     return p, paged
 
 
-@pytest.mark.parametrize("seqlen_q,heads_q,block_r,gate_kind", [(1, 4, None, "element"), (12, 4, 16, "head")])
-def test_triton_paged_kernels_race_free(seqlen_q, heads_q, block_r, gate_kind):
+@pytest.mark.parametrize("seqlen_q,heads_q,block_r,gate_kind,path", [(1, 4, None, "element", "decode"),
+                                                                     (12, 4, 16, "head", "chunk")])
+def test_triton_paged_kernels_race_free(seqlen_q, heads_q, block_r, gate_kind, path):
     """Forward and backward through a block table (decode; chunk with several row blocks), pages of 16."""
     _skip_without_race_check()
-    from melt_kernels.kernels.gated_kv_attention_bwd import gated_kv_attention_bwd
-    from melt_kernels.kernels.gated_kv_attention_fwd import gated_kv_attention_fwd
+    from melt_kernels.kernels.bwd import gated_kv_attention_bwd
+    from melt_kernels.kernels.fwd import gated_kv_attention_fwd
     from melt_kernels.reference import active_slots
 
     case = make_case(seqlen_q, batch=2, seqlen_q=seqlen_q, heads_q=heads_q, heads_kv=2, head_dim=16, cache_len=64,
@@ -236,17 +249,17 @@ def test_triton_paged_kernels_race_free(seqlen_q, heads_q, block_r, gate_kind):
         with race_check.record_launches(order) as launches:
             out, lse = gated_kv_attention_fwd(p.q, p.k, p.v, p.k_cache, p.v_cache, p.cache_seqlens, p.gate, p.gate_v,
                                               p.softmax_scale, True, p.max_seqlen_k, block_r=block_r, block_n=16,
-                                              split_len=16, **table)
+                                              split_len=16, path=path, **table)
             slots = active_slots(p.cache_seqlens, seqlen_q, p.k_cache, paged.block_table)
             dk_cache, dv_cache = torch.zeros_like(p.k_cache), torch.zeros_like(p.v_cache)
             gen = torch.Generator().manual_seed(seqlen_q)
             grads = gated_kv_attention_bwd(p.q, p.k_cache, p.v_cache, p.k_cache[slots], p.v_cache[slots],
                                            p.cache_seqlens, out, lse, torch.randn(out.shape, generator=gen),
                                            torch.randn(lse.shape, generator=gen), p.softmax_scale, True, dk_cache,
-                                           dv_cache, p.max_seqlen_k, **table)
+                                           dv_cache, p.max_seqlen_k, **table, deterministic=True)
         names = dict(q=p.q, k=p.k, v=p.v, k_cache=p.k_cache, v_cache=p.v_cache, out=out, lse=lse,
                      block_table=paged.block_table)
-        assert "_bwd_dkdv_kernel" in [launch.kernel for launch in launches]
+        assert "bwd_dkdv_kernel" in [launch.kernel for launch in launches]
         assert not any(launch.conflicts for launch in launches), \
             f"{order} order: {race_check.describe(launches, names)}"
         results.append((out, lse, p.k_cache, p.v_cache, *grads, dk_cache, dv_cache))
@@ -275,7 +288,7 @@ def test_cuda_paged_kernels_race_free(seqlen_q, heads_q, splits):
 
 @needs_emulator
 def test_cuda_recording_sees_aliased_active_pages():
-    """Two rows whose tables put their active slots in one page (which the host check refuses, SPEC 2.6): the
+    """Two rows whose tables put their active slots in one page (which the host check refuses, docs/op.md#paged-caches): the
     recording reports the write/write race, so the paged tests above would see a kernel that aliased pages."""
     case = make_case(1, batch=2, seqlen_q=1, heads_q=2, heads_kv=1, head_dim=64, cache_len=64, dtype=torch.float16,
                      gate_kind="head")

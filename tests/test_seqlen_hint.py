@@ -11,7 +11,7 @@ import torch
 
 import melt_kernels
 import melt_kernels.checks as checks
-import melt_kernels.kernels.gated_kv_attention_fwd as fwd_module
+import melt_kernels.kernels.fwd as fwd_module
 from melt_kernels.backends import triton_interpreted
 from melt_kernels.checks import check_inputs
 from utils import make_case
@@ -57,13 +57,14 @@ def _chain_run(case, backend, hint):
 @pytest.mark.skipif(not (triton_interpreted() or torch.cuda.is_available()),
                     reason="the Triton kernels need a GPU, or the interpreter on the CPU")
 @pytest.mark.parametrize("hint", ["exact", "small", "large", "none"])
-def test_wrong_hints_never_change_the_result(monkeypatch, hint):
-    """Forward (decode-sized and chunk paths) and backward through the op, device lengths, the hint exact,
-    far too small (no prefix split at all), too large or absent: the reference's results."""
+@pytest.mark.parametrize("path", ["decode", "chunk"])
+def test_wrong_hints_never_change_the_result(monkeypatch, hint, path):
+    """Forward (decode and chunk paths) and backward through the op, device lengths, the hint exact, far too
+    small (no prefix split at all), too large or absent: the reference's results."""
     monkeypatch.setattr(checks, "lengths_on_host", lambda lengths: False)
-    plan = fwd_module._plan
-    monkeypatch.setattr(fwd_module, "_plan", lambda *a, **kw: plan(*a, **dict(kw, block_n=16, block_r=16,
-                                                                                split_len=16)))
+    plan = fwd_module.plan_forward
+    tiles = dict(block_n=16, split_len=16, path=path, **({"block_r": 16} if path == "chunk" else {}))
+    monkeypatch.setattr(fwd_module, "plan_forward", lambda *a, **kw: plan(*a, **dict(kw, **tiles)))
     case = make_case(5, batch=BATCH, seqlen_q=SEQLEN_Q, heads_q=HEADS_Q, heads_kv=HEADS_KV, head_dim=HEAD_DIM,
                      cache_len=CACHE_LEN, device=DEVICE)
     case.cache_seqlens = torch.tensor(LENGTHS, dtype=torch.int32, device=DEVICE)

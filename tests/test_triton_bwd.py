@@ -1,15 +1,18 @@
-"""The Triton backward (kernels/gated_kv_attention_bwd.py) against the reference.
+"""The Triton backward (kernels/bwd.py) against the reference.
 
 Without a GPU the kernels run under the Triton interpreter on CPU tensors (TRITON_INTERPRET=1); there the
 launcher takes 16-wide tiles and cuts the dQ pass's prefix in two, so the tiny shapes below run several
-key and query blocks of the prefix and of the active slots, partial blocks, and the split-dQ reduction.  With
+key and query blocks of the prefix and of the active slots, partial blocks, and the split-dQ reduction; every
+launcher test runs both ways of making dQ (atomically in the dK/dV kernel, and the deterministic dQ kernel).  With
 a GPU (and no interpreter) the same tests run compiled on CUDA tensors; the `gpu` tests add realistic sizes,
 64-bit offsets and a determinism check.  Without a GPU, the kernels are still compiled for sm_90 in the
 configurations the launcher picks there.
 
 * The launcher alone, against ``gated_kv_attention_ref_bwd`` (float64): dq, dk/dv of the active slots and
   the cache gradients, with and without dlse, with and without the cache gradient, with host-known and
-  device-only lengths, every layout, head_dim from 16 to 256 (padded ones included), GQA/MQA, both masks.
+  device-only lengths, every layout, head_dim from 16 to 256 (padded ones included), GQA/MQA, both masks;
+  and with the blend's backward folded in (``blend=``), every gate kind, the cache gradient updated,
+  read-only or absent.
 * Through the op (backend="triton", forward kernels included): T loops x C chunks on one cache, every
   gradient (q, k, v and gates of each step, the caches' values before the first call) against the
   out-of-place functional definition in float64.
@@ -43,15 +46,15 @@ from grad_utils import (attention_low_precision, chain_grads, grad_names, loss_w
                         run_functional, run_in_place, stored_output_effect, term_norms)
 from melt_kernels.backends import triton_interpreted
 from melt_kernels.checks import check_inputs
-from melt_kernels.reference import (active_index, attention, gated_kv_attention_ref_bwd, gated_kv_attention_ref_fwd,
-                                    splice)
+from melt_kernels.reference import (BlendGrad, active_index, attention, gated_kv_attention_ref_bwd,
+                                    gated_kv_attention_ref_fwd, splice)
 from utils import GATE_KINDS, LAYOUTS, Case, assert_within_rule, bits, make_case, max_err
 
 if not (triton_interpreted() or torch.cuda.is_available()):
     pytest.skip("the Triton kernels need a CUDA device, or TRITON_INTERPRET=1 to run on the CPU",
                 allow_module_level=True)
 
-from melt_kernels.kernels.gated_kv_attention_bwd import gated_kv_attention_bwd  # noqa: E402
+from melt_kernels.kernels.bwd import gated_kv_attention_bwd  # noqa: E402
 
 DEVICE = "cpu" if triton_interpreted() else "cuda"
 FP32_TOL = dict(atol=1e-5, rtol=1e-5)
@@ -88,10 +91,10 @@ def _bwd_problem(case, causal, seed, with_dlse, host_lengths, cache_grad=None):
             causal, *buffers, p.max_seqlen_k if host_lengths else None], prefix
 
 
-def _run(fn, args):
+def _run(fn, args, **kwargs):
     """(dq, dk_new, dv_new, dk_cache, dv_cache) of a launcher: the cache gradients are the buffers of
     ``args`` after the call (None when not given)."""
-    return list(fn(*args)) + args[12:14]
+    return list(fn(*args, **kwargs)) + args[12:14]
 
 
 def _exact_args(args):
@@ -130,15 +133,15 @@ def _case(params, dtype):
 
 
 @given(params=problem_params, causal=st.booleans(), with_dlse=st.booleans(),
-       cache_grad=st.sampled_from([None, "zeros", "random"]), host_lengths=st.booleans())
-def test_launcher_matches_reference(params, causal, with_dlse, cache_grad, host_lengths):
+       cache_grad=st.sampled_from([None, "zeros", "random"]), host_lengths=st.booleans(), deterministic=st.booleans())
+def test_launcher_matches_reference(params, causal, with_dlse, cache_grad, host_lengths, deterministic):
     """Every gradient against the float64 reference; the cache gradients are added into the given buffers at
     positions < L_b and leave every other position bit-identical."""
     case = _case(params, torch.float32)
     args, prefix = _bwd_problem(case, causal, params["seed"], with_dlse, host_lengths, cache_grad)
     exact = _exact_args(args)
     before = [None if b is None else b.clone() for b in args[12:14]]
-    got = _run(gated_kv_attention_bwd, args)
+    got = _run(gated_kv_attention_bwd, args, deterministic=deterministic)
     want = _run(gated_kv_attention_ref_bwd, exact)
     for name, g, w in zip(NAMES, got, want):
         if w is None:
@@ -152,15 +155,15 @@ def test_launcher_matches_reference(params, causal, with_dlse, cache_grad, host_
 
 
 @given(params=problem_params, causal=st.booleans(), with_dlse=st.booleans(),
-       dtype=st.sampled_from([torch.float16, torch.bfloat16]))
-def test_launcher_low_precision(params, causal, with_dlse, dtype):
+       dtype=st.sampled_from([torch.float16, torch.bfloat16]), deterministic=st.booleans())
+def test_launcher_low_precision(params, causal, with_dlse, dtype, deterministic):
     case = _case(params, dtype)
     args, _ = _bwd_problem(case, causal, params["seed"], with_dlse, host_lengths=True, cache_grad="zeros")
     # The references first: the launcher adds into the buffers of ``args``.
     exact = _run(gated_kv_attention_ref_bwd, _exact_args(args))
     low = _low_precision_bwd(args)
     allowances = _stored_output_effect(args)
-    got = _run(gated_kv_attention_bwd, args)
+    got = _run(gated_kv_attention_bwd, args, deterministic=deterministic)
     for name, g, w, lo, allowance in zip(NAMES, got, exact, low, allowances):
         _assert_rule(g, w, lo, dtype, name, allowance=allowance)
 
@@ -179,27 +182,65 @@ def _stored_output_effect(args):
 
 
 @pytest.mark.parametrize("head_dim", [16, 40, 128, 256])
-def test_launcher_head_dims(head_dim):
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_launcher_head_dims(head_dim, deterministic):
     """The extremes of head_dim and a padded one, on a problem spanning several blocks each way."""
     case = make_case(head_dim, batch=2, seqlen_q=18, heads_q=4, heads_kv=2, head_dim=head_dim, cache_len=40,
                      device=DEVICE)
     args, _ = _bwd_problem(case, True, head_dim, with_dlse=True, host_lengths=True, cache_grad="random")
     want = _run(gated_kv_attention_ref_bwd, _exact_args(args))
-    for name, g, w in zip(NAMES, _run(gated_kv_attention_bwd, args), want):
+    for name, g, w in zip(NAMES, _run(gated_kv_attention_bwd, args, deterministic=deterministic), want):
         torch.testing.assert_close(g.double(), w, **FP32_TOL, msg=lambda m: f"{name}: {m}")
 
 
 def test_launcher_wide_offsets(monkeypatch):
     """The 64-bit in-slice offsets taken for slices spanning 2**31 elements (forced here on a small problem;
     test_int64_offsets_of_huge_strides runs them for real)."""
-    import melt_kernels.kernels.gated_kv_attention_bwd as module
-    monkeypatch.setattr(module, "_needs_wide_offsets", lambda tensors, block: True)
+    import melt_kernels.kernels.bwd as module
+    monkeypatch.setattr(module, "needs_wide_offsets", lambda tensors, block, pools=(): True)
     case = make_case(3, batch=2, seqlen_q=18, heads_q=2, heads_kv=1, head_dim=24, cache_len=40, device=DEVICE,
                      layout="padded")
     args, _ = _bwd_problem(case, True, 3, with_dlse=True, host_lengths=False, cache_grad="random")
     want = _run(gated_kv_attention_ref_bwd, _exact_args(args))
     for name, g, w in zip(NAMES, _run(gated_kv_attention_bwd, args), want):
         torch.testing.assert_close(g.double(), w, **FP32_TOL, msg=lambda m: f"{name}: {m}")
+
+
+@given(params=problem_params, causal=st.booleans(), with_dlse=st.booleans(),
+       cache_grad=st.sampled_from([None, "read", "update_k", "update_both"]), need_gates=st.booleans(),
+       deterministic=st.booleans())
+def test_launcher_blend_matches_reference(params, causal, with_dlse, cache_grad, need_gates, deterministic):
+    """The blend's backward folded into the dK/dV kernel (``blend=``) against the reference's: the fresh
+    values' and the gates' gradients, and the cache gradient buffers updated in place (attention's prefix
+    gradient added, the active slots replaced by the old values' gradient), read at the active slots only,
+    or absent; float32 against float64."""
+    case = _case(params, torch.float32)
+    args, _ = _bwd_problem(case, causal, params["seed"], with_dlse, True,
+                                None if cache_grad is None else "random")
+    p = check_inputs(*case.args(), causal=causal)
+    gen = torch.Generator().manual_seed(params["seed"] + 1)
+    k_old, v_old = (torch.randn(p.k.shape, generator=gen).to(DEVICE) for _ in range(2))
+    updates = {None: (False, False), "read": (False, False), "update_k": (True, False),
+               "update_both": (True, True)}[cache_grad]
+    blend = BlendGrad(p.k, p.v, k_old, v_old, p.gate, p.gate_v, need_gates, need_gates, *updates)
+    exact = _exact_args(args)
+    exact_blend = BlendGrad(*(t.double() if isinstance(t, torch.Tensor) else t for t in blend))
+    before = [None if b is None else b.clone() for b in args[12:14]]
+    got = gated_kv_attention_bwd(*args, blend=blend, deterministic=deterministic)
+    want = gated_kv_attention_ref_bwd(*exact, blend=exact_blend)
+    names = ("dq", "dk", "dv", "dgate", "dgate_v")
+    for name, g, w in zip(names, got, want):
+        if w is None:
+            assert g is None, f"{name} returned though not asked for"
+            continue
+        torch.testing.assert_close(g.double(), w, **FP32_TOL, msg=lambda m: f"{name}: {m}")
+    for name, g, w, b, update in zip(("dk_cache", "dv_cache"), args[12:14], exact[12:14], before, updates):
+        if b is None:
+            continue
+        if update:
+            torch.testing.assert_close(g.double(), w, **FP32_TOL, msg=lambda m: f"{name}: {m}")
+        else:
+            assert torch.equal(bits(g), bits(b)), f"{name} was written though only read"
 
 
 chain_params = st.fixed_dictionaries(dict(
@@ -275,25 +316,29 @@ def test_chained_low_precision(params, causal, dtype):
 # picks on a GPU: the interpreter runs Python, so only a real compile catches what the compiler rejects.
 _COMPILE_SM90 = r"""
 import torch
-import triton
 from sm90 import compile_sm90
-from melt_kernels.kernels import gated_kv_attention_bwd as m
+from melt_kernels.kernels import blend, bwd as m
+from melt_kernels.kernels.tile_ops import GATE_NONE, GATE_TENSOR
 
 NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-for dtype, head_dim, causal, wide, paged in [(torch.bfloat16, 128, True, True, False),
-                                            (torch.float16, 256, False, False, False),
-                                            (torch.float32, 48, True, False, False),
-                                            (torch.bfloat16, 128, True, False, True)]:
-    block_d = triton.next_power_of_2(head_dim)
-    t = m._tiles(block_d, 256, dtype, False)
+for dtype, head_dim, causal, wide, paged, atomic in [(torch.bfloat16, 128, True, True, False, True),
+                                                     (torch.float16, 256, False, False, False, False),
+                                                     (torch.float32, 48, True, False, False, True),
+                                                     (torch.bfloat16, 128, True, False, True, False)]:
+    p = m.plan_bwd(head_dim, 256, dtype, False, deterministic=not atomic)
+    block_d = max(16, 1 << (head_dim - 1).bit_length())
     common = dict(D=head_dim, BD=block_d, IS_CAUSAL=causal, PAGED=paged, UPCAST=False, WIDE=wide)
-    compile_sm90(m._bwd_dkdv_kernel, NAMES[dtype], dict(common, BM=t["BM_KV"], BN=t["BN_KV"], PREFIX_DK=True,
-                                                        PREFIX_DV=not causal), num_warps=t["warps_kv"],
-                 num_stages=t["stages_kv"])
-    compile_sm90(m._bwd_dq_kernel, NAMES[dtype], dict(common, BM=t["BM_Q"], BN=t["BN_Q"]), num_warps=t["warps_q"],
-                 num_stages=t["stages_q"])
-    compile_sm90(m._bwd_preprocess_kernel, NAMES[dtype], dict(D=head_dim, BD=block_d, BM=t["BM_PRE"],
-                                                              HAS_DLSE=causal, WIDE=False), num_warps=4)
+    compile_sm90(m.bwd_dkdv_kernel, NAMES[dtype], dict(
+        common, BM=p.block_m_kv, BN=p.block_n_kv, PREFIX_DK=True, PREFIX_DV=not causal, DQ_ATOMIC=p.dq_atomic),
+        num_warps=p.warps_kv, num_stages=p.stages_kv)
+    compile_sm90(blend.blend_bwd_kernel, NAMES[dtype], dict(
+        D=head_dim, GATE_K=GATE_TENSOR, GATE_V=GATE_NONE, GRAD_IN_K=True, GRAD_IN_V=causal, UPDATE_K=True,
+        UPDATE_V=causal, NEED_DGATE_K=True, NEED_DGATE_V=False, DGATE_ROWS_K=causal, DGATE_ROWS_V=False,
+        PAGED=paged, WIDE=wide, UPCAST=False, BLOCK_N=blend.BLOCK_SLOTS, BLOCK_D=block_d), num_warps=4)
+    compile_sm90(m.bwd_dq_kernel, NAMES[dtype], dict(common, BM=p.block_m_q, BN=p.block_n_q), num_warps=p.warps_q,
+                 num_stages=p.stages_q)
+    compile_sm90(m.bwd_preprocess_kernel, NAMES[dtype], dict(D=head_dim, BD=block_d, BM=p.block_m_pre,
+                                                             HAS_DLSE=causal, ZERO_DQ=atomic, WIDE=False), num_warps=4)
 """
 
 
@@ -309,7 +354,7 @@ def test_kernels_compile_for_sm90():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_realistic_sizes_and_determinism(dtype):
     """A training chunk over a long prefix (M = 128, L up to 1000, D = 128, GQA 4): the 2x rule for every
-    gradient, and bit-identical results on a rerun (no atomics)."""
+    gradient, and bit-identical results on a rerun in deterministic mode (no atomics)."""
     case = make_case(7, batch=2, seqlen_q=128, heads_q=8, heads_kv=2, head_dim=128, cache_len=1200, dtype=dtype,
                      device="cuda")
     args, _ = _bwd_problem(case, True, 7, with_dlse=True, host_lengths=False, cache_grad="zeros")
@@ -317,8 +362,8 @@ def test_gpu_realistic_sizes_and_determinism(dtype):
     low = _low_precision_bwd(args)
     allowances = _stored_output_effect(args)
     again_args = args[:12] + [torch.zeros_like(b) for b in args[12:14]] + args[14:]
-    got = _run(gated_kv_attention_bwd, args)
-    again = _run(gated_kv_attention_bwd, again_args)
+    got = _run(gated_kv_attention_bwd, args, deterministic=True)
+    again = _run(gated_kv_attention_bwd, again_args, deterministic=True)
     for name, g, g2, w, lo, allowance in zip(NAMES, got, again, exact, low, allowances):
         assert torch.equal(g, g2), f"{name} differs between two runs"
         _assert_rule(g, w, lo, dtype, name, allowance=allowance)

@@ -1,7 +1,8 @@
-"""The Triton forward kernels (kernels/gated_kv_attention_fwd.py) against the reference.
+"""The Triton forward (kernels/fwd.py: the decode and chunk paths) against the reference.
 
 On a machine without a GPU they run under the Triton interpreter on CPU tensors (TRITON_INTERPRET=1), with
-tiny shapes and tiles forced small so that split-KV and the chunk path's several row blocks are exercised.
+tiny shapes and tiles forced small so that split-KV and the chunk path's several row blocks are exercised, and
+each problem run by the path it would take and by the chunk path (which small problems never take by default).
 With a GPU (and no interpreter) the same tests run compiled on CUDA tensors, and the `gpu` tests add
 realistic sizes and a determinism check.
 
@@ -30,13 +31,25 @@ if not (triton_interpreted() or torch.cuda.is_available()):
     pytest.skip("the Triton kernels need a CUDA device, or TRITON_INTERPRET=1 to run on the CPU",
                 allow_module_level=True)
 
-from melt_kernels.kernels.gated_kv_attention_fwd import (  # noqa: E402  (needs TRITON_INTERPRET set first)
-    gated_kv_attention_fwd, num_sms, plan_launch)
+from melt_kernels.kernels.decode import DECODE_ROWS, DecodePlan  # noqa: E402  (needs TRITON_INTERPRET first)
+from melt_kernels.kernels.fwd import gated_kv_attention_fwd, num_sms, path_of, plan_forward  # noqa: E402
 
 DEVICE = "cpu" if triton_interpreted() else "cuda"
 FP32_TOL = dict(atol=1e-5, rtol=1e-5)
-# Tiles small enough that a few dozen cache positions make several splits and several row blocks.
-SMALL = dict(block_n=16, block_r=16, split_len=16)
+
+
+def small(case, path=None):
+    """Tiles small enough that a few dozen cache positions make several splits and several row blocks: 16-row
+    tiles on the chunk path, the fewest rows that hold a decode call's on the decode path."""
+    b, m, hq, d = case.q.shape
+    rows = m * (hq // case.k.shape[2])
+    if (path or path_of(m, hq, case.k.shape[2])) == "decode":
+        return dict(block_n=16, split_len=16, block_r=max(16, 1 << (rows - 1).bit_length()), path="decode")
+    return dict(block_n=16, split_len=16, block_r=16, path="chunk")
+
+
+# The paths a problem can take: its own, and the chunk path whatever its size.
+paths = st.sampled_from([None, "chunk"])
 
 
 def _launch(fn, case, causal, softmax_scale=None, **overrides):
@@ -49,8 +62,8 @@ def _launch(fn, case, causal, softmax_scale=None, **overrides):
 def _plan(case, **overrides):
     b, m, hq, d = case.q.shape
     s = case.k_cache.shape[1]
-    return plan_launch(b, m, hq, case.k.shape[2], d, s - m, num_sms(case.q.device), case.q.element_size(),
-                       **overrides)
+    return plan_forward(b, m, hq, case.k.shape[2], d, s - m, num_sms(case.q.device), case.q.element_size(),
+                        **overrides)
 
 
 def check_against_reference(case, causal, softmax_scale=None, **overrides):
@@ -81,45 +94,58 @@ def check_against_reference(case, causal, softmax_scale=None, **overrides):
     assert_untouched(before_v, case.v_cache, mask)
 
 
+def _overrides(case, small_tiles, path):
+    return small(case, path) if small_tiles else ({} if path is None else dict(path=path))
+
+
 @given(case_params(max_seqlen_q=12, dtypes=(torch.float32,), head_dims=(16, 24, 32), max_extra=40), st.booleans(),
-       st.sampled_from([None, 0.3]))
-def test_float32_matches_reference(params, small_tiles, softmax_scale):
+       st.sampled_from([None, 0.3]), paths)
+def test_float32_matches_reference(params, small_tiles, softmax_scale, path):
     causal = params.pop("causal")
-    check_against_reference(make_case(device=DEVICE, **params), causal, softmax_scale, **(SMALL if small_tiles else {}))
+    case = make_case(device=DEVICE, **params)
+    check_against_reference(case, causal, softmax_scale, **_overrides(case, small_tiles, path))
 
 
-@given(case_params(dtypes=(torch.float16, torch.bfloat16), head_dims=(16, 32), max_extra=40), st.booleans())
-def test_half_precision_within_rule(params, small_tiles):
+@given(case_params(dtypes=(torch.float16, torch.bfloat16), head_dims=(16, 32), max_extra=40), st.booleans(), paths)
+def test_half_precision_within_rule(params, small_tiles, path):
     causal = params.pop("causal")
-    check_against_reference(make_case(device=DEVICE, **params), causal, **(SMALL if small_tiles else {}))
+    case = make_case(device=DEVICE, **params)
+    check_against_reference(case, causal, **_overrides(case, small_tiles, path))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads_q,heads_kv", [(4, 4), (6, 2), (4, 1)])
-def test_decode_split_kv(dtype, heads_q, heads_kv):
-    """M = 1 over a cache cut into several splits merged by their lse (MHA, GQA, MQA), rows of unequal length."""
+@pytest.mark.parametrize("fold_merge", [False, True])
+def test_decode_split_kv(dtype, heads_q, heads_kv, fold_merge):
+    """M = 1 over a cache cut into several splits merged by their lse (MHA, GQA, MQA), rows of unequal length,
+    by a merge launch or by the split that finishes last."""
     case = make_case(11, batch=3, seqlen_q=1, heads_q=heads_q, heads_kv=heads_kv, head_dim=32, cache_len=75,
                      dtype=dtype, device=DEVICE, gate_kind="head")
-    plan = _plan(case, **SMALL)
-    assert plan.row_blocks == 1 and plan.splits > 3 and not plan.direct
-    check_against_reference(case, True, **SMALL)
+    overrides = dict(small(case), fold_merge=fold_merge)
+    plan = _plan(case, **overrides)
+    assert isinstance(plan, DecodePlan) and plan.splits > 3 and plan.fold_merge == fold_merge
+    check_against_reference(case, True, **overrides)
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_chunk_several_row_blocks(causal):
-    """M * G rows over several row blocks: the owner program serves all of them over the active keys."""
-    case = make_case(12, batch=2, seqlen_q=19, heads_q=4, heads_kv=2, head_dim=16, cache_len=52,
+@pytest.mark.parametrize("seqlen_q,split_len", [(19, 16), (19, 48), (40, 16)])
+def test_chunk_row_blocks_and_splits(causal, seqlen_q, split_len):
+    """M * G rows over several row blocks, their keys in several splits (a split that some rows of a block do
+    not reach included) or one (the output written directly)."""
+    case = make_case(12, batch=2, seqlen_q=seqlen_q, heads_q=4, heads_kv=2, head_dim=16, cache_len=seqlen_q + 33,
                      device=DEVICE, gate_kind="element", layout="padded")
-    plan = _plan(case, **SMALL)
-    assert plan.row_blocks > 2 and plan.separate_owner and plan.splits > 1
-    check_against_reference(case, causal, **SMALL)
+    overrides = dict(small(case, "chunk"), split_len=split_len)
+    plan = _plan(case, **overrides)
+    assert plan.row_blocks > 2 and plan.splits > 1
+    check_against_reference(case, causal, **overrides)
 
 
 @pytest.mark.parametrize("gate_kind,layout", [(g, LAYOUTS[i % len(LAYOUTS)]) for i, g in enumerate(GATE_KINDS)])
 def test_gate_kinds_and_layouts(gate_kind, layout):
     case = make_case(13, batch=2, seqlen_q=3, heads_q=4, heads_kv=2, head_dim=16, cache_len=30, device=DEVICE,
                      gate_kind=gate_kind, layout=layout)
-    check_against_reference(case, True, **SMALL)
+    for path in ("decode", "chunk"):
+        check_against_reference(case.clone(), True, **small(case, path))
 
 
 @pytest.mark.parametrize("head_dim", [24, 80])
@@ -142,7 +168,8 @@ def test_write_through_never_reads_old_slot():
     mask = active_mask(case.cache_seqlens, 2, 2, 12).to(DEVICE)
     case.k_cache[mask] = float("nan")
     case.v_cache[mask] = float("nan")
-    check_against_reference(case, True, **SMALL)
+    for path in ("decode", "chunk"):
+        check_against_reference(case.clone(), True, **small(case, path))
 
 
 def test_public_op_through_triton_backend():
@@ -169,7 +196,8 @@ def test_public_op_gradients_through_triton_forward():
 
 
 @pytest.mark.parametrize("lengths", [(-7, 100), (2**30, -(2**30))])
-def test_bad_lengths_stay_inside_the_cache(lengths):
+@pytest.mark.parametrize("path", ["decode", "chunk"])
+def test_bad_lengths_stay_inside_the_cache(lengths, path):
     """Lengths the host never checked (as with a CUDA tensor) are clamped to [0, S - M] inside the kernel:
     nothing around the caches is read (the NaN guard would show in the output) or written."""
     batch, seqlen_q, heads_kv, head_dim, cache_len, pad = 2, 3, 2, 16, 20, 4
@@ -188,7 +216,7 @@ def test_bad_lengths_stay_inside_the_cache(lengths):
 
     bad = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
     out, lse = gated_kv_attention_fwd(case.q, case.k, case.v, k_view, v_view, bad, case.gate, case.gate, 0.25, True,
-                                      None, **SMALL)
+                                      None, **small(case, path))
 
     assert torch.equal(bits(k_guarded)[outside.cpu()], before[0])
     assert torch.equal(bits(v_guarded)[outside.cpu()], before[1])
@@ -200,38 +228,58 @@ def test_bad_lengths_stay_inside_the_cache(lengths):
     assert torch.equal(k_view, case.k_cache) and torch.equal(v_view, case.v_cache)
 
 
-def test_plan_fills_a_large_gpu():
-    """Pure host logic: decode with a small batch is split to give 132 SMs several programs each; chunk
-    prefill with a large batch is not split; M * G rows beyond one tile make several row blocks."""
-    decode = plan_launch(1, 1, 32, 8, 128, 32768, 132)
-    assert decode.row_blocks == 1 and decode.splits * 8 >= 3 * 132 and decode.split_len % decode.block_n == 0
-    big_batch = plan_launch(64, 1, 16, 16, 128, 8192, 132)
+def test_plans_fill_a_large_gpu():
+    """Pure host logic.  Decode with a small batch is split to give 132 SMs two programs each, none shorter
+    than two key tiles; with a large batch not at all.  A chunk's row blocks are split only when they do not
+    fill a wave, and then to about one wave; the heaviest headline chunks are not split.  Rows beyond one
+    decode program take the chunk path."""
+    decode = plan_forward(1, 1, 32, 8, 128, 32768, 132)
+    assert isinstance(decode, DecodePlan) and 132 < decode.splits * 8 <= 2 * 132
+    assert decode.split_len % decode.block_n == 0
+    assert decode.block_r == 16 * decode.num_warps  # warps along the rows
+    short = plan_forward(1, 1, 16, 16, 128, 1023, 132)
+    assert short.splits == 8 and short.split_len == 2 * short.block_n
+    big_batch = plan_forward(64, 1, 16, 16, 128, 8192, 132)
     assert big_batch.splits == 1 and big_batch.direct
-    chunk = plan_launch(8, 512, 32, 8, 128, 8192, 132)
-    assert chunk.row_blocks == 16 and chunk.separate_owner and chunk.splits == 1
-    assert plan_launch(1, 1, 16, 16, 256, 0, 132).splits == 1
+    assert not isinstance(plan_forward(1, DECODE_ROWS + 1, 1, 1, 128, 0, 132), DecodePlan)
+    chunk = plan_forward(8, 512, 32, 8, 128, 8192, 132)
+    assert chunk.row_blocks == 16 and chunk.splits == 1
+    assert plan_forward(4, 500, 16, 16, 128, 4500, 132).splits == 1  # 256 programs: two waves, no split
+    lone = plan_forward(1, 500, 16, 16, 128, 9500, 132)  # 64 programs: two splits make one wave
+    assert lone.splits == 2 and 16 * 4 * lone.splits <= 132
+    assert plan_forward(1, 1, 16, 16, 256, 0, 132).splits == 1
 
 
-# Compiles both kernels for sm_90 with this machine's Triton, no GPU needed: the interpreter runs Python, so
-# only a real compile catches what the compiler rejects (globals, types, shapes) or what it lowers badly.
+# Compiles the forward's kernels for sm_90 with this machine's Triton, no GPU needed: the interpreter runs Python,
+# so only a real compile catches what the compiler rejects (globals, types, shapes) or what it lowers badly.
 _COMPILE_SM90 = r"""
 from sm90 import compile_sm90
-from melt_kernels.kernels import gated_kv_attention_fwd as m
+from melt_kernels.kernels import blend, chunk_fwd, decode, fwd, merge
+from melt_kernels.kernels.tile_ops import GATE_SCALAR, GATE_TENSOR
 
 for dtype, elem, (batch, seqlen_q, heads_q, heads_kv, head_dim), paged in [
         ("bf16", 2, (1, 1, 32, 8, 128), False), ("fp16", 2, (2, 512, 32, 8, 256), False),
         ("fp32", 4, (2, 4, 8, 8, 80), False), ("bf16", 2, (8, 1, 32, 8, 128), True),
         ("fp16", 2, (2, 64, 16, 4, 64), True)]:
-    plan = m.plan_launch(batch, seqlen_q, heads_q, heads_kv, head_dim, 8192, 132, elem)
+    plan = fwd.plan_forward(batch, seqlen_q, heads_q, heads_kv, head_dim, 8192, 132, elem)
     groups = heads_q // heads_kv
-    compile_sm90(m.gated_kv_attention_fwd_kernel, dtype, dict(
-        G=groups, D=head_dim, GATE_K=m.GATE_TENSOR, GATE_V=m.GATE_SCALAR, CAUSAL=True,
-        SEPARATE_OWNER=plan.separate_owner, DIRECT=plan.direct, PAGED=paged, PRECISION="ieee" if elem == 4 else None,
-        FIX_BF16=False, BLOCK_R=plan.block_r, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d),
-        num_warps=plan.num_warps, num_stages=plan.num_stages, enable_fp_fusion=False)
-    compile_sm90(m.gated_kv_attention_merge_kernel, dtype, dict(
-        G=groups, D=head_dim, BLOCK_T=16, BLOCK_D=plan.block_d, FIX_BF16=False), num_warps=4,
-        enable_fp_fusion=True)
+    gates = dict(GATE_K=GATE_TENSOR, GATE_V=GATE_SCALAR, SAVE_NEW_K=True, SAVE_NEW_V=True, SAVE_OLD_K=True,
+                 SAVE_OLD_V=False, PAGED=paged, WIDE=False, FIX_BF16=False)
+    precision = "ieee" if elem == 4 else None
+    if isinstance(plan, decode.DecodePlan):
+        compile_sm90(decode.decode_kernel, dtype, dict(
+            G=groups, D=head_dim, CAUSAL=True, DIRECT=plan.direct, FOLD_MERGE=not plan.direct,
+            PRECISION=precision, BLOCK_R=plan.block_r, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d, **gates),
+            num_warps=plan.num_warps, num_stages=plan.num_stages, enable_fp_fusion=False)
+    else:
+        compile_sm90(blend.blend_kernel, dtype, dict(D=head_dim, BLOCK_N=blend.BLOCK_SLOTS, BLOCK_D=plan.block_d,
+                                                     **gates), num_warps=4, enable_fp_fusion=False)
+        compile_sm90(chunk_fwd.chunk_attention_kernel, dtype, dict(
+            G=groups, D=head_dim, CAUSAL=True, DIRECT=plan.direct, PAGED=paged, WIDE=False, PRECISION=precision,
+            FIX_BF16=False, BLOCK_R=plan.block_r, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d),
+            num_warps=plan.num_warps, num_stages=plan.num_stages, enable_fp_fusion=True)
+    compile_sm90(merge.merge_kernel, dtype, dict(G=groups, D=head_dim, BLOCK_R=16, BLOCK_D=plan.block_d,
+                                                 FIX_BF16=False), num_warps=4, enable_fp_fusion=True)
 """
 
 
@@ -283,5 +331,6 @@ def test_gpu_deterministic(seqlen_q):
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_bad_cuda_lengths_stay_inside_the_cache():
-    test_bad_lengths_stay_inside_the_cache((-3, 10**9))
+@pytest.mark.parametrize("path", ["decode", "chunk"])
+def test_gpu_bad_cuda_lengths_stay_inside_the_cache(path):
+    test_bad_lengths_stay_inside_the_cache((-3, 10**9), path)
