@@ -546,7 +546,8 @@ def gated_kv_attention_bwd(q, k_cache, v_cache, k_new, v_new, cache_seqlens, out
         bwd_preprocess_kernel[grids["bwd_preprocess_kernel"]](
             out, dout, delta if dlse is None else dlse, delta, partial, *out.stride()[:3], *dout.stride()[:3],
             seqlen_q, heads_q, triton.cdiv(seqlen_q, plan.block_m_pre), D=head_dim, BM=plan.block_m_pre,
-            BD=head_dim_p2, HAS_DLSE=has_dlse, ZERO_DQ=plan.dq_atomic, WIDE=wide, num_warps=4)
+            BD=head_dim_p2, HAS_DLSE=has_dlse, ZERO_DQ=plan.dq_atomic, WIDE=wide, num_warps=4,
+            enable_fp_fusion=True)
         bwd_dkdv_kernel[grids["bwd_dkdv_kernel"]](
             q, k_cache, v_cache, k_new, v_new, cache_seqlens, table, dout, lse, delta, dkc, dvc, dk_new, dv_new,
             partial, *qdo_strides, *kv_strides, *_row_strides(dkc, paged and dk_cache is not None),
@@ -555,7 +556,7 @@ def gated_kv_attention_bwd(q, k_cache, v_cache, k_new, v_new, cache_seqlens, out
             prefix_blocks + triton.cdiv(seqlen_q, plan.block_n_kv),
             D=head_dim, BM=plan.block_m_kv, BN=plan.block_n_kv, BD=head_dim_p2, IS_CAUSAL=causal,
             PREFIX_DK=prefix_dk, PREFIX_DV=prefix_dv, DQ_ATOMIC=plan.dq_atomic, PAGED=paged, UPCAST=upcast,
-            WIDE=wide, num_warps=plan.warps_kv, num_stages=plan.stages_kv)
+            WIDE=wide, num_warps=plan.warps_kv, num_stages=plan.stages_kv, enable_fp_fusion=True)
         if not plan.dq_atomic:
             bwd_dq_kernel[grids["bwd_dq_kernel"]](
                 q, k_cache, v_cache, k_new, v_new, cache_seqlens, table, dout, lse, delta, partial,
@@ -564,7 +565,7 @@ def gated_kv_attention_bwd(q, k_cache, v_cache, k_new, v_new, cache_seqlens, out
                 softmax_scale, qk_scale, cache_len, seqlen_q, heads_q, groups, split_len, q_blocks,
                 batch * heads_q, splits,
                 D=head_dim, BM=plan.block_m_q, BN=plan.block_n_q, BD=head_dim_p2, IS_CAUSAL=causal, PAGED=paged,
-                UPCAST=upcast, WIDE=wide, num_warps=plan.warps_q, num_stages=plan.stages_q)
+                UPCAST=upcast, WIDE=wide, num_warps=plan.warps_q, num_stages=plan.stages_q, enable_fp_fusion=True)
     if plan.dq_atomic or splits > 1:
         dq = (partial if plan.dq_atomic else partial.sum(0)).to(q.dtype)
     if blend is None:
@@ -604,7 +605,8 @@ def _blend_bwd(blend: BlendGrad, dk_new, dv_new, dk_cache, dv_cache, cache_seqle
             D=head_dim, GATE_K=gk_kind, GATE_V=gv_kind, GRAD_IN_K=dk_cache is not None,
             GRAD_IN_V=dv_cache is not None, UPDATE_K=blend.update_k, UPDATE_V=blend.update_v, NEED_DGATE_K=needs[0],
             NEED_DGATE_V=needs[1], DGATE_ROWS_K=per_row[0], DGATE_ROWS_V=per_row[1], PAGED=paged, WIDE=wide,
-            UPCAST=upcast, BLOCK_N=BLOCK_SLOTS, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), num_warps=4)
+            UPCAST=upcast, BLOCK_N=BLOCK_SLOTS, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), num_warps=4,
+            enable_fp_fusion=True)
     dgate, dgate_v = (_gate_grad(gate, grad, rows) if need else None
                       for gate, grad, rows, need in zip((blend.gate, blend.gate_v), dgates, per_row, needs))
     return dk, dv, dgate, dgate_v

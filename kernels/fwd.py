@@ -149,10 +149,12 @@ def gated_kv_attention_fwd(q, k, v, k_cache, v_cache, cache_seqlens, gate, gate_
                 plan.split_len, page_size, k_cache.shape[0],
                 G=groups, D=head_dim, CAUSAL=causal, DIRECT=plan.direct, PAGED=paged, WIDE=wide,
                 PRECISION=precision, FIX_BF16=fix_bf16, BLOCK_R=plan.block_r, BLOCK_N=plan.block_n,
-                BLOCK_D=plan.block_d, num_warps=plan.num_warps, num_stages=plan.num_stages)
+                BLOCK_D=plan.block_d, num_warps=plan.num_warps, num_stages=plan.num_stages,
+                # Only the blend must round alpha*old and (1-alpha)*fresh separately: the attention contracts.
+                enable_fp_fusion=True)
         if "merge_kernel" in grids:
             merge_kernel[grids["merge_kernel"]](
                 o_part, lse_part, out, lse, *out_args, seqlen_q, heads_kv, plan.splits,
                 triton.cdiv(rows, merge_block_rows(rows)), G=groups, D=head_dim, BLOCK_R=merge_block_rows(rows),
-                BLOCK_D=plan.block_d, FIX_BF16=fix_bf16, num_warps=4)
+                BLOCK_D=plan.block_d, FIX_BF16=fix_bf16, num_warps=4, enable_fp_fusion=True)
     return out, lse

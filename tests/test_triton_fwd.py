@@ -155,6 +155,32 @@ def test_head_dim_not_power_of_two(head_dim):
     check_against_reference(case, True)
 
 
+@pytest.mark.parametrize("path", ["decode", "chunk"])
+@pytest.mark.parametrize("paged", [False, True])
+def test_wide_offsets(monkeypatch, path, paged):
+    """The 64-bit in-slice offsets taken for caches spanning 2**31 elements (forced here on a small problem;
+    tests/test_int64_offsets.py runs far heads for real), on contiguous caches and through a block table."""
+    import melt_kernels.kernels.fwd as module
+    from utils import page_case
+
+    monkeypatch.setattr(module, "needs_wide_offsets", lambda tensors, block, pools=(): True)
+    case = make_case(22, batch=2, seqlen_q=5, heads_q=4, heads_kv=2, head_dim=24, cache_len=48, device=DEVICE,
+                     layout="padded", gate_kind="element")
+    if not paged:
+        check_against_reference(case, True, **small(case, path))
+        return
+    want = case.clone()
+    pages = page_case(case, 16, 22)
+    p = check_inputs(case.q, case.k, case.v, pages.k_pool, pages.v_pool, case.cache_seqlens, case.gate,
+                     block_table=pages.block_table)
+    out, lse = gated_kv_attention_fwd(p.q, p.k, p.v, p.k_cache, p.v_cache, p.cache_seqlens, p.gate, p.gate_v,
+                                      p.softmax_scale, True, p.max_seqlen_k, block_table=pages.block_table,
+                                      **small(case, path))
+    out_want, lse_want = _launch(gated_kv_attention_ref_fwd, want, True)
+    torch.testing.assert_close(out, out_want, **FP32_TOL)
+    torch.testing.assert_close(lse, lse_want, **FP32_TOL)
+
+
 def test_int_seqlens_and_default_plan():
     """A Python int length for all rows, and the launcher's own tiles and split count."""
     case = make_case(15, batch=2, seqlen_q=4, heads_q=8, heads_kv=2, head_dim=32, cache_len=40, device=DEVICE,
