@@ -76,7 +76,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from melt_kernels import remote_code
+from melt_kernels.backends import select_backend
 from melt_kernels.cache import LoopLMCache, MeltCache
+from melt_kernels.checks import check_inputs
 from melt_kernels.gated_kv_attention import gated_kv_attention
 from melt_kernels.paged_cache import PagedCache, PagePool
 from melt_kernels.reference import compute_dtype
@@ -268,6 +270,23 @@ class LoopCarry(NamedTuple):
     v: Optional[torch.Tensor] = None
 
 
+def gate_at_loop(gate: Optional[nn.Module], x: torch.Tensor, loop: int, carry: LoopCarry) \
+        -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The per-loop rule of a layer's MELT gate (docs/models.md#the-gates), shared by every runtime: for the active
+    tokens' attention input x at 0-based ``loop``, returns ``(latent, alpha)``.
+
+    ``latent`` (latent gate only): the h that k and v are projected from and the next loop blends with; at the
+    first loop there is no previous h, so it is x itself, and from the second on ``gate(x, carry.latent)``.
+    ``alpha`` (K/V gates only): the retention of the slots' previous values, from the second loop on; the
+    first loop writes through.  None where the gate does not apply (no gate: every loop writes through).
+    """
+    if isinstance(gate, LatentGate):
+        return (x if loop == 0 else gate(x, carry.latent)), None
+    if isinstance(gate, KVGate) and loop > 0:
+        return None, gate(x)
+    return None, None
+
+
 class Attention(nn.Module):
     """Ouro's attention (GQA, RoPE before caching) on a cache pair through :func:`gated_kv_attention`.
 
@@ -318,13 +337,8 @@ class Attention(nn.Module):
         if transition is not None and shared:
             raise ValueError("the transition writes into this loop's own (interpolated) pair: it needs shared=False")
         q = apply_rotary(self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim)), *rope)
-        gate = self.melt_gate if shared or transition is not None else None
-        source, latent, alpha = x, None, None
-        if isinstance(gate, LatentGate):
-            source = latent = x if loop == 0 else gate(x, carry.latent)
-        elif isinstance(gate, KVGate) and loop > 0:
-            alpha = gate(x)
-        k, v = self._kv(source, rope)
+        latent, alpha = gate_at_loop(self.melt_gate if shared or transition is not None else None, x, loop, carry)
+        k, v = self._kv(x if latent is None else latent, rope)
         if transition is None:
             out = gated_kv_attention(q, k, v, k_cache, v_cache, cache_seqlens, alpha, causal=True, backend=backend,
                                      max_seqlen_k=max_seqlen_k, block_table=block_table)
@@ -639,6 +653,16 @@ class LoopedLM(nn.Module):
     def num_loops(self, value: int) -> None:
         _check_positive("num_loops", value)
         self.config.total_ut_steps = value
+
+    def attention_backend(self, backend: Optional[str] = None) -> str:
+        """The backend that runs this model's attention calls: ``backend`` (default ``self.backend``) as the op
+        resolves it ("auto" per device, dtype and shape) for a decode step of this model on its device."""
+        # One token against one settled position: the shapes, dtype and device every call of the model shares.
+        c, weight, backend = self.config, self.model.embed_tokens.weight, backend or self.backend
+        q = weight.new_zeros(1, 1, c.num_attention_heads, c.head_dim)
+        k = weight.new_zeros(1, 1, c.num_key_value_heads, c.head_dim)
+        caches = [weight.new_zeros(1, 2, c.num_key_value_heads, c.head_dim) for _ in range(2)]
+        return select_backend(backend, check_inputs(q, k, k, *caches, 0, backend=backend)).name
 
     def new_cache(self, kind: str, batch: int, max_seqlen: int) -> Cache:
         """An empty "melt" or "looplm" cache for this model, on its device and in its dtype."""

@@ -257,7 +257,7 @@ def test_held_out_split_keeps_the_last_tenth():
     assert train.tokens.tolist() == tokens[:90].tolist() and held.tokens.tolist() == tokens[90:].tolist()
 
 
-def test_cli_trains_on_tokenized_jsonl_and_ends_with_the_held_out_evaluation(tmp_path, tokenizer_dir):
+def test_cli_trains_on_tokenized_jsonl_and_ends_with_the_held_out_evaluation(tmp_path, tokenizer_dir, capsys):
     """`python -m melt_kernels.train --data corpus.jsonl`: the teacher folder's tokenizer encodes the documents,
     and the run ends with teacher and student evaluated on the held-out tenth in chunks, token by token and
     served."""
@@ -278,9 +278,11 @@ def test_cli_trains_on_tokenized_jsonl_and_ends_with_the_held_out_evaluation(tmp
         assert math.isfinite(evaluation[key]["loss"]), key
     assert evaluation["student"]["tokens"] == 4 * 8 and evaluation["student_served"]["tokens"] == 4 * 4
     assert len(evaluation["gate_retention"]) == 1
-    with pytest.raises(ValueError, match="--gate none"):
+    with pytest.raises(SystemExit) as refused:
         main(["--teacher", str(folder), "--out", str(tmp_path / "refused"), "--data", str(data), "--seq-len", "8",
               "--pretrain-steps", "1", "--no-progress"])
+    assert refused.value.code == 2
+    assert "error: argument --pretrain-steps:" in capsys.readouterr().err
 
 
 def test_two_processes_pretrain_with_ouros_objective_like_one(tmp_path):

@@ -10,7 +10,7 @@
   built, in the process that builds it, so that bad input is refused there
   with its own message (:func:`check_checkpoint`), before any worker starts.
 
-The prefill policy (SPEC 3.4).  MELT's output depends on where a prompt is
+The prefill policy (docs/serving.md#prefill-policy).  MELT's output depends on where a prompt is
 cut into chunks (a chunk sees the earlier chunks settled after all T loops),
 and vLLM's scheduler cuts prompts by its token budget, which depends on the
 other requests; a cached prefix is a chunk boundary the prompt alone would
@@ -35,8 +35,8 @@ logger = init_logger(__name__)
 
 
 class OuroConfig(MeltConfig):
-    """transformers' config of an Ouro checkpoint: MeltConfig's fields (an Ouro config.json never sets the gate,
-    which :func:`melt_kernels.ouro.read_config` checks)."""
+    """transformers' config of an Ouro checkpoint: MeltConfig under model_type "ouro" (an Ouro config.json never
+    sets the gate, which :func:`melt_kernels.ouro.config_fields` checks)."""
 
     model_type = OURO_MODEL_TYPE
 
@@ -61,7 +61,7 @@ def check_checkpoint(vllm_config) -> LoopedLMConfig:
     model_config, cache_config = vllm_config.model_config, vllm_config.cache_config
     folder = checkpoint_folder(model_config)
     read_config(folder)
-    config = model_config.hf_config.looped_config()  # hf_overrides applied
+    config = model_config.hf_config  # a LoopedLMConfig, hf_overrides applied
     if any(name.endswith(".safetensors") for name in os.listdir(folder)):
         check_tensors(config, {name: shape for name, (_, shape, _) in read_headers(folder).items()})
     with set_current_vllm_config(vllm_config):
