@@ -4,7 +4,7 @@
    ``x1 .. xn SEP x1 .. xn`` (melt_kernels.train.CopyTask, drawn from a seeded torch.Generator).
 2. Converts it to MELT (one gated KV cache per layer shared by the T loops): ``to_melt(teacher, gate)``,
    the teacher's weights plus gates that start as "keep nothing" (last-step reuse).
-3. Runs the paper's recipe (melt_kernels.train.Recipe; SPEC 3.3): phase 1, interpolated transition
+3. Runs the paper's recipe (melt_kernels.train.Recipe; docs/training.md#the-recipe): phase 1, interpolated transition
    (attention at loop r reads lam * KV_MELT + (1 - lam) * the teacher's KV of loop r, lam 0 -> 1; loss
    KL(teacher || student)); phase 2, attention-aligned distillation (KL + beta * attention-output MSE).
 

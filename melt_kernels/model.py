@@ -1,7 +1,7 @@
 """The looped LM: Ouro's architecture, run with one KV cache per loop (LoopLM) or one gated cache (MELT).
 
-This is the package's one looped-model implementation (SPEC 3.1, 3.2; the
-facts are in OURO.md).  Parameter names are an Ouro checkpoint's
+This is the package's one looped-model implementation (docs/models.md#the-looped-model;
+Ouro's facts: docs/models.md#ouro-checkpoints).  Parameter names are an Ouro checkpoint's
 (``model.embed_tokens``, ``model.layers.{i}.self_attn.q_proj``, ...,
 ``model.norm``, ``model.early_exit_gate``, ``lm_head``), so
 :func:`melt_kernels.ouro.load_ouro` loads a checkpoint into it as it is.
@@ -34,7 +34,7 @@ The cache decides the model:
   sees the earlier chunks settled after all T loops, and (with T > 1) the
   logits depend on the chunking; chunk size 1 is token-by-token decoding.
 * A LoopLMCache with ``transition=(teacher_cache, lam)``: the interpolated
-  transition of MELT's post-training (SPEC 3.3, phase 1), attention reading
+  transition of MELT's post-training (docs/training.md#the-recipe, phase 1), attention reading
   ``lam * KV_MELT + (1 - lam) * KV_LoopLM(loop r)`` from pairs of its own,
   one per loop (:meth:`LoopedModel.forward`).
 
@@ -44,7 +44,7 @@ fresh or converted model is its LoopLM with *last-step reuse*: each slot
 holds its token's latest loop's K/V):
 
 * None: every loop writes through (last-step reuse, no parameters).
-* ``"latent"``: **the MELT paper's gate** (SPEC 3.2), per layer
+* ``"latent"``: **the MELT paper's gate** (docs/models.md#the-gates), per layer
   ``z = sigmoid(x W_z + h_prev U_z + b_z)``, ``h = z * h_prev + (1 - z) * x``
   on the attention input x (after input_layernorm), then the slot is written
   through with ``k, v = RoPE(h W_K), h W_V``.  Loop 1 has no h_prev: h = x.
@@ -206,7 +206,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class LatentGate(nn.Module):
-    """The MELT paper's gate (SPEC 3.2): ``z = sigmoid(x W_z + h_prev U_z + b_z)``, ``h = z h_prev + (1 - z) x``.
+    """The MELT paper's gate (docs/models.md#the-gates): ``z = sigmoid(x W_z + h_prev U_z + b_z)``,
+    ``h = z h_prev + (1 - z) x``.
 
     ``w_z`` holds W_z and b_z, ``u_z`` holds U_z (both hidden x hidden).  z
     and the blend are computed in float32 (float64 for float64).
@@ -322,7 +323,7 @@ class Attention(nn.Module):
         of this layer left (:class:`LoopCarry`; empty at loop 0).
 
         ``transition=(k_teacher, v_teacher, lam)`` runs the interpolated
-        transition (SPEC 3.3, phase 1) on this loop's own pair (``shared``
+        transition (docs/training.md#the-recipe, phase 1) on this loop's own pair (``shared``
         False): MELT's new slot values k_m, v_m (what the gate would store in
         a MELT cache: computed here, rounded to the cache dtype, carried to
         the next loop) are mixed with the teacher's k/v of this loop for the
@@ -331,7 +332,7 @@ class Attention(nn.Module):
         float64) rounded once.  ``max_seqlen_k``: max_b(L_b) + M from the
         cache's host lengths, the op's hint that sizes its kernels' work by the
         lengths, not the capacity.  ``block_table``: the caches are pools of
-        pages read through it (a PagedCache, SPEC 2.6).  Returns (o_proj
+        pages read through it (a PagedCache, docs/op.md#paged-caches).  Returns (o_proj
         output, the carry for the next loop).
         """
         if transition is not None and shared:
@@ -353,7 +354,7 @@ class Attention(nn.Module):
 
 def blend(old: torch.Tensor, fresh: torch.Tensor, retention: Union[torch.Tensor, float]) -> torch.Tensor:
     """``retention * old + (1 - retention) * fresh`` in float32 (float64 for float64), rounded once to fresh's
-    dtype: the op's gated slot update (SPEC 2.1), outside the kernel.  Exact at retention 0 and 1."""
+    dtype: the op's gated slot update (docs/op.md#the-cache-update), outside the kernel.  Exact at retention 0 and 1."""
     work = compute_dtype(fresh.dtype)
     return torch.lerp(fresh.to(work), old.to(work), retention).to(fresh.dtype)
 
@@ -365,7 +366,7 @@ def rewrite_slots(k_cache: torch.Tensor, v_cache: torch.Tensor, start: int, k: t
     The write goes through :func:`gated_kv_attention` on the M slots (a view,
     from an empty prefix; the output, of throw-away queries, is dropped), so
     that autograd sees it as one of the op's own in-place writes, like the
-    loops' (SPEC 2.3): the gradient reaching those slots from later chunks
+    loops' (docs/op.md#gradients): the gradient reaching those slots from later chunks
     flows into k and v.  Costs one M x M attention.
     """
     m = k.shape[1]
@@ -535,7 +536,7 @@ class LoopedModel(nn.Module):
         overwrite; causal attention keeps them out of the real tokens' view).
 
         ``transition=(teacher_cache, lam)`` runs the interpolated transition
-        (SPEC 3.3, phase 1): attention at loop r reads ``lam * KV_MELT + (1 -
+        (docs/training.md#the-recipe, phase 1): attention at loop r reads ``lam * KV_MELT + (1 -
         lam) * KV_LoopLM(r)``, where KV_LoopLM(r) is the teacher's loop-r
         cache, a LoopLMCache that already holds this chunk (the frozen
         teacher ran it first), and KV_MELT what this model's MELT cache would
@@ -551,7 +552,7 @@ class LoopedModel(nn.Module):
         MELT cache.
 
         ``capturable``: the chunk reads and writes device state only, so that
-        it can be captured in a CUDA graph and replayed (SPEC 2.7): no host
+        it can be captured in a CUDA graph and replayed (docs/op.md#cuda-graphs-and-host-cost): no host
         checks, no host-derived ``max_seqlen_k`` hint (the kernels plan by
         the capacity), no page reservation (the caller reserves first), and
         the device lengths advance in place (``cache.seqlens += M``); the

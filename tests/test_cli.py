@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from ouro_reference import random_weights, tensor_shapes, tiny_config, write_checkpoint
+from ouro_reference import random_weights, tensor_shapes, tiny_config, write_checkpoint, write_tokenizer
 
 MELT = os.path.join(os.path.dirname(sys.executable), "melt")
 if not os.path.exists(MELT):
@@ -25,28 +25,13 @@ def melt(*args, timeout=300):
     return subprocess.run([MELT, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def write_tokenizer(folder) -> int:
-    """A word-level tokenizer of LINES, as a checkpoint ships it (tokenizer.json, tokenizer_config.json); returns
-    its vocabulary size."""
-    tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import models, pre_tokenizers, trainers
-
-    tok = tokenizers.Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(LINES, trainers.WordLevelTrainer(special_tokens=["[UNK]", "</s>"]))
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
-                                                               "eos_token": "</s>", "unk_token": "[UNK]"}))
-    return tok.get_vocab_size()
-
-
 @pytest.fixture(scope="module")
 def ouro(tmp_path_factory):
     """A tiny Ouro checkpoint folder with its tokenizer, and a text corpus."""
     root = tmp_path_factory.mktemp("user")
     folder = root / "ouro"
-    folder.mkdir()
-    vocab = write_tokenizer(folder)
+    pytest.importorskip("tokenizers")
+    vocab = write_tokenizer(folder, LINES).get_vocab_size()
     # eos None: transformers' generate and the package's both run their full length.
     config = tiny_config(vocab_size=vocab, eos_token_id=None, bos_token_id=None)
     write_checkpoint(folder, config, random_weights(tensor_shapes(config), seed=5), dtype=torch.float32)
@@ -109,7 +94,8 @@ def test_bad_input_ends_in_one_line_naming_the_argument(ouro, tmp_path, case):
     if case == "no config.json":
         runs = [(["train", "--teacher", empty, "--data", corpus], "melt train: error: argument --teacher: ",
                  "has no config.json"),
-                (["convert", empty, tmp_path / "out"], "melt convert: error: argument ouro_dir: ", "has no config.json")]
+                (["convert", empty, tmp_path / "out"], "melt convert: error: argument ouro_dir: ",
+                 "has no config.json")]
     elif case == "truncated safetensors":
         bad = truncated(folder, tmp_path)
         runs = [(["train", "--teacher", bad, "--data", corpus], "melt train: error: argument --teacher: ",

@@ -8,8 +8,8 @@
 
 The teacher (an Ouro checkpoint, or a LoopLM saved by this package) is loaded
 frozen; the student is ``to_melt(teacher, gate)`` (or, with ``--resume``, the
-newest checkpoint under ``--out``).  Defaults are the paper's recipe (SPEC
-3.3): 10,000-token sequences in chunks of 500, 32 sequences per step, 500
+newest checkpoint under ``--out``).  Defaults are the paper's recipe
+(docs/training.md#the-recipe): 10,000-token sequences in chunks of 500, 32 sequences per step, 500
 interpolated-transition steps then 300 of attention-aligned distillation
 (beta 0.1), AdamW at 8e-6 (base) and 5e-4 (gates).  ``--batch`` is the
 global batch: each process trains on its share.  Writes ``OUT/metrics.jsonl``
