@@ -469,9 +469,8 @@ class LoopOutput:
 class LoopedModel(nn.Module):
     """The decoder (checkpoint prefix ``model.``): embeddings, the layers run T times, ``norm``, the exit gate.
 
-    ``config`` is a :class:`LoopedLMConfig` or anything with its fields (the
-    transformers config of :mod:`melt_kernels.hf`); T is read from
-    ``config.total_ut_steps`` at every call.
+    ``config`` is a :class:`LoopedLMConfig` (transformers' :class:`melt_kernels.hf.MeltConfig` is one); T is
+    read from ``config.total_ut_steps`` at every call.
     """
 
     def __init__(self, config: LoopedLMConfig, device=None, dtype=None):

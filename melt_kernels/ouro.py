@@ -337,6 +337,10 @@ def convert(args) -> dict:
         raise ArgumentProblem("argument --prompt: no tokenizer to encode it (needs transformers and the "
                               "checkpoint's tokenizer files): give --prompt-ids, or --no-generate")
     c = ouro.config
+    ids = None if args.no_generate else args.prompt_ids or tokenizer(args.prompt)["input_ids"]
+    if ids is not None and not (ids and max(ids) < c.vocab_size):
+        raise ArgumentProblem(f"argument {'--prompt-ids' if args.prompt_ids else '--prompt'}: needs at least one "
+                              f"token, each below the vocabulary size {c.vocab_size}, got {ids}")
     dtype = ouro.model.embed_tokens.weight.dtype
     params = sum(p.numel() for p in ouro.parameters())
     print(f"loaded {args.ouro_dir}: {c.num_hidden_layers} layers x T={c.total_ut_steps} loops, hidden "
@@ -361,9 +365,6 @@ def convert(args) -> dict:
         return result
     del melt
     model = load_ouro(args.out_dir, dtype, args.device)  # what a user of OUT_DIR gets
-    ids = args.prompt_ids or tokenizer(args.prompt)["input_ids"]
-    if max(ids) >= c.vocab_size:
-        raise ArgumentProblem(f"argument --prompt-ids: token {max(ids)} is outside the vocabulary of {c.vocab_size}")
     prompt = torch.tensor([ids], device=args.device)
     cache = model.new_cache("melt", 1, prompt.shape[1] + args.new_tokens)
     start = time.perf_counter()

@@ -9,12 +9,14 @@
 The teacher (an Ouro checkpoint, or a LoopLM saved by this package) is loaded
 frozen; the student is ``to_melt(teacher, gate)`` (or, with ``--resume``, the
 newest checkpoint under ``--out``).  Defaults are the paper's recipe
-(docs/training.md#the-recipe): 10,000-token sequences in chunks of 500, 32 sequences per step, 500
-interpolated-transition steps then 300 of attention-aligned distillation
-(beta 0.1), AdamW at 8e-6 (base) and 5e-4 (gates).  ``--batch`` is the
-global batch: each process trains on its share.  Writes ``OUT/metrics.jsonl``
-(one JSON record per step), checkpoints under ``OUT/checkpoints`` and the
-final model in ``OUT/final``.
+(docs/training.md#the-recipe): 10,000-token sequences in chunks of 500, 32
+sequences per step, 500 interpolated-transition steps then 300 of
+attention-aligned distillation (beta 0.1), AdamW at 8e-6 (base) and 5e-4
+(gates).  ``--batch`` is the global batch: each process trains on its
+share.  Writes ``OUT/metrics.jsonl`` (one JSON record per step), checkpoints
+under ``OUT/checkpoints`` and the final model in ``OUT/final``, with the
+teacher's (or ``--tokenizer``'s) tokenizer files: it loads in transformers and
+serves in vLLM as it is.
 
 Data (``--data``): ``stdlib`` (Python's standard library source as bytes,
 vocabulary 256; melt_kernels.train.data.stdlib_corpus), ``copy`` (the
