@@ -49,5 +49,7 @@ def test_melt_train_output_serves_in_vllm_with_its_tokenizer(tmp_path):
         ids = tokenizer(prompt)["input_ids"]
         assert list(output.prompt_token_ids) == ids
         assert list(output.outputs[0].token_ids) == package_tokens(final, ids, NEW), prompt
-        # The text is those tokens' words (vLLM's incremental detokenizer may put a space before the first).
-        assert output.outputs[0].text.split() == tokenizer.decode(output.outputs[0].token_ids).split()
+        # The text is those tokens' words (vLLM's incremental detokenizer may put a space before the first, and
+        # skips special tokens by default).
+        text = tokenizer.decode(output.outputs[0].token_ids, skip_special_tokens=True)
+        assert output.outputs[0].text.split() == text.split()
