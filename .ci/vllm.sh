@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # CI for the vLLM plugin (melt_kernels.vllm, issue 21): a fresh venv .venv-vllm with vLLM's CPU build, this
 # package installed into it without its dependencies (vLLM pins torch and transformers), then the vLLM tests
-# (tests/test_vllm_*.py; elsewhere they skip).  3-7 minutes to install (3.5 GB), about 6 to test on 2 cores.
+# (tests/test_vllm_*.py; elsewhere they skip), the user's path among them: `melt train` on a tiny Ouro folder and
+# a text file, then its final/ served with its tokenizer (tests/test_vllm_user_path.py).  3-7 minutes to install
+# (3.5 GB), about 7 to test on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,5 +32,5 @@ PY
 echo "== vLLM plugin tests"
 test_start=$SECONDS
 VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python -m pytest -q -p no:cacheprovider tests/test_vllm_models.py \
-    tests/test_vllm_refusals.py tests/test_vllm_serve.py
+    tests/test_vllm_refusals.py tests/test_vllm_serve.py tests/test_vllm_user_path.py
 echo "vLLM plugin tests: $((SECONDS - test_start)) s"

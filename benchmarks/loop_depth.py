@@ -47,8 +47,6 @@ import time
 
 import torch
 
-from melt_kernels.backends import select_backend
-from melt_kernels.checks import check_inputs
 from melt_kernels.model import GATES, LoopedLM, LoopedLMConfig, kv_bytes_per_token
 from melt_kernels.paged_cache import PagedCache
 from melt_kernels.threads import cpu_threads
@@ -212,15 +210,6 @@ class PeakMemory:
         self.allocated = sum(nbytes for _, nbytes in events if nbytes > 0)
 
 
-def resolved_backend(model: LoopedLM, backend: str, device: torch.device) -> str:
-    """The backend ``backend`` picks for a decode step of ``model``."""
-    c, dtype = model.config, model.model.embed_tokens.weight.dtype
-    q = torch.zeros(1, 1, c.num_attention_heads, c.head_dim, dtype=dtype, device=device)
-    kv = torch.zeros(1, 1, c.num_key_value_heads, c.head_dim, dtype=dtype, device=device)
-    caches = [torch.zeros(1, 2, c.num_key_value_heads, c.head_dim, dtype=dtype, device=device) for _ in range(2)]
-    return select_backend(backend, check_inputs(q, kv, kv, *caches, 0, backend=backend)).name
-
-
 def random_ids(model: LoopedLM, batch: int, length: int, device: torch.device, gen: torch.Generator):
     return torch.randint(0, model.config.vocab_size, (batch, length), generator=gen).to(device)
 
@@ -371,7 +360,7 @@ def run_serving(args, model: LoopedLM, gen: torch.Generator) -> list[dict]:
         for loops in args.loops:
             model.num_loops, model.backend = loops, backend
             progress(f"serving {method} T={loops}")
-            records.append(dict(method=method, loops=loops, backend=resolved_backend(model, backend, args.device),
+            records.append(dict(method=method, loops=loops, backend=model.attention_backend(backend),
                                 device=args.device.type, dtype=args.dtype, **serving(model, kind, args, gen)))
             if args.json:
                 write_json(records, args.json)
@@ -473,7 +462,7 @@ def run(args) -> list[dict]:
     model = LoopedLM(config, device=device, dtype=DTYPES[args.dtype]).eval()
     gen = torch.Generator().manual_seed(args.seed)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    backends = {m: resolved_backend(model, METHODS[m][1], device) for m in args.methods}
+    backends = {m: model.attention_backend(METHODS[m][1]) for m in args.methods}
 
     where = torch.cuda.get_device_name(device) if on_gpu else f"cpu, {torch.get_num_threads()} thread(s)"
     print(f"# loop-depth benchmark on {where}, torch {torch.__version__}")

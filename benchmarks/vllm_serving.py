@@ -54,7 +54,7 @@ def model_config(loops: int) -> LoopedLMConfig:
 
 def write_checkpoint(root: str, model: str, loops: int) -> tuple[str, dict]:
     """(folder, LLM keyword arguments) of a random checkpoint.  Ouro is saved by save_pretrained (model_type
-    "melt" without a gate) and served as OuroForCausalLM through hf_overrides, as README says."""
+    "melt" without a gate) and served as OuroForCausalLM through hf_overrides, as docs/serving.md#vllm says."""
     torch.manual_seed(0)
     looped = LoopedLM(model_config(loops))
     path = os.path.join(root, f"{model}-T{loops}")

@@ -1,5 +1,5 @@
-// Fused gated KV-cache update + attention read (SPEC §2.1-2.2), float16 and
-// bfloat16, head_dim 64 and 128, tensor cores through mma.sync (m16n8k16).
+// Fused gated KV-cache update + attention read (docs/op.md#the-cache-update, docs/op.md#the-attention-read),
+// float16 and bfloat16, head_dim 64 and 128, tensor cores through mma.sync (m16n8k16).
 //
 // Query rows are packed as (active token i, query head g of one kv head):
 // row = i * G + g, so one block serves every query head of its kv head and

@@ -42,9 +42,9 @@ struct Tensor4 {
     int64_t stride[3] = {0, 0, 0};  // batch, seq, head
 };
 
-// Paged caches (SPEC 2.6, FlashAttention's layout): k_cache/v_cache are pools (num_blocks, page_size, Hkv, D)
-// and position p of row b is slot p % page_size of page ptr[b * stride + p / page_size]; the kernels clamp
-// every entry into [0, num_blocks), so no table reaches outside the pools.  Null: contiguous caches.
+// Paged caches (docs/op.md#paged-caches, FlashAttention's layout): k_cache/v_cache are pools (num_blocks,
+// page_size, Hkv, D) and position p of row b is slot p % page_size of page ptr[b * stride + p / page_size]; the
+// kernels clamp every entry into [0, num_blocks), so no table reaches outside the pools.  Null: contiguous caches.
 struct BlockTable {
     const int32_t* ptr = nullptr;  // (B, max_blocks) int32 on the device
     int64_t stride = 0;            // row stride in elements

@@ -4,7 +4,7 @@
    ``x1 .. xn SEP x1 .. xn`` (melt_kernels.train.CopyTask, drawn from a seeded torch.Generator).
 2. Converts it to MELT (one gated KV cache per layer shared by the T loops): ``to_melt(teacher, gate)``,
    the teacher's weights plus gates that start as "keep nothing" (last-step reuse).
-3. Runs the paper's recipe (melt_kernels.train.Recipe; SPEC 3.3): phase 1, interpolated transition
+3. Runs the paper's recipe (melt_kernels.train.Recipe; docs/training.md#the-recipe): phase 1, interpolated transition
    (attention at loop r reads lam * KV_MELT + (1 - lam) * the teacher's KV of loop r, lam 0 -> 1; loss
    KL(teacher || student)); phase 2, attention-aligned distillation (KL + beta * attention-output MSE).
 
@@ -27,8 +27,6 @@ import time
 
 import torch
 
-from melt_kernels.backends import select_backend
-from melt_kernels.checks import check_inputs
 from melt_kernels.model import GATES, LoopedLM, LoopedLMConfig
 from melt_kernels.ouro import to_melt
 from melt_kernels.threads import cpu_threads
@@ -73,15 +71,6 @@ def parse_args(argv):
     args = p.parse_args(argv)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return args
-
-
-def resolved_backend(model: LoopedLM, backend: str) -> str:
-    """The backend ``backend`` picks for the model's attention calls."""
-    c, weight = model.config, model.model.embed_tokens.weight
-    q = weight.new_zeros(1, 1, c.num_attention_heads, c.head_dim)
-    kv = weight.new_zeros(1, 1, c.num_key_value_heads, c.head_dim)
-    caches = [weight.new_zeros(1, 2, c.num_key_value_heads, c.head_dim) for _ in range(2)]
-    return select_backend(backend, check_inputs(q, kv, kv, *caches, 0, backend=backend)).name
 
 
 def progress_logger(every: int, total: dict[str, int]):
@@ -150,7 +139,7 @@ def run(args) -> dict:
     where = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else \
         f"cpu, {torch.get_num_threads()} thread(s)"
     print(f"# MELT post-training on {where}, torch {torch.__version__}, backend {args.backend!r} -> "
-          f"{resolved_backend(teacher, args.backend)!r}")
+          f"{teacher.attention_backend()!r}")
     print(f"# model: Ouro's architecture, {config.num_hidden_layers} layers x T={config.total_ut_steps} loops, hidden "
           f"{config.hidden_size}, {config.num_attention_heads} heads ({config.num_key_value_heads} kv) x "
           f"{config.head_dim}, {sum(p.numel() for p in teacher.parameters())} parameters, float32; student gate "

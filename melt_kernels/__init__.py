@@ -51,8 +51,19 @@ def __getattr__(name: str):
     return value if attribute is None else getattr(value, attribute)
 
 
+def _register_with_transformers() -> None:
+    """Registers model_type "melt" with transformers' Auto classes: :mod:`melt_kernels.hf`'s classes (registered
+    when it is imported) on the transformers it supports, a config that says what to install on the others."""
+    from melt_kernels import hf_support
+
+    if hf_support.is_supported(hf_support.transformers_version()):
+        _importlib.import_module("melt_kernels.hf")
+    else:
+        hf_support.register_refusal()
+
+
 class _ThenRegister(_importlib_abc.Loader):
-    """transformers' own loader, then :func:`melt_kernels.hf_support.register` (model_type "melt")."""
+    """transformers' own loader, then :func:`_register_with_transformers` (model_type "melt")."""
 
     def __init__(self, loader):
         self._loader = loader
@@ -62,7 +73,7 @@ class _ThenRegister(_importlib_abc.Loader):
 
     def exec_module(self, module):
         self._loader.exec_module(module)
-        _importlib.import_module("melt_kernels.hf_support").register()
+        _register_with_transformers()
 
     def __getattr__(self, name):  # resource readers, is_package, ...: the real loader's
         return getattr(self._loader, name)
@@ -85,7 +96,7 @@ class _RegisterWhenTransformersLoads(_importlib_abc.MetaPathFinder):
 # The [hf] extra: model_type "melt" is registered with transformers' Auto classes, now if transformers is already
 # imported, else as soon as it is (with transformers 4.x, as a config that says what to install instead).
 if "transformers" in _sys.modules:
-    _importlib.import_module("melt_kernels.hf_support").register()
+    _register_with_transformers()
 elif _importlib_util.find_spec("transformers") is not None:
     _sys.meta_path.insert(0, _RegisterWhenTransformersLoads())
 

@@ -1,4 +1,4 @@
-"""A decode step of the looped model as one CUDA graph (SPEC 2.7).
+"""A decode step of the looped model as one CUDA graph (docs/serving.md#cuda-graphs).
 
 :class:`CapturedDecode` captures one decode step of a :class:`~melt_kernels.LoopedLM`, all T loops of all
 layers, on a fixed batch of a cache (contiguous or paged), and replays it per token.  The captured step reads

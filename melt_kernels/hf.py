@@ -56,48 +56,33 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from melt_kernels import remote_code
 from melt_kernels.cache import LoopLMCache, MeltCache
 from melt_kernels.model import CHECKPOINT_MODEL_TYPE, DecoderLayer, LoopedLMConfig, LoopedModel, init_weights
+from melt_kernels.ouro import config_fields
 
 # transformers renamed the cache argument and output field from past_key_values to cache (5.2x).
 CACHE_NAME = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
-class MeltConfig(PreTrainedConfig):
-    """transformers' config of :class:`MeltForCausalLM`: the fields of
-    :class:`~melt_kernels.model.LoopedLMConfig`, validated by it."""
+class MeltConfig(PreTrainedConfig, LoopedLMConfig):
+    """transformers' face of :class:`~melt_kernels.model.LoopedLMConfig`: the same fields (inherited, not restated)
+    and checks.  Read from a ``config.json``, it refuses what the package does not implement through the reader
+    of every runtime, :func:`melt_kernels.ouro.config_fields`."""
 
     model_type = CHECKPOINT_MODEL_TYPE
 
-    vocab_size: int = 49152
-    hidden_size: int = 2048
-    intermediate_size: int = 5632
-    num_hidden_layers: int = 24
-    num_attention_heads: int = 16
-    num_key_value_heads: Optional[int] = None
-    head_dim: Optional[int] = None
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 1e6
-    max_position_embeddings: int = 65536
-    total_ut_steps: int = 4
-    early_exit_threshold: float = 1.0
-    exit_threshold: Optional[float] = None
-    tie_word_embeddings: bool = False
-    gate: Optional[str] = None
-    bos_token_id: Optional[int] = None
-    eos_token_id: Optional[Union[int, list[int]]] = None
-    pad_token_id: Optional[int] = None
-
     def __post_init__(self, **kwargs):
-        # The package's config checks the values and fills the defaults derived from others.
-        checked = self.looped_config()
-        self.num_key_value_heads, self.head_dim = checked.num_key_value_heads, checked.head_dim
+        LoopedLMConfig.__post_init__(self)  # checks the values and fills the defaults derived from others
         super().__post_init__(**kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """transformers' reader of a config.json's dict (``from_pretrained``, ``AutoConfig``), after the package's
+        checks: a field it does not implement is a ValueError naming it, as in ``load_ouro`` and vLLM."""
+        config_fields(config_dict)
+        return super().from_dict(config_dict, **kwargs)
 
     @classmethod
     def register_for_auto_class(cls, auto_class="AutoConfig") -> None:
         """Nothing, as :meth:`MeltForCausalLM.register_for_auto_class`."""
-
-    def looped_config(self) -> LoopedLMConfig:
-        return LoopedLMConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LoopedLMConfig)})
 
 
 class LoopCache(Cache):

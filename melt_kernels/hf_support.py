@@ -1,18 +1,16 @@
-"""Which transformers :mod:`melt_kernels.hf` works with, and registering model_type "melt" with it.
+"""Which transformers :mod:`melt_kernels.hf` works with, and what model_type "melt" says on the others.
 
 :mod:`melt_kernels.hf` is written for transformers 5 (its config, cache and
 generation APIs).  Ouro's model cards pin transformers 4.54, so many people
 who have Ouro have a 4.x.  There, instead of registering nothing (and
 transformers then saying only that it does not know model_type "melt"),
 "melt" is registered as a config that refuses to load with what to do: the
-version needed, and the transformers-free path.  Importing
-:mod:`melt_kernels.hf` itself (as a checkpoint's ``auto_map`` code does)
-raises the same message.  :mod:`melt_kernels` calls :func:`register` when
-transformers is imported, of whatever version.
+version needed, and the transformers-free path (:func:`register_refusal`).
+Importing :mod:`melt_kernels.hf` itself (as a checkpoint's ``auto_map`` code
+does) raises the same message.  :mod:`melt_kernels` registers one or the other
+when transformers is imported, of whatever version.
 """
 from __future__ import annotations
-
-import importlib
 
 SUPPORTED = ">=5,<6"
 SUPPORTED_MAJOR = 5
@@ -43,12 +41,10 @@ def require_supported() -> None:
         raise ImportError(unsupported_message(version))
 
 
-def register() -> None:
-    """Registers model_type "melt": :mod:`melt_kernels.hf`'s classes, or a refusing config on other versions."""
+def register_refusal() -> None:
+    """Registers model_type "melt" as a config that refuses to load, naming the installed and the needed version
+    (for a transformers :mod:`melt_kernels.hf` does not support)."""
     version = transformers_version()
-    if is_supported(version):
-        importlib.import_module("melt_kernels.hf")  # registers on import
-        return
     from transformers import AutoConfig, PretrainedConfig
 
     from melt_kernels.model import CHECKPOINT_MODEL_TYPE

@@ -1,7 +1,7 @@
 """The looped LM: Ouro's architecture, run with one KV cache per loop (LoopLM) or one gated cache (MELT).
 
-This is the package's one looped-model implementation (SPEC 3.1, 3.2; the
-facts are in OURO.md).  Parameter names are an Ouro checkpoint's
+This is the package's one looped-model implementation (docs/models.md#the-looped-model;
+Ouro's facts: docs/models.md#ouro-checkpoints).  Parameter names are an Ouro checkpoint's
 (``model.embed_tokens``, ``model.layers.{i}.self_attn.q_proj``, ...,
 ``model.norm``, ``model.early_exit_gate``, ``lm_head``), so
 :func:`melt_kernels.ouro.load_ouro` loads a checkpoint into it as it is.
@@ -34,7 +34,7 @@ The cache decides the model:
   sees the earlier chunks settled after all T loops, and (with T > 1) the
   logits depend on the chunking; chunk size 1 is token-by-token decoding.
 * A LoopLMCache with ``transition=(teacher_cache, lam)``: the interpolated
-  transition of MELT's post-training (SPEC 3.3, phase 1), attention reading
+  transition of MELT's post-training (docs/training.md#the-recipe, phase 1), attention reading
   ``lam * KV_MELT + (1 - lam) * KV_LoopLM(loop r)`` from pairs of its own,
   one per loop (:meth:`LoopedModel.forward`).
 
@@ -44,7 +44,7 @@ fresh or converted model is its LoopLM with *last-step reuse*: each slot
 holds its token's latest loop's K/V):
 
 * None: every loop writes through (last-step reuse, no parameters).
-* ``"latent"``: **the MELT paper's gate** (SPEC 3.2), per layer
+* ``"latent"``: **the MELT paper's gate** (docs/models.md#the-gates), per layer
   ``z = sigmoid(x W_z + h_prev U_z + b_z)``, ``h = z * h_prev + (1 - z) * x``
   on the attention input x (after input_layernorm), then the slot is written
   through with ``k, v = RoPE(h W_K), h W_V``.  Loop 1 has no h_prev: h = x.
@@ -76,7 +76,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from melt_kernels import remote_code
+from melt_kernels.backends import select_backend
 from melt_kernels.cache import LoopLMCache, MeltCache
+from melt_kernels.checks import check_inputs
 from melt_kernels.gated_kv_attention import gated_kv_attention
 from melt_kernels.paged_cache import PagedCache, PagePool
 from melt_kernels.reference import compute_dtype
@@ -204,7 +206,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class LatentGate(nn.Module):
-    """The MELT paper's gate (SPEC 3.2): ``z = sigmoid(x W_z + h_prev U_z + b_z)``, ``h = z h_prev + (1 - z) x``.
+    """The MELT paper's gate (docs/models.md#the-gates): ``z = sigmoid(x W_z + h_prev U_z + b_z)``,
+    ``h = z h_prev + (1 - z) x``.
 
     ``w_z`` holds W_z and b_z, ``u_z`` holds U_z (both hidden x hidden).  z
     and the blend are computed in float32 (float64 for float64).
@@ -268,6 +271,23 @@ class LoopCarry(NamedTuple):
     v: Optional[torch.Tensor] = None
 
 
+def gate_at_loop(gate: Optional[nn.Module], x: torch.Tensor, loop: int, carry: LoopCarry) \
+        -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The per-loop rule of a layer's MELT gate (docs/models.md#the-gates), shared by every runtime: for the active
+    tokens' attention input x at 0-based ``loop``, returns ``(latent, alpha)``.
+
+    ``latent`` (latent gate only): the h that k and v are projected from and the next loop blends with; at the
+    first loop there is no previous h, so it is x itself, and from the second on ``gate(x, carry.latent)``.
+    ``alpha`` (K/V gates only): the retention of the slots' previous values, from the second loop on; the
+    first loop writes through.  None where the gate does not apply (no gate: every loop writes through).
+    """
+    if isinstance(gate, LatentGate):
+        return (x if loop == 0 else gate(x, carry.latent)), None
+    if isinstance(gate, KVGate) and loop > 0:
+        return None, gate(x)
+    return None, None
+
+
 class Attention(nn.Module):
     """Ouro's attention (GQA, RoPE before caching) on a cache pair through :func:`gated_kv_attention`.
 
@@ -303,7 +323,7 @@ class Attention(nn.Module):
         of this layer left (:class:`LoopCarry`; empty at loop 0).
 
         ``transition=(k_teacher, v_teacher, lam)`` runs the interpolated
-        transition (SPEC 3.3, phase 1) on this loop's own pair (``shared``
+        transition (docs/training.md#the-recipe, phase 1) on this loop's own pair (``shared``
         False): MELT's new slot values k_m, v_m (what the gate would store in
         a MELT cache: computed here, rounded to the cache dtype, carried to
         the next loop) are mixed with the teacher's k/v of this loop for the
@@ -312,19 +332,14 @@ class Attention(nn.Module):
         float64) rounded once.  ``max_seqlen_k``: max_b(L_b) + M from the
         cache's host lengths, the op's hint that sizes its kernels' work by the
         lengths, not the capacity.  ``block_table``: the caches are pools of
-        pages read through it (a PagedCache, SPEC 2.6).  Returns (o_proj
+        pages read through it (a PagedCache, docs/op.md#paged-caches).  Returns (o_proj
         output, the carry for the next loop).
         """
         if transition is not None and shared:
             raise ValueError("the transition writes into this loop's own (interpolated) pair: it needs shared=False")
         q = apply_rotary(self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim)), *rope)
-        gate = self.melt_gate if shared or transition is not None else None
-        source, latent, alpha = x, None, None
-        if isinstance(gate, LatentGate):
-            source = latent = x if loop == 0 else gate(x, carry.latent)
-        elif isinstance(gate, KVGate) and loop > 0:
-            alpha = gate(x)
-        k, v = self._kv(source, rope)
+        latent, alpha = gate_at_loop(self.melt_gate if shared or transition is not None else None, x, loop, carry)
+        k, v = self._kv(x if latent is None else latent, rope)
         if transition is None:
             out = gated_kv_attention(q, k, v, k_cache, v_cache, cache_seqlens, alpha, causal=True, backend=backend,
                                      max_seqlen_k=max_seqlen_k, block_table=block_table)
@@ -339,7 +354,7 @@ class Attention(nn.Module):
 
 def blend(old: torch.Tensor, fresh: torch.Tensor, retention: Union[torch.Tensor, float]) -> torch.Tensor:
     """``retention * old + (1 - retention) * fresh`` in float32 (float64 for float64), rounded once to fresh's
-    dtype: the op's gated slot update (SPEC 2.1), outside the kernel.  Exact at retention 0 and 1."""
+    dtype: the op's gated slot update (docs/op.md#the-cache-update), outside the kernel.  Exact at retention 0 and 1."""
     work = compute_dtype(fresh.dtype)
     return torch.lerp(fresh.to(work), old.to(work), retention).to(fresh.dtype)
 
@@ -351,7 +366,7 @@ def rewrite_slots(k_cache: torch.Tensor, v_cache: torch.Tensor, start: int, k: t
     The write goes through :func:`gated_kv_attention` on the M slots (a view,
     from an empty prefix; the output, of throw-away queries, is dropped), so
     that autograd sees it as one of the op's own in-place writes, like the
-    loops' (SPEC 2.3): the gradient reaching those slots from later chunks
+    loops' (docs/op.md#gradients): the gradient reaching those slots from later chunks
     flows into k and v.  Costs one M x M attention.
     """
     m = k.shape[1]
@@ -454,9 +469,8 @@ class LoopOutput:
 class LoopedModel(nn.Module):
     """The decoder (checkpoint prefix ``model.``): embeddings, the layers run T times, ``norm``, the exit gate.
 
-    ``config`` is a :class:`LoopedLMConfig` or anything with its fields (the
-    transformers config of :mod:`melt_kernels.hf`); T is read from
-    ``config.total_ut_steps`` at every call.
+    ``config`` is a :class:`LoopedLMConfig` (transformers' :class:`melt_kernels.hf.MeltConfig` is one); T is
+    read from ``config.total_ut_steps`` at every call.
     """
 
     def __init__(self, config: LoopedLMConfig, device=None, dtype=None):
@@ -521,7 +535,7 @@ class LoopedModel(nn.Module):
         overwrite; causal attention keeps them out of the real tokens' view).
 
         ``transition=(teacher_cache, lam)`` runs the interpolated transition
-        (SPEC 3.3, phase 1): attention at loop r reads ``lam * KV_MELT + (1 -
+        (docs/training.md#the-recipe, phase 1): attention at loop r reads ``lam * KV_MELT + (1 -
         lam) * KV_LoopLM(r)``, where KV_LoopLM(r) is the teacher's loop-r
         cache, a LoopLMCache that already holds this chunk (the frozen
         teacher ran it first), and KV_MELT what this model's MELT cache would
@@ -537,7 +551,7 @@ class LoopedModel(nn.Module):
         MELT cache.
 
         ``capturable``: the chunk reads and writes device state only, so that
-        it can be captured in a CUDA graph and replayed (SPEC 2.7): no host
+        it can be captured in a CUDA graph and replayed (docs/op.md#cuda-graphs-and-host-cost): no host
         checks, no host-derived ``max_seqlen_k`` hint (the kernels plan by
         the capacity), no page reservation (the caller reserves first), and
         the device lengths advance in place (``cache.seqlens += M``); the
@@ -639,6 +653,16 @@ class LoopedLM(nn.Module):
     def num_loops(self, value: int) -> None:
         _check_positive("num_loops", value)
         self.config.total_ut_steps = value
+
+    def attention_backend(self, backend: Optional[str] = None) -> str:
+        """The backend that runs this model's attention calls: ``backend`` (default ``self.backend``) as the op
+        resolves it ("auto" per device, dtype and shape) for a decode step of this model on its device."""
+        # One token against one settled position: the shapes, dtype and device every call of the model shares.
+        c, weight, backend = self.config, self.model.embed_tokens.weight, backend or self.backend
+        q = weight.new_zeros(1, 1, c.num_attention_heads, c.head_dim)
+        k = weight.new_zeros(1, 1, c.num_key_value_heads, c.head_dim)
+        caches = [weight.new_zeros(1, 2, c.num_key_value_heads, c.head_dim) for _ in range(2)]
+        return select_backend(backend, check_inputs(q, k, k, *caches, 0, backend=backend)).name
 
     def new_cache(self, kind: str, batch: int, max_seqlen: int) -> Cache:
         """An empty "melt" or "looplm" cache for this model, on its device and in its dtype."""

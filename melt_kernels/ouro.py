@@ -30,6 +30,7 @@ from typing import Optional, Union
 
 import torch
 
+from melt_kernels.cli import ArgumentProblem, reading, reporting
 from melt_kernels.model import CHECKPOINT_MODEL_TYPE, GATES, KVGate, LatentGate, LoopedLM, LoopedLMConfig, \
     kv_bytes_per_token
 
@@ -56,14 +57,28 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.f
 
 
 def read_config(path: PathLike) -> LoopedLMConfig:
-    """The :class:`LoopedLMConfig` of checkpoint folder ``path``'s ``config.json``, checked strictly.
+    """The :class:`LoopedLMConfig` of checkpoint folder ``path``'s ``config.json``, checked by :func:`config_fields`."""
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{path} has no config.json: not a checkpoint folder")
+    with open(file) as f:
+        try:
+            raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file} is not JSON ({e})") from e
+    return LoopedLMConfig(**config_fields(raw))
+
+
+def config_fields(raw: dict) -> dict:
+    """The :class:`LoopedLMConfig` fields of a checkpoint's ``config.json`` (``raw``), checked strictly: the one
+    reader of every runtime (:func:`load_ouro`, transformers' :class:`melt_kernels.hf.MeltConfig`, vLLM).
 
     Raises ValueError naming any field it does not implement (a sliding
     window, RoPE scaling, another activation, dropout, biases, a layer type
     other than full attention, an unknown field).
     """
-    with open(os.path.join(path, "config.json")) as f:
-        raw = json.load(f)
+    if not isinstance(raw, dict):
+        raise ValueError(f"config.json must hold an object, got {type(raw).__name__}")
     model_type = raw.get("model_type")
     if model_type not in ARCHITECTURES:
         raise ValueError(f"config.json: model_type must be one of {sorted(ARCHITECTURES)}, got {model_type!r}")
@@ -86,7 +101,7 @@ def read_config(path: PathLike) -> LoopedLMConfig:
             values.update(_rope_parameters(value, raw))
         elif name not in IGNORED_FIELDS:
             raise ValueError(f"config.json: field {name!r} is not implemented")
-    return LoopedLMConfig(**values)
+    return values
 
 
 def _rope_parameters(value, raw: dict) -> dict:
@@ -107,8 +122,8 @@ def _rope_parameters(value, raw: dict) -> dict:
 
 def read_headers(path: PathLike) -> dict[str, tuple[str, tuple[int, ...], str]]:
     """{tensor name: (file, shape, safetensors dtype)} of the checkpoint, single-file or sharded, read from
-    the safetensors headers only."""
-    from safetensors import safe_open
+    the safetensors headers only; a file that is not safetensors (truncated, say) is a ValueError naming it."""
+    from safetensors import SafetensorError, safe_open
 
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
@@ -122,7 +137,11 @@ def read_headers(path: PathLike) -> dict[str, tuple[str, tuple[int, ...], str]]:
         raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
     headers = {}
     for file in files:
-        with safe_open(os.path.join(path, file), framework="pt") as f:
+        try:
+            opened = safe_open(os.path.join(path, file), framework="pt")
+        except SafetensorError as e:  # a truncated or corrupt file
+            raise ValueError(f"{file} cannot be read as safetensors ({e})") from e
+        with opened as f:
             for name in f.keys():
                 if name in headers:
                     raise ValueError(f"tensor {name!r} is in both {headers[name][0]} and {file}")
@@ -249,7 +268,34 @@ def to_melt(model: LoopedLM, gate: str = "latent") -> LoopedLM:
 # ---------------------------------------------------------------- the command
 
 
-def parse_args(argv, prog="python -m melt_kernels.ouro"):
+def copy_tokenizer(source: PathLike, destination: PathLike) -> list[str]:
+    """Copies the tokenizer files of checkpoint folder ``source`` (those it has of :data:`TOKENIZER_FILES`) into
+    ``destination``, so that a model saved there loads and serves with its tokenizer; returns their names."""
+    copied = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(source, name))]
+    for name in copied:
+        shutil.copy(os.path.join(source, name), os.path.join(destination, name))
+    return copied
+
+
+def token_ids(text: str) -> list[int]:
+    """``--prompt-ids``' type: space-separated non-negative token ids."""
+    try:
+        ids = [int(t) for t in text.split()]
+    except ValueError:
+        ids = []
+    if not ids or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"expected space-separated token ids, got {text!r}")
+    return ids
+
+
+def positive_int(text: str) -> int:
+    value = int(text) if text.strip().isdigit() else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def parser(prog="python -m melt_kernels.ouro") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog,
                                 description="Convert an Ouro checkpoint to MELT, save it, reload it and generate.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -262,13 +308,11 @@ def parse_args(argv, prog="python -m melt_kernels.ouro"):
     c.add_argument("--device", help="default: cuda when available, else cpu")
     c.add_argument("--prompt", default="The capital of France is",
                    help="text prompt (needs transformers and the checkpoint's tokenizer files)")
-    c.add_argument("--prompt-ids", help="prompt as space-separated token ids (instead of --prompt)")
-    c.add_argument("--new-tokens", type=int, default=32, help="tokens to generate (default 32)")
-    c.add_argument("--chunk", type=int, help="prefill chunk size (default: the whole prompt)")
+    c.add_argument("--prompt-ids", type=token_ids, help="prompt as space-separated token ids (instead of --prompt)")
+    c.add_argument("--new-tokens", type=positive_int, default=32, help="tokens to generate (default 32)")
+    c.add_argument("--chunk", type=positive_int, help="prefill chunk size (default: the whole prompt)")
     c.add_argument("--no-generate", action="store_true", help="convert and save only")
-    args = p.parse_args(argv)
-    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return args
+    return p
 
 
 def _tokenizer(path: PathLike):
@@ -283,23 +327,33 @@ def _tokenizer(path: PathLike):
 
 
 def convert(args) -> dict:
-    """Runs ``convert``; returns what it printed, as numbers."""
-    start = time.perf_counter()
-    ouro = load_ouro(args.ouro_dir, args.dtype, args.device)
+    """Runs ``convert``; returns what it printed, as numbers.  A problem with an argument's file or folder is an
+    :class:`~melt_kernels.cli.ArgumentProblem` naming the argument."""
+    with reading("ouro_dir"):
+        start = time.perf_counter()
+        ouro = load_ouro(args.ouro_dir, args.dtype, args.device)
+        tokenizer = None if args.no_generate or args.prompt_ids else _tokenizer(args.ouro_dir)
+    if tokenizer is None and not (args.no_generate or args.prompt_ids):
+        raise ArgumentProblem("argument --prompt: no tokenizer to encode it (needs transformers and the "
+                              "checkpoint's tokenizer files): give --prompt-ids, or --no-generate")
     c = ouro.config
+    ids = None if args.no_generate else args.prompt_ids or tokenizer(args.prompt)["input_ids"]
+    if ids is not None and not (ids and max(ids) < c.vocab_size):
+        raise ArgumentProblem(f"argument {'--prompt-ids' if args.prompt_ids else '--prompt'}: needs at least one "
+                              f"token, each below the vocabulary size {c.vocab_size}, got {ids}")
     dtype = ouro.model.embed_tokens.weight.dtype
     params = sum(p.numel() for p in ouro.parameters())
     print(f"loaded {args.ouro_dir}: {c.num_hidden_layers} layers x T={c.total_ut_steps} loops, hidden "
           f"{c.hidden_size}, {c.num_attention_heads} heads ({c.num_key_value_heads} kv) x {c.head_dim}, "
           f"{params:,} parameters, {str(dtype).removeprefix('torch.')} on {args.device} "
           f"({time.perf_counter() - start:.1f} s)")
-    melt = to_melt(ouro, args.gate)
+    with reading("ouro_dir"):
+        melt = to_melt(ouro, args.gate)
     del ouro
     gate_params = sum(p.numel() for n, p in melt.named_parameters() if ".melt_gate." in n)
-    melt.save_pretrained(args.out_dir)
-    for name in TOKENIZER_FILES:
-        if os.path.exists(os.path.join(args.ouro_dir, name)):
-            shutil.copy(os.path.join(args.ouro_dir, name), os.path.join(args.out_dir, name))
+    with reading("out_dir"):
+        melt.save_pretrained(args.out_dir)
+        copy_tokenizer(args.ouro_dir, args.out_dir)
     looplm, shared = (kv_bytes_per_token(c, kind, dtype) for kind in ("looplm", "melt"))
     print(f"converted with gate {args.gate!r} ({'the MELT paper' if args.gate == 'latent' else 'this package'}'s, "
           f"+{gate_params:,} parameters) and saved to {args.out_dir}")
@@ -311,14 +365,6 @@ def convert(args) -> dict:
         return result
     del melt
     model = load_ouro(args.out_dir, dtype, args.device)  # what a user of OUT_DIR gets
-    tokenizer = None if args.prompt_ids else _tokenizer(args.out_dir)
-    if args.prompt_ids:
-        ids = [int(t) for t in args.prompt_ids.split()]
-    elif tokenizer is not None:
-        ids = tokenizer(args.prompt)["input_ids"]
-    else:
-        raise SystemExit("no tokenizer here (needs transformers and the checkpoint's tokenizer files): "
-                         "give --prompt-ids")
     prompt = torch.tensor([ids], device=args.device)
     cache = model.new_cache("melt", 1, prompt.shape[1] + args.new_tokens)
     start = time.perf_counter()
@@ -333,7 +379,12 @@ def convert(args) -> dict:
 
 
 def main(argv=None, prog="python -m melt_kernels.ouro") -> dict:
-    return convert(parse_args(argv, prog))
+    """``convert``'s command line; returns what it printed, as numbers (the ``melt`` script drops it)."""
+    p = parser(prog)
+    args = p.parse_args(argv)
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with reporting(f"{p.prog} convert"):
+        return convert(args)
 
 
 if __name__ == "__main__":

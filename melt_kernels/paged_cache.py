@@ -1,4 +1,5 @@
-"""Paged KV caches for serving looped LMs (SPEC 2.6): pools of fixed-size pages and a page allocator.
+"""Paged KV caches for serving looped LMs: pools of fixed-size pages and a page allocator
+(docs/serving.md#paged-caches-and-continuous-batching).
 
 * :class:`PagePool`: the memory.  One (num_blocks, page_size, Hkv, D) pool
   per K and V of every layer (MELT: ``PagePool.melt``) or of every (loop,
@@ -24,7 +25,7 @@ Bytes: :attr:`PagePool.nbytes` is what the pool reserves on its device;
 :attr:`PagePool.nbytes_in_use` what the pages now handed out hold.
 
 The rows of one pool never share a page (each page has one owner), so
-the op's rule that active slots do not alias (SPEC 2.6) holds by
+the op's rule that active slots do not alias (docs/op.md#paged-caches) holds by
 construction.
 """
 from __future__ import annotations

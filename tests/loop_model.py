@@ -1,4 +1,4 @@
-"""A slow, loop-by-loop, out-of-place model of SPEC §2, written independently of melt_kernels.
+"""A slow, loop-by-loop, out-of-place model of the op (docs/op.md#the-op), written independently of melt_kernels.
 
 Python loops over rows, tokens and heads; float64 unless told otherwise;
 differentiable with respect to every tensor argument.  The reference is
@@ -26,7 +26,7 @@ def loop_model(q, k, v, k_cache, v_cache, cache_seqlens, gate=None, gate_v=None,
 
     The cache update and the attention are computed in ``dtype``; the new
     cache values are rounded to the caches' dtype once, and attention reads
-    the rounded values, as SPEC §2.1 says.
+    the rounded values, as docs/op.md#the-cache-update says.
     """
     batch, seqlen_q, heads_q, head_dim = q.shape
     heads_kv = k.shape[2]

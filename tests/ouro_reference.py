@@ -1,6 +1,7 @@
-"""Tiny Ouro checkpoints and an independent float64 forward of Ouro and MELT, written from OURO.md and SPEC 3.2.
+"""Tiny Ouro checkpoints and an independent float64 forward of Ouro and MELT, written from docs/models.md's
+Ouro checkpoints and gates (docs/models.md#ouro-checkpoints, docs/models.md#the-gates).
 
-Nothing here imports melt_kernels: the checkpoint is laid out from OURO.md's
+Nothing here imports melt_kernels: the checkpoint is laid out from Ouro's
 tensor names (plus the MELT gate names of the converted format), and the
 forward reads the weights by name from a plain dict, one loop and layer at a
 time, attention by an explicit causal mask over a growing cache.
@@ -37,7 +38,7 @@ def tiny_config(**overrides) -> dict:
 
 
 def tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """OURO.md's tensor names and shapes (nn.Linear weights are (out, in))."""
+    """Ouro's tensor names and shapes (docs/models.md#ouro-checkpoints) (nn.Linear weights are (out, in))."""
     hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     q_out = config["num_attention_heads"] * config["head_dim"]
     kv_out = config["num_key_value_heads"] * config["head_dim"]
@@ -110,6 +111,22 @@ def write_checkpoint(path, config: dict, weights: dict[str, torch.Tensor], shard
         json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, f, indent=1)
 
 
+def write_tokenizer(path, lines: list[str]):
+    """A word-level tokenizer of ``lines`` as a checkpoint ships one: tokenizer.json (the tokenizers package) and a
+    tokenizer_config.json naming its class and its end-of-sequence token "</s>"; returns the tokenizer."""
+    import tokenizers
+    from tokenizers import models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(lines, trainers.WordLevelTrainer(special_tokens=["[UNK]", "</s>"]))
+    os.makedirs(path, exist_ok=True)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "</s>", "unk_token": "[UNK]"}, f)
+    return tok
+
+
 # ---------------------------------------------------------------- the forward
 
 
@@ -143,10 +160,11 @@ def forward(w: dict, config: dict, ids: torch.Tensor, chunk_size: int, cache: st
     cache only): None (write-through), "latent", "kv-head" or "kv-element", its weights read from ``w`` under the
     converted checkpoint's names.
 
-    ``teacher=(teacher_weights, lam)`` (MELT cache only) is SPEC 3.3's interpolated transition: attention at
-    loop r reads lam * (the MELT cache as it stands) + (1 - lam) * (the teacher's loop-r cache after a LoopLM
-    run of the whole sequence), position by position.  ``truncate`` cuts the caches' gradient at every chunk
-    boundary (truncated backpropagation: later chunks read the settled values as constants)."""
+    ``teacher=(teacher_weights, lam)`` (MELT cache only) is the interpolated transition
+    (docs/training.md#the-recipe): attention at loop r reads lam * (the MELT cache as it stands) + (1 - lam) *
+    (the teacher's loop-r cache after a LoopLM run of the whole sequence), position by position.  ``truncate``
+    cuts the caches' gradient at every chunk boundary (truncated backpropagation: later chunks read the settled
+    values as constants)."""
     c = config
     loops, layers, eps, theta = c["total_ut_steps"], c["num_hidden_layers"], c["rms_norm_eps"], c["rope_theta"]
     heads, heads_kv, dim = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
@@ -213,7 +231,8 @@ def forward(w: dict, config: dict, ids: torch.Tensor, chunk_size: int, cache: st
 
 
 def exit_probabilities(exit_logits: torch.Tensor) -> torch.Tensor:
-    """OURO.md's p(t) over the loops (first dimension), loop by loop."""
+    """Ouro's exit distribution p(t) (docs/models.md#ouro-checkpoints) over the loops (first dimension), loop by
+    loop."""
     lam = torch.sigmoid(exit_logits)
     probs, survival = [], torch.ones_like(lam[0])
     for t in range(lam.shape[0]):

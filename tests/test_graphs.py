@@ -1,4 +1,4 @@
-"""melt_kernels.graphs: the capturable decode step (SPEC 2.7).
+"""melt_kernels.graphs: the capturable decode step (docs/op.md#cuda-graphs-and-host-cost).
 
 On the CPU: the step that CapturedDecode captures reads no tensor value on the host (every op of it is traced
 with a TorchDispatchMode, and the op's host checks are made to treat the CPU lengths and table as device

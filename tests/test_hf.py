@@ -239,14 +239,34 @@ def test_gpu_bf16_generate_is_the_packages(ouro_dir, tmp_path):
     assert torch.equal(out[:, 6:], model.generate(ids, model.new_cache("melt", 1, 6 + NEW), NEW))
 
 
-def test_transformers_config_mirrors_the_package_config():
-    """MeltConfig declares LoopedLMConfig's fields with the same defaults (transformers' configs are dataclasses
-    of their own), and checks values through it."""
+def test_transformers_config_is_the_package_config():
+    """MeltConfig is LoopedLMConfig's face: an instance of it, with its fields (inherited, not restated) and
+    defaults, checking values through it."""
     import dataclasses
 
+    config = MeltConfig(hidden_size=64, num_attention_heads=4)
+    assert isinstance(config, melt_kernels.LoopedLMConfig) and config.head_dim == 16
+    assert not {"vocab_size", "gate", "total_ut_steps"} & set(vars(MeltConfig))
     package = {f.name: f.default for f in dataclasses.fields(melt_kernels.LoopedLMConfig)}
-    mirrored = {f.name: f.default for f in dataclasses.fields(MeltConfig)}
-    assert {name: mirrored.get(name, "missing") for name in package} == package
+    assert {f.name: f.default for f in dataclasses.fields(MeltConfig) if f.name in package} == package
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("sliding_window", 64, "sliding_window=64 is not implemented"),
+    ("hidden_act", "gelu", "hidden_act='gelu' is not implemented"),
+    ("attention_bias", True, "attention_bias=True is not implemented"),
+    ("some_new_feature", 1, "field 'some_new_feature' is not implemented")])
+def test_transformers_refuses_what_load_ouro_refuses(saved, tmp_path, field, value, message):
+    """One reader of config.json (melt_kernels.ouro.config_fields): a field the package does not implement stops
+    AutoConfig and AutoModelForCausalLM with load_ouro's message."""
+    _, path = saved
+    for name in os.listdir(path):
+        (tmp_path / name).write_bytes((path / name).read_bytes())
+    config = json.loads((path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, field: value}))
+    for load in (load_ouro, transformers.AutoConfig.from_pretrained, transformers.AutoModelForCausalLM.from_pretrained):
+        with pytest.raises(ValueError, match=message):
+            load(tmp_path)
 
 
 def test_generate_without_cache_runs_each_step_as_one_chunk(saved):

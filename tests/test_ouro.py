@@ -3,7 +3,8 @@
 Tiny random checkpoints with Ouro's real tensor names (norm weights randomised, so a swapped norm shows),
 single-file and sharded, are loaded with load_ouro and must give Ouro's logits, per-loop hidden states and exit
 distribution at any chunking; converted to MELT they must give last-step reuse, and with trained (random) gates
-the gate equations of SPEC 3.2.  Everything runs on backend="reference" in float64 unless said otherwise.
+the gate equations of docs/models.md#the-gates.  Everything runs on backend="reference" in float64 unless said
+otherwise.
 """
 import json
 import math
@@ -143,9 +144,10 @@ def test_converted_model_starts_as_ouro_with_last_step_reuse(ouro, gate):
 @pytest.mark.parametrize("gate", GATES)
 def test_trained_gates_follow_spec_and_round_trip(ouro, gate, tmp_path):
     """With random (trained-looking) gate weights, the converted model saved by save_pretrained and loaded back by
-    load_ouro computes SPEC 3.2's gate: latent z = sigmoid(x W_z + h_prev U_z + b_z), h = z h_prev + (1 - z) x,
-    k, v from h; kv-head / kv-element K_slot = alpha K_old + (1 - alpha) k with alpha = sigmoid(W_g x + b_g); loop 1
-    writes through.  The independent forward reads the saved file's tensors by name."""
+    load_ouro computes the gates of docs/models.md#the-gates: latent z = sigmoid(x W_z + h_prev U_z + b_z),
+    h = z h_prev + (1 - z) x, k, v from h; kv-head / kv-element K_slot = alpha K_old + (1 - alpha) k with
+    alpha = sigmoid(W_g x + b_g); loop 1 writes through.  The independent forward reads the saved file's tensors
+    by name."""
     config, weights, dirs = ouro
     melt = randomise_gates(to_melt(load_ouro(dirs["sharded"], backend="reference"), gate), seed=3)
     melt.save_pretrained(tmp_path)
@@ -306,8 +308,8 @@ def test_checkpoint_variants_that_are_accepted(ouro, tmp_path):
 
 
 def test_kv_bytes_per_token_of_ouro_1_4b():
-    """OURO.md: 24 layers x 4 loops x 2 x 2048 x 2 bytes = 786,432 per token for Ouro-1.4B in bf16, one pass
-    196,608; LoopedLMConfig's defaults are Ouro-1.4B's shape."""
+    """docs/models.md#ouro-checkpoints: 24 layers x 4 loops x 2 x 2048 x 2 bytes = 786,432 per token for Ouro-1.4B
+    in bf16, one pass 196,608; LoopedLMConfig's defaults are Ouro-1.4B's shape."""
     config = LoopedLMConfig()
     assert kv_bytes_per_token(config, "looplm", torch.bfloat16) == 24 * 4 * 2 * 2048 * 2 == 786_432
     assert kv_bytes_per_token(config, "melt", torch.bfloat16) == 196_608
@@ -342,9 +344,10 @@ def test_convert_command(ouro, tmp_path, capsys):
     assert result["gate_params"] == 2 * (2 * 32 * 32 + 32)
 
 
-def test_readme_states_the_packages_kv_bytes():
-    """README's memory figures are what kv_bytes_per_token computes (its doctest-style line and the prose)."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+def test_docs_state_the_packages_kv_bytes():
+    """docs/models.md's memory figures are what kv_bytes_per_token computes (its doctest-style line and the
+    prose)."""
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text()
     looplm, melt = (kv_bytes_per_token(LoopedLMConfig(), kind) for kind in ("looplm", "melt"))
     assert f"({looplm}, {melt})" in readme
     assert f"Ouro keeps {looplm:,} bytes" in readme and f"{melt:,} (one per layer)" in readme

@@ -140,9 +140,10 @@ def test_shards_partition_the_global_batch():
 @pytest.mark.parametrize("gate", GATES)
 @pytest.mark.parametrize("chunk_size,lam", [(3, 0.35), (1, 0.8), (LENGTH, 0.5), (2, 1.0), (3, 0.0)])
 def test_transition_is_the_interpolated_model_of_spec(pair, gate, chunk_size, lam):
-    """SPEC 3.3 phase 1, chunk-wise: at loop r, attention reads lam * KV_MELT + (1 - lam) * KV_LoopLM(r) at every
-    position, the teacher's per-loop caches from its own run; logits against the independent float64 forward of
-    tests/ouro_reference.py, teacher and student with different weights and trained-looking gates."""
+    """docs/training.md#the-recipe, phase 1, chunk-wise: at loop r, attention reads lam * KV_MELT + (1 - lam) *
+    KV_LoopLM(r) at every position, the teacher's per-loop caches from its own run; logits against the
+    independent float64 forward of tests/ouro_reference.py, teacher and student with different weights and
+    trained-looking gates."""
     config = pair[0]
     teacher, student = models(pair, gate)
     ids = token_ids(4)

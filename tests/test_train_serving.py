@@ -16,6 +16,7 @@ from melt_kernels.train import IGNORE, CopyTask, Phase, Recipe, TokenStream, Tra
 from melt_kernels.train.data import Tokenizer, from_file, read_documents, split_held_out
 from melt_kernels.train.evaluate import gate_retention
 from melt_kernels.train.recipe import chunk_lengths, step_counts
+from ouro_reference import write_tokenizer
 from utils import randomise_gates, train_in_one_and_two_processes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,8 +43,8 @@ def batch(rows=4, seed=0):
 
 def ouro_loss_by_hand(model: LoopedLM, ids, targets, beta: float) -> torch.Tensor:
     """sum_t p(t|x) CE_t(x) - beta H(p(.|x)), averaged over the scored tokens, with the exit distribution written
-    out loop by loop from OURO.md: lambda_t = sigmoid(logit_t), p(t) = lambda_t prod_{j<t} (1 - lambda_j) for
-    t < T, p(T) = prod_{j<T} (1 - lambda_j)."""
+    out loop by loop from docs/models.md#ouro-checkpoints: lambda_t = sigmoid(logit_t), p(t) = lambda_t
+    prod_{j<t} (1 - lambda_j) for t < T, p(T) = prod_{j<T} (1 - lambda_j)."""
     _, loops = model.prefill(ids, model.new_cache("looplm", *ids.shape), return_loops=True)
     scored = targets != IGNORE
     T = model.num_loops
@@ -215,16 +216,9 @@ LINES = ["the cat sat on the mat", "a dog sat on a log", "the dog saw the cat"]
 def tokenizer_dir(tmp_path):
     """A checkpoint folder holding a word-level tokenizer trained on LINES (tokenizer.json) that names its
     end-of-sequence token (tokenizer_config.json)."""
-    tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import models, pre_tokenizers, trainers
-    tok = tokenizers.Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(LINES, trainers.WordLevelTrainer(special_tokens=["[UNK]", "</s>"]))
+    pytest.importorskip("tokenizers")
     folder = tmp_path / "checkpoint"
-    folder.mkdir()
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
-    return folder, tok
+    return folder, write_tokenizer(folder, LINES)
 
 
 def test_text_and_jsonl_are_tokenized_by_the_checkpoints_tokenizer(tmp_path, tokenizer_dir):
@@ -257,7 +251,7 @@ def test_held_out_split_keeps_the_last_tenth():
     assert train.tokens.tolist() == tokens[:90].tolist() and held.tokens.tolist() == tokens[90:].tolist()
 
 
-def test_cli_trains_on_tokenized_jsonl_and_ends_with_the_held_out_evaluation(tmp_path, tokenizer_dir):
+def test_cli_trains_on_tokenized_jsonl_and_ends_with_the_held_out_evaluation(tmp_path, tokenizer_dir, capsys):
     """`python -m melt_kernels.train --data corpus.jsonl`: the teacher folder's tokenizer encodes the documents,
     and the run ends with teacher and student evaluated on the held-out tenth in chunks, token by token and
     served."""
@@ -278,9 +272,11 @@ def test_cli_trains_on_tokenized_jsonl_and_ends_with_the_held_out_evaluation(tmp
         assert math.isfinite(evaluation[key]["loss"]), key
     assert evaluation["student"]["tokens"] == 4 * 8 and evaluation["student_served"]["tokens"] == 4 * 4
     assert len(evaluation["gate_retention"]) == 1
-    with pytest.raises(ValueError, match="--gate none"):
+    with pytest.raises(SystemExit) as refused:
         main(["--teacher", str(folder), "--out", str(tmp_path / "refused"), "--data", str(data), "--seq-len", "8",
               "--pretrain-steps", "1", "--no-progress"])
+    assert refused.value.code == 2
+    assert "error: argument --pretrain-steps:" in capsys.readouterr().err
 
 
 def test_two_processes_pretrain_with_ouros_objective_like_one(tmp_path):

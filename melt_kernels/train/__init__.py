@@ -1,4 +1,5 @@
-"""Chunk-wise MELT post-training from a LoopLM teacher (arXiv 2605.07721; SPEC 3.3), in 1 or N processes.
+"""Chunk-wise MELT post-training from a LoopLM teacher (arXiv 2605.07721; docs/training.md#the-recipe), in 1 or N
+processes.
 
 * :mod:`~melt_kernels.train.recipe`: the paper's recipe (its settings, the
   losses, one chunk-wise step, the bounded-memory mode);

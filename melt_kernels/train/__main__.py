@@ -8,13 +8,15 @@
 
 The teacher (an Ouro checkpoint, or a LoopLM saved by this package) is loaded
 frozen; the student is ``to_melt(teacher, gate)`` (or, with ``--resume``, the
-newest checkpoint under ``--out``).  Defaults are the paper's recipe (SPEC
-3.3): 10,000-token sequences in chunks of 500, 32 sequences per step, 500
-interpolated-transition steps then 300 of attention-aligned distillation
-(beta 0.1), AdamW at 8e-6 (base) and 5e-4 (gates).  ``--batch`` is the
-global batch: each process trains on its share.  Writes ``OUT/metrics.jsonl``
-(one JSON record per step), checkpoints under ``OUT/checkpoints`` and the
-final model in ``OUT/final``.
+newest checkpoint under ``--out``).  Defaults are the paper's recipe
+(docs/training.md#the-recipe): 10,000-token sequences in chunks of 500, 32
+sequences per step, 500 interpolated-transition steps then 300 of
+attention-aligned distillation (beta 0.1), AdamW at 8e-6 (base) and 5e-4
+(gates).  ``--batch`` is the global batch: each process trains on its
+share.  Writes ``OUT/metrics.jsonl`` (one JSON record per step), checkpoints
+under ``OUT/checkpoints`` and the final model in ``OUT/final``, with the
+teacher's (or ``--tokenizer``'s) tokenizer files: it loads in transformers and
+serves in vLLM as it is.
 
 Data (``--data``): ``stdlib`` (Python's standard library source as bytes,
 vocabulary 256; melt_kernels.train.data.stdlib_corpus), ``copy`` (the
@@ -46,8 +48,9 @@ import sys
 
 import torch
 
+from melt_kernels.cli import ArgumentProblem, reading, reporting
 from melt_kernels.model import GATES
-from melt_kernels.ouro import DTYPES, load_ouro, to_melt
+from melt_kernels.ouro import DTYPES, copy_tokenizer, load_ouro, to_melt
 from melt_kernels.threads import cpu_threads
 from melt_kernels.train import distributed
 from melt_kernels.train.data import TEXT_SUFFIXES, CopyTask, Tokenizer, from_file, split_held_out, stdlib_corpus
@@ -56,7 +59,7 @@ from melt_kernels.train.recipe import MEMORY_MODES, PRETRAIN_OBJECTIVES, Recipe
 from melt_kernels.train.trainer import Trainer
 
 
-def parse_args(argv, prog="python -m melt_kernels.train"):
+def parser(prog="python -m melt_kernels.train") -> argparse.ArgumentParser:
     d = Recipe()
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -112,7 +115,7 @@ def parse_args(argv, prog="python -m melt_kernels.train"):
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "cuda", "reference"])
     p.add_argument("--threads", type=int, default=0, help="CPU intra-op threads per process (default: torch's)")
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    return p
 
 
 def make_tokenizer(args):
@@ -121,6 +124,8 @@ def make_tokenizer(args):
     if not args.data.endswith(TEXT_SUFFIXES):
         return None
     folder = args.tokenizer or args.teacher
+    if not os.path.isdir(folder):  # else transformers would look for a Hub repository of that name
+        raise FileNotFoundError(f"{folder} is not a folder")
     if args.tokenizer is None and not any(os.path.exists(os.path.join(folder, name))
                                           for name in ("tokenizer.json", "tokenizer_config.json")):
         print(f"# {folder} has no tokenizer files: {args.data} is read as bytes", file=sys.stderr)
@@ -128,15 +133,15 @@ def make_tokenizer(args):
     return Tokenizer(folder)
 
 
-def make_source(args):
-    """(training source, held-out source, seq_len)."""
+def make_source(args, tokenizer):
+    """(training source, held-out source, seq_len); a text file is encoded by ``tokenizer`` (:func:`make_tokenizer`)."""
     if args.data == "copy":
         task = CopyTask(args.copy_symbols, args.copy_length)
         return task, task, task.seq_len
     if args.data == "stdlib":
         train, held = stdlib_corpus().streams(args.seq_len)
         return train, held, args.seq_len
-    train, held = split_held_out(from_file(args.data, None, args.seq_len, make_tokenizer(args)))
+    train, held = split_held_out(from_file(args.data, None, args.seq_len, tokenizer))
     return train, held, args.seq_len
 
 
@@ -168,26 +173,35 @@ def final_evaluation(teacher, student, student_kind, batch, recipe, prompt, cont
 
 
 def main(argv=None, prog="python -m melt_kernels.train") -> dict:
-    args = parse_args(argv, prog)
-    with cpu_threads(args.threads):
+    """The command line; returns the final summary it printed (the ``melt`` script drops it)."""
+    p = parser(prog)
+    args = p.parse_args(argv)
+    with reporting(p.prog), cpu_threads(args.threads):
         with distributed.session(args.device) as context:
             return run(args, context)
 
 
 def run(args, context) -> dict:
-    source, held_out, seq_len = make_source(args)
+    """Trains and evaluates; a problem with an argument's file or folder is an
+    :class:`~melt_kernels.cli.ArgumentProblem` naming the argument, raised before training starts."""
+    if args.pretrain_steps and args.gate != "none":
+        raise ArgumentProblem("argument --pretrain-steps: it trains the LoopLM itself: pass --gate none (then "
+                              "post-train the result with a gate)")
+    with reading("--teacher"):
+        teacher = load_ouro(args.teacher, dtype=args.dtype, device=context.device, backend=args.backend)
+    if teacher.config.gate is not None:
+        raise ArgumentProblem(f"argument --teacher: {args.teacher} holds a MELT model (gate "
+                              f"{teacher.config.gate!r}); the teacher is a LoopLM")
+    with reading("--tokenizer" if args.tokenizer else "--teacher"):
+        tokenizer = make_tokenizer(args)
+    with reading("--data"):
+        source, held_out, seq_len = make_source(args, tokenizer)
     recipe = Recipe(seq_len=seq_len, chunk_size=args.chunk, batch_size=args.batch, pretrain_steps=args.pretrain_steps,
                     transition_steps=args.transition_steps, distill_steps=args.distill_steps, beta=args.beta,
                     lr=args.lr, gate_lr=args.gate_lr, weight_decay=args.weight_decay,
                     warmup_steps=args.warmup_steps, clip=args.clip or None, memory=args.memory,
                     pretrain_objective=args.pretrain_objective, exit_beta=args.exit_beta,
                     chunk_cycle=tuple(args.chunk_cycle), decode_tokens=args.decode_tokens)
-    if args.pretrain_steps and args.gate != "none":
-        raise ValueError("--pretrain-steps trains the LoopLM itself: pass --gate none (then post-train the result "
-                         "with a gate)")
-    teacher = load_ouro(args.teacher, dtype=args.dtype, device=context.device, backend=args.backend)
-    if teacher.config.gate is not None:
-        raise ValueError(f"{args.teacher} holds a MELT model (gate {teacher.config.gate!r}); the teacher is a LoopLM")
     student = copy.deepcopy(teacher) if args.gate == "none" else to_melt(teacher, args.gate)
     student_kind = "looplm" if args.gate == "none" else "melt"
     trainer = Trainer(student, recipe, source, teacher=teacher, context=context, seed=args.seed, out_dir=args.out,
@@ -201,8 +215,9 @@ def run(args, context) -> dict:
         + (f"; resumed from {resumed}" if resumed else ""), file=sys.stderr)
     trainer.run()
     final = os.path.join(args.out, "final")
-    if context.main:
+    if context.main:  # the model as it is served: weights, config and the teacher's tokenizer
         student.save_pretrained(final)
+        copy_tokenizer(args.tokenizer or args.teacher, final)
     context.barrier()
     result = {"final": final, "steps": trainer.step, "last": trainer.history[-1] if trainer.history else None}
     batch = held_out_batch(held_out, args, context) if args.eval_sequences else None

@@ -1,4 +1,5 @@
-"""The paper's post-training recipe (SPEC 3.3): its settings, its losses and one chunk-wise training step.
+"""The paper's post-training recipe (docs/training.md#the-recipe): its settings, its losses and one chunk-wise
+training step.
 
 A LoopLM teacher (Ouro-style, one KV cache per loop and layer, frozen) is
 turned into MELT (one gated cache per layer shared by the T loops) with the
@@ -46,8 +47,8 @@ Memory (``memory``):
 
 * ``"exact"``: one backward per step through every chunk: the gradient also
   flows from later chunks, through the cache values they read, into the
-  weights and gates that wrote the earlier chunks (the op's autograd, SPEC
-  2.3).  The exact gradient of the chunk-wise model; it keeps every chunk's
+  weights and gates that wrote the earlier chunks (the op's autograd,
+  docs/op.md#gradients).  The exact gradient of the chunk-wise model; it keeps every chunk's
   graph until the backward, so memory grows with the sequence length.
 * ``"detach"``: truncated backpropagation across chunks: each chunk's loss
   is backpropagated as soon as the chunk has run, then the settled cache is

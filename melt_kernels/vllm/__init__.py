@@ -3,14 +3,13 @@
 Installed beside vLLM, the package's ``vllm.general_plugins`` entry point
 runs :func:`register` in every engine process, so ``vllm serve DIR`` and
 ``LLM(model=DIR)`` need neither ``trust_remote_code`` nor anything in the
-user's script.  The models: :mod:`melt_kernels.vllm.melt`,
-:mod:`melt_kernels.vllm.ouro`; their configs, checks and prefill policy:
-:mod:`melt_kernels.vllm.config`.
+user's script.  The models: :mod:`melt_kernels.vllm.model`; their configs,
+checks and prefill policy: :mod:`melt_kernels.vllm.config`.
 """
 
 ARCHITECTURES = {
-    "MeltForCausalLM": "melt_kernels.vllm.melt:MeltForCausalLM",
-    "OuroForCausalLM": "melt_kernels.vllm.ouro:OuroForCausalLM",
+    "MeltForCausalLM": "melt_kernels.vllm.model:MeltForCausalLM",
+    "OuroForCausalLM": "melt_kernels.vllm.model:OuroForCausalLM",
 }
 
 

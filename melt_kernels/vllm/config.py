@@ -4,13 +4,15 @@
   release of transformers has one), registered with ``AutoConfig`` so that
   the engine reads an Ouro checkpoint without ``trust_remote_code``.
   model_type "melt" is :class:`melt_kernels.hf.MeltConfig`, registered when
-  :mod:`melt_kernels` is imported.
+  :mod:`melt_kernels` is imported.  Both read config.json through
+  :func:`melt_kernels.ouro.config_fields`, as ``load_ouro`` does, so the
+  engine refuses what the package does not implement as it reads the config.
 * :class:`MeltServing` and :class:`OuroServing`: vLLM's per-architecture
   config hooks (``MODELS_CONFIG_MAP``), run when the engine's config is
   built, in the process that builds it, so that bad input is refused there
   with its own message (:func:`check_checkpoint`), before any worker starts.
 
-The prefill policy (SPEC 3.4).  MELT's output depends on where a prompt is
+The prefill policy (docs/serving.md#prefill-policy).  MELT's output depends on where a prompt is
 cut into chunks (a chunk sees the earlier chunks settled after all T loops),
 and vLLM's scheduler cuts prompts by its token budget, which depends on the
 other requests; a cached prefix is a chunk boundary the prompt alone would
@@ -29,14 +31,14 @@ from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
 from melt_kernels.hf import MeltConfig
 from melt_kernels.model import LoopedLMConfig
-from melt_kernels.ouro import OURO_MODEL_TYPE, check_tensors, read_config, read_headers
+from melt_kernels.ouro import OURO_MODEL_TYPE, check_tensors, read_headers
 
 logger = init_logger(__name__)
 
 
 class OuroConfig(MeltConfig):
-    """transformers' config of an Ouro checkpoint: MeltConfig's fields (an Ouro config.json never sets the gate,
-    which :func:`melt_kernels.ouro.read_config` checks)."""
+    """transformers' config of an Ouro checkpoint: MeltConfig under model_type "ouro" (an Ouro config.json never
+    sets the gate, which :func:`melt_kernels.ouro.config_fields` checks)."""
 
     model_type = OURO_MODEL_TYPE
 
@@ -51,17 +53,17 @@ def checkpoint_folder(model_config) -> str:
 
 
 def check_checkpoint(vllm_config) -> LoopedLMConfig:
-    """Refuses, naming the cause, what this plugin cannot serve as it would compute it: a config.json field
-    the package does not implement (:func:`melt_kernels.ouro.read_config`), a missing, extra or mis-shaped
-    tensor when the weights are already on disk (:func:`melt_kernels.ouro.check_tensors`; otherwise vLLM's
-    loader names what it did not load), and a head_dim the engine's attention backend refuses."""
+    """Refuses, naming the cause, what this plugin cannot serve as it would compute it: a missing, extra or
+    mis-shaped tensor when the weights are already on disk (:func:`melt_kernels.ouro.check_tensors`; otherwise
+    vLLM's loader names what it did not load) and a head_dim the engine's attention backend refuses.  A
+    config.json field the package does not implement was refused before, when the engine read the config
+    (:meth:`melt_kernels.hf.MeltConfig.from_dict`, the reader of every runtime)."""
     from vllm.config import set_current_vllm_config
     from vllm.v1.attention.selector import get_attn_backend
 
     model_config, cache_config = vllm_config.model_config, vllm_config.cache_config
     folder = checkpoint_folder(model_config)
-    read_config(folder)
-    config = model_config.hf_config.looped_config()  # hf_overrides applied
+    config = model_config.hf_config  # a LoopedLMConfig, hf_overrides applied
     if any(name.endswith(".safetensors") for name in os.listdir(folder)):
         check_tensors(config, {name: shape for name, (_, shape, _) in read_headers(folder).items()})
     with set_current_vllm_config(vllm_config):

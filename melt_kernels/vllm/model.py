@@ -1,10 +1,12 @@
-"""The looped LM built from vLLM's layers: Ouro's architecture, its loops calling the engine's ``Attention``.
+"""The looped LM in vLLM, from vLLM's layers: MELT (:class:`MeltForCausalLM`) and Ouro (:class:`OuroForCausalLM`).
 
-One module tree serves both checkpoints (:mod:`melt_kernels.vllm.melt`,
-:mod:`melt_kernels.vllm.ouro`); they differ in how many KV caches a layer
-has: MELT one, called at every loop (the engine's pool is sized for N
-layers), Ouro one per loop (N x T).  The math is :mod:`melt_kernels.model`'s
-(the forward in its docstring, the gates as its modules), on vLLM's parallel
+One module tree serves both checkpoints; they differ in how many KV caches
+a layer has.  MELT has one, written and read by all T loops of a step, so
+the engine sizes its pool for N layers whatever T is and holds T times
+Ouro's tokens at one budget (docs/serving.md#vllm); Ouro has one per loop
+(N x T), every loop written through.  The math is
+:mod:`melt_kernels.model`'s (the forward in its docstring, the gates as its
+modules and :func:`~melt_kernels.model.gate_at_loop`), on vLLM's parallel
 linears, RMSNorm, rotary embedding and vocab-parallel embedding, so that
 tensor parallelism splits the heads as in vLLM's own models.  The gates'
 weights are replicated (hidden x hidden, or hidden x kv-heads x width); a
@@ -25,6 +27,9 @@ the forward's locals, per layer, for this step's tokens only
   needs no cache read; it is computed in float32 and rounded to the model's
   dtype, which is the cache's (the plugin refuses a quantised cache with
   these gates), as the fused op rounds it.  Loop 1 writes through.
+
+The plugin serves MELT's prompts whole and leaves Ouro every engine feature
+(:mod:`melt_kernels.vllm.config`).
 """
 from __future__ import annotations
 
@@ -51,7 +56,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, 
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, maybe_prefix
 from vllm.sequence import IntermediateTensors
 
-from melt_kernels.model import KVGate, LatentGate, LoopCarry, LoopedLMConfig, LoopOutput, blend, make_gate
+from melt_kernels.model import KVGate, LoopCarry, LoopedLMConfig, LoopOutput, blend, gate_at_loop, make_gate
 
 # The checkpoint's separate projections load into vLLM's fused ones.
 CHECKPOINT_TO_FUSED = WeightsMapper(orig_to_new_stacked={
@@ -157,11 +162,8 @@ class LoopedAttention(nn.Module):
     ) -> tuple[torch.Tensor, LoopCarry]:
         """Loop ``loop`` of the layer for the step's tokens x (N, hidden), after input_layernorm; returns the
         o_proj output and what the next loop of this layer needs (module docstring)."""
-        gate = self.melt_gate
-        latent = None
-        if isinstance(gate, LatentGate):
-            latent = x if loop == 0 else gate(x, carry.latent)
-        if latent is not None and loop > 0:
+        latent, alpha = gate_at_loop(self.melt_gate, x, loop, carry)
+        if latent is not None and latent is not x:
             # q from x, k and v from the gated latent: one GEMM over both.
             qkv, _ = self.qkv_proj(torch.cat((x, latent)))
             q = qkv[: x.shape[0], : self.q_size]
@@ -170,11 +172,11 @@ class LoopedAttention(nn.Module):
             qkv, _ = self.qkv_proj(x)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = self.rotary_emb(positions, q, k)
-        if isinstance(gate, KVGate):
+        if isinstance(self.melt_gate, KVGate):
             k = k.reshape(-1, self.num_kv_heads, self.head_dim)
             v = v.reshape(-1, self.num_kv_heads, self.head_dim)
-            if loop > 0:
-                alpha = gate(x)[:, self.kv_heads]
+            if alpha is not None:
+                alpha = alpha[:, self.kv_heads]
                 k, v = blend(carry.k, k, alpha), blend(carry.v, v, alpha)
             carry = LoopCarry(k=k, v=v)
         else:
@@ -229,7 +231,7 @@ class LoopedModel(nn.Module):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", per_loop_caches: bool = False):
         super().__init__()
-        config = vllm_config.model_config.hf_config.looped_config()
+        config = vllm_config.model_config.hf_config  # a LoopedLMConfig (melt_kernels.hf.MeltConfig)
         self.config = config
         num_caches = config.total_ut_steps if per_loop_caches else 1
         self.embed_tokens = VocabParallelEmbedding(
@@ -294,7 +296,7 @@ class LoopedForCausalLM(nn.Module):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
-        config = vllm_config.model_config.hf_config.looped_config()
+        config = vllm_config.model_config.hf_config  # a LoopedLMConfig (melt_kernels.hf.MeltConfig)
         self.config = config
         self.model = LoopedModel(
             vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"), per_loop_caches=self.per_loop_caches
@@ -326,3 +328,17 @@ class LoopedForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return AutoWeightsLoader(self).load_weights(weights)
+
+
+class MeltForCausalLM(LoopedForCausalLM):
+    """A model_type "melt" checkpoint (:func:`melt_kernels.ouro.to_melt`, then ``save_pretrained``): one KV cache
+    per layer, shared by the loops."""
+
+    per_loop_caches = False
+
+
+class OuroForCausalLM(LoopedForCausalLM):
+    """A model_type "ouro" checkpoint (ByteDance's Ouro-1.4B / 2.6B layout, docs/models.md#ouro-checkpoints): one KV
+    cache per (loop, layer)."""
+
+    per_loop_caches = True
