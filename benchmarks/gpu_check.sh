@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU pass (SPEC §4): everything that needs a GPU, in one command that fits one lease.
+# The GPU pass (docs/gpu.md#the-gpu-pass): everything that needs a GPU, in one command that fits one lease.
 #
 #   benchmarks/gpu_check.sh OUT [--dry-run] [--quick] [--steps a,b,...] [--budget SECONDS]
 #

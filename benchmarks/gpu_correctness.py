@@ -5,7 +5,8 @@ what the kernels can get wrong on a real GPU, every check against the reference 
 
 * forward: decode (M = 1) and chunks (M = 16, 64, 500) x GQA groups 1, 2, 8 x head_dim 64, 128, 256 (the
   CUDA backend: 64, 128), dtypes and gate kinds in turn; three rows per problem whose lengths are 0, 1 and
-  63 modulo 64, the longest 32k; every position past a row's range poisoned with NaN (SPEC 2.2); outputs
+  63 modulo 64, the longest 32k; every position past a row's range poisoned with NaN
+  (docs/op.md#the-attention-read); outputs
   poisoned before the run; the caches bit-identical to the reference's in the same dtype and untouched
   outside the active slots; out and lse within FlashAttention's rule (float32: 1e-5);
 * splits: decode at lengths to 32k with every split count the planner chooses, and forced 1, 2, 7, 64;
@@ -14,7 +15,7 @@ what the kernels can get wrong on a real GPU, every check against the reference 
 * determinism: 20 runs from identical inputs give identical bits (a difference is a race);
 * backward: T = 2 loops chained on one cache, every gradient (q, k, v, gates, the caches' old values)
   against the float64 reference;
-* paged: the forward through a block table (SPEC 2.6: shuffled pages of one pool, NaN spare pages, -1
+* paged: the forward through a block table (docs/op.md#paged-caches: shuffled pages of one pool, NaN spare pages, -1
   past each row's pages) against the same backend on contiguous caches, bit for bit, pages nobody
   references untouched;
 * graph: a decode step of a small looped model on a paged cache captured as a CUDA graph and replayed

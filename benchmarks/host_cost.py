@@ -1,7 +1,7 @@
 """Host cost of the op: what one call costs the CPU before any kernel runs, and what ``import melt_kernels`` costs.
 
-SPEC 2.7: a decode kernel takes 5-20 us on a GPU, so the Python around it (checks, backend choice, planning,
-allocations, building the launch) must stay well below that.  Measured on CPU tensors, no GPU needed:
+docs/op.md#cuda-graphs-and-host-cost: a decode kernel takes 5-20 us on a GPU, so the Python around it (checks,
+backend choice, planning, allocations, building the launch) must stay well below that.  Measured on CPU tensors, no GPU needed:
 
 * per call, the median CPU time over rounds of ``--calls`` calls (after warm-up) of the public op
   ``melt_kernels.gated_kv_attention`` on the Triton backend, with the Triton kernels compiled (TRITON_INTERPRET

@@ -1,4 +1,4 @@
-"""Backend discovery and dispatch (SPEC §2.5).
+"""Backend discovery and dispatch (docs/op.md#backends).
 
 A backend is a pair of launchers with the signatures of the reference's
 ``gated_kv_attention_ref_fwd``/``_bwd``.  Kernel modules are imported lazily,

@@ -1,4 +1,4 @@
-"""Validation of ``gated_kv_attention``'s arguments (SPEC §2.4).
+"""Validation of ``gated_kv_attention``'s arguments (docs/op.md#bad-input).
 
 Every backend goes through :func:`check_inputs`, and it runs before anything
 is written, so a rejected call leaves both caches bit-identical.  Checks that
@@ -42,7 +42,7 @@ class Problem:
     # The caller's max_seqlen_k (clamped to [M, S]) when the lengths are not on the host, else None: it sizes
     # the kernels' work split and may be wrong (they stay correct); the reference does not use it.
     seqlen_k_hint: Optional[int] = None
-    # Paged caches (SPEC 2.6): (B, max_blocks) int32 on q's device; the caches are then
+    # Paged caches (docs/op.md#paged-caches): (B, max_blocks) int32 on q's device; the caches are then
     # (num_blocks, page_size, Hkv, D) pools.
     block_table: Optional[torch.Tensor] = None
 

@@ -16,7 +16,7 @@ def gated_kv_attention(q, k, v, k_cache, v_cache, cache_seqlens, gate=None, gate
     This is the MELT step of a looped LM: at every loop iteration the fresh
     k/v of the M active tokens of row b are blended into cache positions
     L_b .. L_b+M-1 with a retention gate, and the queries attend over
-    positions 0 .. L_b+M-1 of the updated cache (SPEC §2).
+    positions 0 .. L_b+M-1 of the updated cache (docs/op.md#the-op).
 
     Arguments (layout (batch, seq, heads, head_dim), as FlashAttention):
         q: (B, M, Hq, D) queries of the M active tokens.
@@ -51,7 +51,7 @@ def gated_kv_attention(q, k, v, k_cache, v_cache, cache_seqlens, gate=None, gate
             the host (the exact bound is taken from them).  Leave it None
             when capturing a CUDA graph that is replayed at growing lengths:
             the plan, sized by S, then stays balanced at every replay.
-        block_table: paged caches (SPEC 2.6, FlashAttention's layout): a
+        block_table: paged caches (docs/op.md#paged-caches, FlashAttention's layout): a
             (B, max_blocks) int32 tensor on q's device; k_cache and v_cache
             are then (num_blocks, page_size, Hkv, D) pools shared by all
             rows (page_size a multiple of 16 in [16, 256]) and logical

@@ -1,5 +1,5 @@
 """Chained problems for the gradient tests: T loops of C chunks on one cache, run in place through the op
-and out of place through the functional definition of SPEC §2.3.
+and out of place through the functional definition of docs/op.md#gradients.
 
 A chain starts from caches with row lengths L_b; chunk c's M tokens occupy positions L_b + c*M ..
 L_b + (c+1)*M - 1 and run ``loops`` calls there; then the next chunk.  Every step draws its own q, k, v and
@@ -97,8 +97,8 @@ def run_in_place(chain: Chain, causal: bool, backend: str) -> tuple[list, torch.
 
 
 def attention_low_precision(q, keys, values, cache_seqlens, softmax_scale, causal):
-    """SPEC §2.2 computed by PyTorch in q's dtype throughout (no upcast), as FlashAttention's tests build
-    their low-precision baseline; lse is returned in float32."""
+    """docs/op.md#the-attention-read computed by PyTorch in q's dtype throughout (no upcast), as FlashAttention's
+    tests build their low-precision baseline; lse is returned in float32."""
     batch, seqlen_q, heads_q, head_dim = q.shape
     window, heads_kv = keys.shape[1], keys.shape[2]
     q_g = q.reshape(batch, seqlen_q, heads_kv, heads_q // heads_kv, head_dim)

@@ -2,7 +2,7 @@
 
 * gradcheck of one call, of the T loops of a chunk, and of several chunks, for every input: q, k, v,
   the gates of each kind and the caches' values before the first call;
-* the in-place chain gives the gradients of the out-of-place functional definition (SPEC §2.3), with
+* the in-place chain gives the gradients of the out-of-place functional definition (docs/op.md#gradients), with
   the caches given in every layout, as views of a bigger buffer, and as halves of one packed tensor;
 * a write into a cache by anything but the op, between a call and its backward, makes that backward
   raise; the op's own later calls (loops, chunks, inference calls) do not;

@@ -45,7 +45,7 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 # --- helpers -------------------------------------------------------------------------------------------------
 
 def low_precision_attention(q, k_cache, v_cache, lengths, softmax_scale, causal):
-    """SPEC §2.2 with every PyTorch op in q's dtype: the baseline of the accuracy rule."""
+    """docs/op.md#the-attention-read with every PyTorch op in q's dtype: the baseline of the accuracy rule."""
     batch, seqlen_q, heads_q, _ = q.shape
     cache_len, heads_kv = k_cache.shape[1:3]
     keys = k_cache.repeat_interleave(heads_q // heads_kv, dim=2)

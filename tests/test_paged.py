@@ -1,4 +1,5 @@
-"""Paged caches (SPEC 2.6): every backend through a block table against the same backend on contiguous caches.
+"""Paged caches (docs/op.md#paged-caches): every backend through a block table against the same backend on
+contiguous caches.
 
 A case's caches are moved into shuffled pages of one shared pool per tensor (tests/utils.page_case): rows of
 different lengths, table entries a row does not need set to -1, spare pages nobody references filled with

@@ -1,4 +1,4 @@
-"""The reference backend against the separate loop-by-loop model of SPEC §2 (tests/loop_model.py)."""
+"""The reference backend against the separate loop-by-loop model of docs/op.md#the-op (tests/loop_model.py)."""
 import pytest
 import torch
 from hypothesis import given, strategies as st

@@ -1,4 +1,4 @@
-"""SPEC §2.2: a row's result depends on keys [0, L_b + M - 1] of that row only, in every backend.
+"""docs/op.md#the-attention-read: a row's result depends on keys [0, L_b + M - 1] of that row only, in every backend.
 
 Whatever a cache holds where row b never reads it (garbage, NaN, +inf, -inf) must reach neither row b's out
 and lse nor any gradient.  Each test poisons, in both caches:
@@ -16,8 +16,9 @@ the poison where they were (never written).
 Not poisoned: the active slots a causal token i does not see (L_b+i+1 .. L_b+M-1).  They are not garbage but
 this call's own updated slots, written from k/v (blended with the old slot when gated) before anyone reads
 them, and a later token reads them; a non-finite value there comes from the inputs (or from a gated slot's
-old value, which SPEC §2.1 reads) and is already in that later token's result.  Every backend gives them a
-zero probability, like FlashAttention and SDPA, and so does not promise more than finite values there.
+old value, which docs/op.md#the-cache-update reads) and is already in that later token's result.  Every backend
+gives them a zero probability, like FlashAttention and SDPA, and so does not promise more than finite values
+there.
 
 Backends: the reference (float64/float32), the Triton kernels (under TRITON_INTERPRET=1 on the CPU, or on a
 GPU) forward and backward through the op, and the CUDA kernels' forward run by the host emulator when the

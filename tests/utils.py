@@ -201,7 +201,8 @@ def randomise_gates(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 @dataclass
 class Paged:
-    """A case's caches moved into shuffled pages of shared pools (SPEC 2.6), with NaN-filled spare pages."""
+    """A case's caches moved into shuffled pages of shared pools (docs/op.md#paged-caches), with NaN-filled spare
+    pages."""
 
     k_pool: torch.Tensor
     v_pool: torch.Tensor
