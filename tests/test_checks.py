@@ -1,4 +1,4 @@
-"""Bad input (SPEC §2.4): a clear ValueError/TypeError naming the argument, both caches left bit-identical."""
+"""Bad input (docs/op.md#bad-input): a clear ValueError/TypeError naming the argument, both caches left bit-identical."""
 import pytest
 import torch
 
