@@ -29,6 +29,7 @@ back through the same code "auto" uses.  Results and the table are rewritten aft
 its time limit keeps what it measured.
 
     python benchmarks/tournament.py --out WORK/tournament.json --table WORK/auto_table.py    # a GPU
+    python benchmarks/tournament.py --quick ...     # one Triton alternative per shape: a rerun in a lease
     TRITON_INTERPRET=1 python benchmarks/tournament.py --dry-run --out /tmp/t.json --table /tmp/auto_table.py
 
 On a new GPU, one command regenerates the table: ``bash benchmarks/gpu_check.sh OUT --steps build,tune`` (the
@@ -112,9 +113,9 @@ def _distinct(plans: list[dict], plan_of: Callable) -> list[dict]:
     return kept
 
 
-def triton_plans(s: Shape, dtype, device, dry_run: bool) -> list[tuple[dict, dict]]:
-    """(forward, backward) overrides of the Triton candidates at ``s``, the default first (the dry run: one
-    alternative, to run the code path)."""
+def triton_plans(s: Shape, dtype, device, few: bool) -> list[tuple[dict, dict]]:
+    """(forward, backward) overrides of the Triton candidates at ``s``, the default first (``few``: one
+    alternative, as the dry run and --quick take)."""
     from melt_kernels.kernels.bwd import plan_bwd
     from melt_kernels.kernels.fwd import path_of, plan_forward
     from melt_kernels.kernels.launch import num_sms
@@ -124,22 +125,23 @@ def triton_plans(s: Shape, dtype, device, dry_run: bool) -> list[tuple[dict, dic
             o = dict(o)
             return plan_bwd(s.head_dim, s.seqlen_q, dtype, device.type == "cpu", True, False,
                             o.pop("deterministic", False), **o)
-        return [({}, b) for b in _distinct([{}] + BACKWARD[:1 if dry_run else None], plan_of)]
+        return [({}, b) for b in _distinct([{}] + BACKWARD[:1 if few else None], plan_of)]
 
     def plan_of(o):
         return plan_forward(s.batch, s.seqlen_q, s.heads_q, s.heads_kv, s.head_dim, s.cache_len, num_sms(device),
                             torch.finfo(dtype).bits // 8, **o)
     decode = path_of(s.seqlen_q, s.heads_q, s.heads_kv) == "decode"
     options = list(DECODE if decode else CHUNK)
-    if decode:
+    if decode:  # half the split length; double it where there are splits to merge
         default = plan_of({})
-        options += [dict(split_len=max(default.block_n, default.split_len // 2)),
-                    dict(split_len=2 * default.split_len)]
-    return [(f, {}) for f in _distinct([{}] + options[:1 if dry_run else None], plan_of)]
+        options.append(dict(split_len=max(default.block_n, default.split_len // 2)))
+        if default.splits > 1:
+            options.append(dict(split_len=2 * default.split_len))
+    return [(f, {}) for f in _distinct([{}] + options[:1 if few else None], plan_of)]
 
 
-def candidates(s: Shape, dtype, device, dry_run: bool) -> list[Candidate]:
-    out = [Candidate("triton", plan_items(f), plan_items(b)) for f, b in triton_plans(s, dtype, device, dry_run)]
+def candidates(s: Shape, dtype, device, few: bool) -> list[Candidate]:
+    out = [Candidate("triton", plan_items(f), plan_items(b)) for f, b in triton_plans(s, dtype, device, few)]
     out.append(Candidate("cuda"))
     out.append(Candidate("composition"))
     if device.type == "cuda" and s.kind != "training":
@@ -149,11 +151,11 @@ def candidates(s: Shape, dtype, device, dry_run: bool) -> list[Candidate]:
 
 def implementation(c: Candidate, problem) -> tuple[Optional[backends.Backend], Optional[str]]:
     """The candidate as a backend with its plan, or why it cannot run ``problem`` here."""
-    reason = backends._usable(c.backend)
-    if reason is not None:
-        return None, reason
-    impl = backends.planned(c.backend, c.fwd, c.bwd)
-    reason = backends._why_not(c.backend, problem, impl)
+    try:
+        impl = backends.planned(c.backend, c.fwd, c.bwd)
+    except RuntimeError as e:  # not available here (the CUDA kernels not built)
+        return None, str(e)
+    reason = backends.why_not(c.backend, problem, impl)
     return (None, reason) if reason is not None else (impl, None)
 
 
@@ -442,7 +444,7 @@ def markdown(meta: dict, rows: list[dict], summaries: list[dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="the CPU smoke test (Triton interpreter, tiny shapes)")
-    parser.add_argument("--quick", action="store_true", help="accepted for the GPU pass; the shapes are the same")
+    parser.add_argument("--quick", action="store_true", help="one Triton alternative per shape (a rerun in a lease)")
     parser.add_argument("--full", action="store_true", help="also decode at 128k keys, batch 64 (68 GB of caches)")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "tournament.json"), help="rows (JSON + .md)")
     parser.add_argument("--table", required=True, help="where to write the table (melt_kernels/auto_table.py's form)")
@@ -464,7 +466,7 @@ def main(argv=None) -> int:
     base = read_table(args.base) if os.path.exists(args.base) else {}
     rows, groups, summaries = [], [], []
     for s in shapes(args.dry_run, args.full):
-        cands = candidates(s, env.dtype, env.device, args.dry_run)
+        cands = candidates(s, env.dtype, env.device, args.dry_run or args.quick)
         measured = (run_training_shape(s, cands, env) if s.kind == "training"
                     else run_forward_shape(s, cands, env, l2_bytes))
         group = [dict(shape_fields(s, env.dtype), **r) for r in measured]

@@ -146,8 +146,9 @@ def available_backends() -> list[str]:
     return [name for name in KERNEL_BACKENDS if _usable(name) is None] + ["reference"]
 
 
-def _why_not(name: str, problem: Problem, impl: Optional[Backend] = None) -> Optional[str]:
-    """Why backend ``name`` (``impl``: it with a plan) cannot run ``problem``, or None."""
+def why_not(name: str, problem: Problem, impl: Optional[Backend] = None) -> Optional[str]:
+    """Why backend ``name`` cannot run ``problem`` here, or None; ``impl``: that backend with a plan
+    (:func:`planned`), whose refusals count too."""
     reason = _usable(name)
     if reason is not None:
         return reason
@@ -283,13 +284,13 @@ def _auto(problem: Problem, skipped: Optional[list] = None) -> tuple[Backend, Op
             reason = _usable(choice.backend)
             if reason is None:
                 impl = _choice_backend(choice, row.regime)
-                reason = _why_not(choice.backend, problem, impl)
+                reason = why_not(choice.backend, problem, impl)
                 if reason is None:
                     return impl, row
             if skipped is not None:
                 skipped.append((choice, reason))
     for candidate in KERNEL_BACKENDS:
-        if _why_not(candidate, problem) is None:
+        if why_not(candidate, problem) is None:
             return _load(candidate), None
     return REFERENCE, None
 
@@ -299,7 +300,7 @@ def select_backend(name: str, problem: Problem) -> Backend:
     if name == "reference":
         return REFERENCE
     if name != "auto":
-        reason = _why_not(name, problem)
+        reason = why_not(name, problem)
         if reason is not None:
             raise RuntimeError(reason)
         return _load(name)
@@ -346,7 +347,7 @@ def choose(name: str, problem: Problem) -> BackendChoice:
 def explain_backend(problem: Problem) -> dict[str, Optional[str]]:
     """Per backend, why it would not run ``problem`` (None: it would), and under "auto" what "auto" runs and
     which row of the table decided (:class:`BackendChoice` in words)."""
-    reasons = {name: _why_not(name, problem) for name in (*KERNEL_BACKENDS, "composition")}
+    reasons = {name: why_not(name, problem) for name in (*KERNEL_BACKENDS, "composition")}
     reasons["auto"] = str(choose("auto", problem))
     return reasons
 
