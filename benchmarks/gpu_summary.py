@@ -147,6 +147,8 @@ def key_numbers(name: str, results: dict) -> str:
                          for _, t in sorted(k for k in held if k[0] == "melt") if ("looplm", t) in held)
     if name == "tune":
         shapes = (results.get("tune") or {}).get("summary") or []
+        if not shapes:
+            return "no shape finished"
         wins = {}
         for m in shapes:
             winner = (m["winner"] or "none passed").split(" (")[0]

@@ -1,4 +1,5 @@
-"""Bad input (docs/op.md#bad-input): a clear ValueError/TypeError naming the argument, both caches left bit-identical."""
+"""Bad input (docs/op.md#bad-input): a clear ValueError/TypeError naming the argument, both caches left
+bit-identical."""
 import pytest
 import torch
 

@@ -98,6 +98,7 @@ def test_tune_key_numbers_count_the_winners_and_the_failures():
     text = gpu_summary.key_numbers("tune", dict(tune=dict(summary=summary)))
     assert text == ("4 shapes; auto runs triton at 2, composition at 1, none passed at 1; failed checks: "
                     "chunk B=4: triton (fwd block_n=128) (the winners below)")
+    assert gpu_summary.key_numbers("tune", dict(tune=None)) == "no shape finished"
 
 
 def test_gpu_summary_shows_the_tournament_and_hands_back_the_table(tmp_path):
