@@ -27,8 +27,8 @@ from typing import Callable
 import torch
 
 import melt_kernels
-from common import (copy_bandwidth, flex, fmt, fused_failures, graph_median, peer_times, run_meta, sdpa,
-                    sdpa_backends, setup, timed, write_results)
+from common import (copy_bandwidth, flex, fmt, fused_failures, graph_median, op_call, peer_times, run_meta, sdpa,
+                    sdpa_backends, setup, slots_restorer, timed, write_results)
 
 TARGETS = {
     "decode (>= 8k keys)": ">= 80% of the copy bandwidth and <= 1.1x SDPA's time",
@@ -88,9 +88,10 @@ def flops(s: Shape) -> float:
 
 
 class Inputs:
-    """``copies`` independent sets of tensors; each timed call runs over all of them."""
+    """``copies`` independent sets of tensors; each timed call runs over all of them.  The lengths are a (B,)
+    tensor on the device, or with ``host_lengths`` a Python int (every row at L: what the composition takes)."""
 
-    def __init__(self, s: Shape, dtype, device, copies: int, seed: int = 0):
+    def __init__(self, s: Shape, dtype, device, copies: int, seed: int = 0, host_lengths: bool = False):
         gen = torch.Generator(device=device).manual_seed(seed)
         total = s.cache_len + s.seqlen_q
 
@@ -104,14 +105,17 @@ class Inputs:
                           v_cache=randn(s.batch, total, s.heads_kv, s.head_dim),
                           gate=torch.rand(s.batch, s.seqlen_q, s.heads_kv, 1, generator=gen, device=device))
                      for _ in range(copies)]
-        self.lengths = torch.full((s.batch,), s.cache_len, dtype=torch.int32, device=device)
+        self.lengths = s.cache_len if host_lengths else torch.full((s.batch,), s.cache_len, dtype=torch.int32,
+                                                                   device=device)
         self.shape = s
 
-    def fused(self, backend: str):
+    def fused(self, backend):
+        """One call of the op per set, on ``backend`` (a name, or a backend with a plan: common.op_call)."""
+        op = op_call(backend)
+
         def run():
             for t in self.sets:
-                melt_kernels.gated_kv_attention(t["q"], t["k"], t["v"], t["k_cache"], t["v_cache"], self.lengths,
-                                                t["gate"], backend=backend)
+                op(t["q"], t["k"], t["v"], t["k_cache"], t["v_cache"], self.lengths, t["gate"])
         return run
 
     def unfused(self, t: dict) -> torch.Tensor:
@@ -141,15 +145,9 @@ class Inputs:
         return run
 
     def active_slots_restorer(self) -> Callable[[], None]:
-        """A function that puts the first set's active slots back as they are now (every call of the op, and
-        the unfused path, blends into them)."""
+        """A function that puts the first set's active slots back as they are now."""
         t, s = self.sets[0], self.shape
-        active = slice(s.cache_len, s.cache_len + s.seqlen_q)
-        saved = t["k_cache"][:, active].clone(), t["v_cache"][:, active].clone()
-
-        def restore():
-            t["k_cache"][:, active], t["v_cache"][:, active] = saved
-        return restore
+        return slots_restorer(t["k_cache"], t["v_cache"], slice(s.cache_len, s.cache_len + s.seqlen_q))
 
     def max_diff(self, backend: str) -> float:
         """Max |fused - unfused| on the first set, from the same caches (its active slots restored after each)."""

@@ -25,9 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-import melt_kernels
-from common import (events_median, flex, fmt, fused_failures, peer_times, run_meta, sdpa, sdpa_backends, setup,
-                    timed, write_results)
+from common import (events_median, flex, fmt, fused_failures, op_call, peer_times, run_meta, sdpa, sdpa_backends,
+                    setup, slots_restorer, timed, write_results)
 
 TARGET = "fused forward + backward <= 1.5x SDPA-flash forward + backward"
 
@@ -80,7 +79,9 @@ class _Requires(torch.autograd.Function):
 
 
 class Inputs:
-    def __init__(self, s: Shape, dtype, device, seed: int = 0):
+    """One set of tensors; the lengths a (B,) tensor on the device, or with ``host_lengths`` a Python int."""
+
+    def __init__(self, s: Shape, dtype, device, seed: int = 0, host_lengths: bool = False):
         gen = torch.Generator(device=device).manual_seed(seed)
 
         def randn(*shape):
@@ -92,34 +93,50 @@ class Inputs:
         self.v = randn(s.batch, s.seqlen_q, s.heads_kv, s.head_dim).requires_grad_()
         self.gate = torch.rand(s.batch, s.seqlen_q, s.heads_kv, 1, generator=gen, device=device).requires_grad_()
         self.k_cache, self.v_cache = (randn(s.batch, self.window, s.heads_kv, s.head_dim) for _ in range(2))
-        self.lengths = torch.full((s.batch,), s.cache_len, dtype=torch.int32, device=device)
+        self.lengths = s.cache_len if host_lengths else torch.full((s.batch,), s.cache_len, dtype=torch.int32,
+                                                                   device=device)
         self.dout = randn(s.batch, s.seqlen_q, s.heads_q, s.head_dim)
         self.anchor = torch.zeros((), device=device, requires_grad=True)
         # The peers' keys/values: leaves over the same storage (their gradients cover every key).
         self.k_all = self.k_cache.detach().requires_grad_()
         self.v_all = self.v_cache.detach().requires_grad_()
 
-    def fused(self, backend: str, cache_grad: bool):
-        def run():
+    def fused_forward(self, backend, cache_grad: bool):
+        """The op's forward on ``backend`` (a name, or a backend with a plan: common.op_call); returns out."""
+        op = op_call(backend)
+
+        def forward():
             k_cache, v_cache = self.k_cache, self.v_cache
             if cache_grad:
                 k_cache, v_cache = _Requires.apply(k_cache, self.anchor), _Requires.apply(v_cache, self.anchor)
-            out = melt_kernels.gated_kv_attention(self.q, self.k, self.v, k_cache, v_cache, self.lengths,
-                                                  self.gate, backend=backend)
-            out.backward(self.dout)
-            # The op writes gated values that carry gradients into the caches (mark_dirty), so the caches
-            # hold this call's graph even without cache_grad: drop it, or the next call's backward walks the
-            # freed graph.
-            self.k_cache.detach_()
-            self.v_cache.detach_()
+            return op(self.q, self.k, self.v, k_cache, v_cache, self.lengths, self.gate)
+        return forward
+
+    def active_slots_restorer(self):
+        """A function that puts the caches' active slots back as they are now."""
+        s = self.shape
+        return slots_restorer(self.k_cache, self.v_cache, slice(s.cache_len, s.cache_len + s.seqlen_q))
+
+    def release_caches(self):
+        """The op writes gated values that carry gradients into the caches (mark_dirty), so the caches hold a
+        call's graph even without cache_grad: dropped, or the next call's backward walks the freed graph."""
+        self.k_cache.detach_()
+        self.v_cache.detach_()
+
+    def fused(self, backend, cache_grad: bool):
+        forward = self.fused_forward(backend, cache_grad)
+
+        def run():
+            forward().backward(self.dout)
+            self.release_caches()
         return run
 
-    def peer(self, name: str):
+    def peer_forward(self, name: str):
+        """The peer's forward (B, Hq, M, D), differentiable in the leaves."""
         s = self.shape
-        dout = self.dout.transpose(1, 2)
         if name == "flex":
-            attend = lambda: flex(self.q, self.k_all, self.v_all, s.seqlen_q, self.window)  # noqa: E731
-        elif name == "unfused":
+            return lambda: flex(self.q, self.k_all, self.v_all, s.seqlen_q, self.window)
+        if name == "unfused":
             def attend():
                 gate = self.gate.to(self.k.dtype)
                 fresh_k = torch.lerp(self.k, self.k_all[:, s.cache_len:], gate)
@@ -127,9 +144,12 @@ class Inputs:
                 keys = torch.cat([self.k_all[:, :s.cache_len], fresh_k], dim=1)
                 values = torch.cat([self.v_all[:, :s.cache_len], fresh_v], dim=1)
                 return sdpa(self.q, keys, values, s.seqlen_q, self.window)
-        else:
-            backend = sdpa_backends()[name]
-            attend = lambda: sdpa(self.q, self.k_all, self.v_all, s.seqlen_q, self.window, backend)  # noqa: E731
+            return attend
+        backend = sdpa_backends()[name]
+        return lambda: sdpa(self.q, self.k_all, self.v_all, s.seqlen_q, self.window, backend)
+
+    def peer(self, name: str):
+        attend, dout = self.peer_forward(name), self.dout.transpose(1, 2)
         return lambda: attend().backward(dout)
 
     def leaves(self):

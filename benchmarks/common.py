@@ -1,14 +1,17 @@
-"""What the kernel benchmarks (attention.py, attention_bwd.py) share: the command line, the choice of device,
-the timing harness, the peers every kernel is timed beside (PyTorch SDPA's flash and cuDNN backends,
-FlexAttention, the copy bandwidth), the run's metadata and the writing of its results.  The scripts import
-it as ``common`` (their folder is on sys.path when they are run as ``python benchmarks/<script>.py``)."""
+"""What the kernel benchmarks (attention.py, attention_bwd.py, tournament.py) share: the command line, the choice
+of device, the timing harness, the op run on a given backend and plan, the peers every kernel is timed beside
+(PyTorch SDPA's flash and cuDNN backends, FlexAttention, the copy bandwidth), the run's metadata and the writing
+of its results.  The scripts import it as ``common`` (their folder is on sys.path when they are run as
+``python benchmarks/<script>.py``)."""
 from __future__ import annotations
 
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -19,6 +22,9 @@ import torch
 import torch.nn.functional as F
 
 import melt_kernels
+from melt_kernels.autograd import run
+from melt_kernels.backends import Backend
+from melt_kernels.checks import check_inputs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SETS = ("quick", "headline", "full")
@@ -100,6 +106,87 @@ def events_median(grad_to_none=None) -> Callable[[Callable], float]:
         import triton.testing
         return triton.testing.do_bench(fn, warmup=25, rep=200, grad_to_none=grad_to_none, return_mode="median")
     return run
+
+
+def graph_replay_ms(fn, prepare: Optional[Callable] = None, rep_ms: float = 20) -> float:
+    """Median time of one call of ``fn`` captured in a CUDA graph: about ``rep_ms`` of calls unrolled in one
+    graph, replayed 10 times, so that the kernels' time counts and the host's launch gaps do not.  ``prepare``
+    and a warm-up call run first on the capture's stream (``prepare``: e.g. the forward whose backward ``fn``
+    is, so that autograd launches that backward on the stream being captured)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.cuda.stream(stream):
+        if prepare is not None:
+            prepare()
+        fn()
+        start.record()
+        for _ in range(3):
+            fn()
+        end.record()
+        end.synchronize()
+        calls = max(1, min(1000, int(rep_ms / max(start.elapsed_time(end) / 3, 1e-3))))
+        graph = torch.cuda.CUDAGraph()
+        # capture_begin/end on this stream: torch.cuda.graph would also collect garbage and empty the cache at
+        # every capture (tens of ms each, a hundred times in a tournament).
+        graph.capture_begin()
+        try:
+            for _ in range(calls):
+                fn()
+        finally:
+            graph.capture_end()
+        times = []
+        for _ in range(10):
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / calls)
+    torch.cuda.current_stream().wait_stream(stream)
+    return statistics.median(times)
+
+
+def eager_ms(fn, min_ms: float = 10, repeats: int = 5) -> float:
+    """Median over ``repeats`` rounds of the time per call of back-to-back eager calls (at least ``min_ms`` a
+    round), between events: what a loop of calls pays, the host's work included wherever it is the slower."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    fn()
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    calls = max(3, int(min_ms / max(start.elapsed_time(end), 1e-3)))
+    times = []
+    for _ in range(repeats):
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return statistics.median(times)
+
+
+def slots_restorer(k_cache: torch.Tensor, v_cache: torch.Tensor, active: slice) -> Callable[[], None]:
+    """A function that puts the caches' ``active`` positions back as they are now (every call of the op, and the
+    unfused path, blends into them)."""
+    saved = k_cache[:, active].clone(), v_cache[:, active].clone()
+
+    def restore():
+        k_cache[:, active], v_cache[:, active] = saved
+    return restore
+
+
+def op_call(backend) -> Callable:
+    """``melt_kernels.gated_kv_attention`` on ``backend``: a name (the public op), or a
+    ``melt_kernels.backends.Backend`` with a plan (``backends.planned``), which runs the op's own path (checks,
+    autograd, launches) on it, as "auto" runs a table row's plan.  Returns the op's ``out``."""
+    if not isinstance(backend, Backend):
+        return functools.partial(melt_kernels.gated_kv_attention, backend=backend)
+
+    def call(*args, **kwargs):
+        return run(check_inputs(*args, backend=backend.name, **kwargs), backend)[0]
+    return call
 
 
 # The same attention by other means, timed beside the kernels in every run (functions below).
@@ -212,18 +299,23 @@ def run_meta(device_name: str, **fields) -> dict:
                 torch=torch.__version__, triton=triton.__version__, **fields)
 
 
-def write_results(out: str | None, name: str, meta: dict, rows: list[dict], table: str) -> tuple[str, str]:
-    """``{"meta", "rows"}`` as JSON to ``out`` (by default benchmarks/results/<name>-<device>-<date>.json) and the
-    markdown ``table`` beside it; returns both paths.  Called after every shape, so that a run cut by a time
-    limit keeps the rows it finished; each file is replaced whole, never left half-written."""
+def write_text(path: str, text: str) -> None:
+    """Replaces ``path`` whole with ``text``, never leaving it half-written (its folder made if need be)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def write_results(out: str | None, name: str, meta: dict, rows: list[dict], table: str, **extra) -> tuple[str, str]:
+    """``{"meta", "rows", **extra}`` as JSON to ``out`` (by default benchmarks/results/<name>-<device>-<date>.json)
+    and the markdown ``table`` beside it; returns both paths.  Called after every shape, so that a run cut by a
+    time limit keeps the rows it finished."""
     day = datetime.datetime.fromisoformat(meta["date"])
     out = out or os.path.join(HERE, "results", f"{name}-{meta['device'].replace(' ', '_')}-{day:%Y%m%d}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     md = os.path.splitext(out)[0] + ".md"
-    for path, text in ((out, json.dumps(dict(meta=meta, rows=rows), indent=1)), (md, table)):
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+    write_text(out, json.dumps(dict(meta=meta, rows=rows, **extra), indent=1))
+    write_text(md, table)
     return out, md
 
 

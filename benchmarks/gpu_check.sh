@@ -17,14 +17,20 @@
 #                       unfused path; each run's record written as it finishes)
 #   serving       40 s  benchmarks/loop_depth.py --serve: paged, continuously batched decode at a KV budget,
 #                       sequences held and tokens/s for MELT and the LoopLM at T = 1, 2, 4, 8
+#   tune         240 s  only when --steps names it (and in the dry run, so that CI runs its code), before
+#                       pytest: benchmarks/tournament.py, every implementation of the op (Triton plans, CUDA,
+#                       the composition) beside SDPA-flash, cuDNN and the unfused path at the headline shapes,
+#                       graph-replayed and eager, each checked against the reference; it writes the table of
+#                       backend="auto", OUT/auto_table.py.  On a warm machine after the pass, or a fresh one:
+#                         bash benchmarks/gpu_check.sh OUT --steps tune          (the pass's build still there)
+#                         bash benchmarks/gpu_check.sh OUT --steps build,tune    (a new GPU: the table's command)
+#                       then cp OUT/auto_table.py melt_kernels/ (that GPU's rows replaced, the others kept)
 #   pytest       rest   pytest -m gpu
-#   tune          60 s  only when --steps names it (and in the dry run, so that CI runs its code):
-#                       benchmarks/tune_fwd.py, the Triton forward's plan against a few others at the
-#                       headline shapes
 # Total: 510 s by default (--budget), i.e. 8.5 minutes from a fresh checkout; step limits scale with it.
 #
-# OUT receives at most 8 files: summary.md (one table: step, status, seconds, key numbers), results.json
-# (every number, see benchmarks/gpu_summary.py), logs.tar.gz (every log, the ptxas report), and plots.
+# OUT receives at most 8 files: summary.md (one table: step, status, seconds, key numbers; the tournament's
+# winners), results.json (every number, see benchmarks/gpu_summary.py), logs.tar.gz (every log, the ptxas
+# report), plots, and auto_table.py when the tune step ran.
 #   --dry-run  every step's code path on the CPU: the Triton kernels under the interpreter on tiny shapes,
 #              the CUDA kernels built and run by the host emulator, the sanitizer skipped; same files and
 #              schema (CI runs this, so a broken pass is found before a lease is spent on it)
@@ -181,7 +187,7 @@ remaining_pytest() {
 }
 
 tune() {
-    "$PY" benchmarks/tune_fwd.py $MODE_FLAGS --out "$WORK/tune_fwd.json"
+    "$PY" benchmarks/tournament.py $MODE_FLAGS --out "$WORK/tournament.json" --table "$WORK/auto_table.py"
 }
 
 correctness() {
@@ -211,9 +217,9 @@ step bench 150 bench
 step sanitizer 60 sanitize
 step loop-depth 90 loop_depth
 step serving 40 serving
-# Tuning is a question asked once in a while, not a check: on a GPU only when named.
+# The tournament (the table of "auto") is asked once in a while, not a check: on a GPU only when named.
 if [[ ",$STEPS," == *",tune,"* ]] || { [ $DRY -eq 1 ] && wanted tune; }; then
-    step tune 60 tune
+    step tune 240 tune
 fi
 step pytest "$DEFAULT_BUDGET" remaining_pytest
 

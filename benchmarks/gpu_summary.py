@@ -6,9 +6,12 @@
   ``us``, ``gbps``/``pct_copy`` or ``tflops``, and the peers' ``*_us`` measured in the same run),
   ``correctness`` (counts and the failed checks), ``sanitizer`` ({tool: {"errors"}}, racecheck's also
   "hazards" and "warnings"), ``loop_depth`` (the loop-depth benchmark's records), ``serving`` (its --serve
-  records: sequences held, tokens/s), ``tune`` (benchmarks/tune_fwd.py's rows, when the step ran),
-  ``pytest`` (its counts);
-* ``summary.md``: one table, step, status, seconds, the key numbers;
+  records: sequences held, tokens/s), ``tune`` (benchmarks/tournament.py's ``rows``, per-shape ``summary``
+  and the ``auto_table`` of this GPU, when the step ran), ``pytest`` (its counts);
+* ``summary.md``: one table, step, status, seconds, the key numbers; then, when the tune step ran, the
+  tournament's winners: what ``backend="auto"`` runs at each headline shape and its ratios to the peers;
+* ``auto_table.py``: the table the tune step wrote (this GPU's rows in the committed table): copied over
+  melt_kernels/auto_table.py, it is what "auto" reads;
 * ``logs.tar.gz``: every log, the ptxas report and the steps' own JSON;
 * plots: ``loop_depth.png`` and ``decode.png`` (decode time against keys, the kernels beside SDPA).
 
@@ -143,17 +146,38 @@ def key_numbers(name: str, results: dict) -> str:
         return ", ".join(f"T={t}: {held[('melt', t)]} vs {held[('looplm', t)]} sequences"
                          for _, t in sorted(k for k in held if k[0] == "melt") if ("looplm", t) in held)
     if name == "tune":
-        best = {}
-        for r in results.get("tune") or []:
-            if r.get("us") and (r["label"] not in best or r["us"] < best[r["label"]]["us"]):
-                best[r["label"]] = r
-        # x_default is None where the default plan itself failed: then the best plan's time is all there is.
-        return "; ".join(f"{label}: best {r['config']} " + (f"{r['x_default']:.2f}x default" if r["x_default"]
-                                                          else f"{r['us']:.1f} us, the default failed")
-                         for label, r in best.items())
+        shapes = (results.get("tune") or {}).get("summary") or []
+        if not shapes:
+            return "no shape finished"
+        wins = {}
+        for m in shapes:
+            winner = (m["winner"] or "none passed").split(" (")[0]
+            wins[winner] = wins.get(winner, 0) + 1
+        failed = [f"{m['label']}: {name}" for m in shapes for name in m["failed"]]
+        return f"{len(shapes)} shapes; auto runs " + ", ".join(f"{b} at {n}" for b, n in wins.items()) + \
+            f"; failed checks: {'; '.join(failed) or 'none'} (the winners below)"
     if name == "pytest":
         return ", ".join(f"{v} {k}" for k, v in (results.get("pytest") or {}).items())
     return ""
+
+
+def tournament_table(summaries: list[dict]) -> list[str]:
+    """The tournament's winners as markdown lines: per shape what "auto" runs, its time (by the regime's
+    ranking), its ratios to the peers in both timings, and the Triton default plan's time."""
+    lines = ["| regime | shape | auto runs | us | graph x flash | graph x cuDNN | graph x composition | "
+             "eager x flash | eager x composition | Triton default us | failed checks |", "|" + "---|" * 11]
+    for m in summaries:
+        w = m["winner_ratios"]
+        cells = [m["regime"], m["label"], m["winner"] or "none passed", _fmt(m["winner_us"], ".1f")]
+        cells += [_fmt(w[k], ".2f") for k in ("graph_x_flash", "graph_x_cudnn", "graph_x_composition",
+                                              "eager_x_flash", "eager_x_composition")]
+        cells += [_fmt(m["triton_default_us"], ".1f"), ", ".join(m["failed"]) or "none"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _fmt(x, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
 
 
 GRAPH_TIMES = ("graph_ms_per_token", "eager_capturable_ms_per_token", "eager_ms_per_token")
@@ -189,6 +213,13 @@ def decode_plot(rows: list[dict], path: str) -> bool:
     return True
 
 
+def _tournament(found) -> dict | None:
+    """The tune step's tournament (benchmarks/tournament.py's JSON) as results.json keeps it."""
+    if not found:
+        return None
+    return dict(rows=found["rows"], summary=found["summary"], auto_table=found["auto_table"])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", required=True)
@@ -221,7 +252,7 @@ def main(argv=None) -> int:
         sanitizer=sanitizer_errors(read(os.path.join(logs, "sanitizer.log"))),
         loop_depth=load(os.path.join(work, "loop_depth.json")),
         serving=load(os.path.join(work, "serving.json")),
-        tune=(load(os.path.join(work, "tune_fwd.json")) or {}).get("rows"),
+        tune=_tournament(load(os.path.join(work, "tournament.json"))),
         pytest=pytest_counts(read(os.path.join(logs, "pytest.log"))))
     if correctness is not None:
         results["correctness"] = dict(
@@ -244,6 +275,11 @@ def main(argv=None) -> int:
                      f"{key_numbers(name, results)} |")
     total = sum(s["seconds"] for s in results["steps"].values())
     lines += ["", f"Total {total:.0f} s of {args.budget:.0f}."]
+    if results["tune"]:
+        lines += ["", "## Tournament: what backend=\"auto\" runs (auto_table.py)", "",
+                  f"Ranked by graph time (decode, chunk) or eager time (training, whose graph time is the backward "
+                  f"alone); 'x flash': the time over SDPA-flash's in the same timing.", "",
+                  *tournament_table(results["tune"]["summary"])]
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -251,8 +287,9 @@ def main(argv=None) -> int:
         for path in sorted(glob.glob(os.path.join(logs, "*")) + glob.glob(os.path.join(work, "*.json")) +
                            glob.glob(os.path.join(work, "*.md"))):
             tar.add(path, arcname=os.path.relpath(path, work))
-    if os.path.exists(os.path.join(work, "loop_depth.png")):
-        shutil.copyfile(os.path.join(work, "loop_depth.png"), os.path.join(out, "loop_depth.png"))
+    for name in ("loop_depth.png", "auto_table.py"):
+        if os.path.exists(os.path.join(work, name)):
+            shutil.copyfile(os.path.join(work, name), os.path.join(out, name))
     decode_plot(results["decode"], os.path.join(out, "decode.png"))
     print("\n".join(lines))
     return 0

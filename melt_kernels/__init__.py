@@ -29,7 +29,7 @@ def _map_kernels_folder() -> None:
 
 _map_kernels_folder()
 
-from melt_kernels.backends import available_backends  # noqa: E402
+from melt_kernels.backends import available_backends, which_backend  # noqa: E402
 from melt_kernels.cache import LoopLMCache, MeltCache  # noqa: E402
 from melt_kernels.gated_kv_attention import gated_kv_attention  # noqa: E402
 from melt_kernels.paged_cache import PagedCache, PagePool  # noqa: E402
@@ -101,5 +101,6 @@ elif _importlib_util.find_spec("transformers") is not None:
     _sys.meta_path.insert(0, _RegisterWhenTransformersLoads())
 
 __version__ = "0.1.0"
-__all__ = ["gated_kv_attention", "available_backends", "MeltCache", "LoopLMCache", "PagedCache", "PagePool",
-           "LoopedLM", "LoopedLMConfig", "kv_bytes_per_token", "load_ouro", "to_melt", "model", "ouro", "train"]
+__all__ = ["gated_kv_attention", "available_backends", "which_backend", "MeltCache", "LoopLMCache", "PagedCache",
+           "PagePool", "LoopedLM", "LoopedLMConfig", "kv_bytes_per_token", "load_ouro", "to_melt", "model", "ouro",
+           "train"]

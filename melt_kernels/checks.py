@@ -16,7 +16,7 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 SEQLEN_DTYPES = (torch.int32, torch.int64)
-BACKENDS = ("auto", "triton", "cuda", "reference")
+BACKENDS = ("auto", "triton", "cuda", "composition", "reference")
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 PAGE_MULTIPLE, MAX_PAGE_SIZE = 16, 256
 
@@ -45,6 +45,9 @@ class Problem:
     # Paged caches (docs/op.md#paged-caches): (B, max_blocks) int32 on q's device; the caches are then
     # (num_blocks, page_size, Hkv, D) pools.
     block_table: Optional[torch.Tensor] = None
+    # min_b(L_b) + M when the lengths are known on the host, else None (equal to max_seqlen_k when every row has
+    # the same length: one mask for all rows, as PyTorch's attention takes it).
+    min_seqlen_k: Optional[int] = None
 
     @property
     def batch(self) -> int:
@@ -198,8 +201,8 @@ def _check_table_values(block_table: torch.Tensor, lengths: Optional[torch.Tenso
 
 
 def _check_seqlens(cache_seqlens, batch: int, seqlen_q: int, cache_len: int,
-                   device: torch.device, page_size: Optional[int] = None) -> tuple[torch.Tensor, Optional[int]]:
-    """Returns (lengths as an int32 (B,) tensor on ``device``, max L_b + M or None)."""
+                   device: torch.device, page_size: Optional[int] = None) -> tuple[torch.Tensor, Optional[tuple]]:
+    """Returns (lengths as an int32 (B,) tensor on ``device``, (min L_b + M, max L_b + M) or None)."""
     limit = cache_len - seqlen_q
     if page_size is not None and limit < 0:
         raise ValueError(f"block_table holds {cache_len // page_size} blocks of page_size {page_size} per row "
@@ -214,14 +217,14 @@ def _check_seqlens(cache_seqlens, batch: int, seqlen_q: int, cache_len: int,
         if not 0 <= length <= limit:
             raise ValueError(f"cache_seqlens must be in [0, S - M] = [0, {limit}] (cache length S={cache_len}, "
                              f"M={seqlen_q} active tokens), got {length}")
-        return torch.full((batch,), length, dtype=torch.int32, device=device), length + seqlen_q
+        return torch.full((batch,), length, dtype=torch.int32, device=device), (length + seqlen_q,) * 2
     if cache_seqlens.dtype not in SEQLEN_DTYPES:
         raise TypeError(f"cache_seqlens must be int32 or int64, got {_dtype_name(cache_seqlens.dtype)}")
     if tuple(cache_seqlens.shape) != (batch,):
         raise ValueError(f"cache_seqlens must have shape ({batch},), got {tuple(cache_seqlens.shape)}")
     if cache_seqlens.device.type != "cpu" and cache_seqlens.device != device:
         raise ValueError(f"cache_seqlens must be on {device} like q (or on the CPU), got {cache_seqlens.device}")
-    max_seqlen_k = None
+    bounds = None
     if lengths_on_host(cache_seqlens):
         lo, hi = (int(x) for x in cache_seqlens.aminmax())
         if lo < 0 or hi > limit:
@@ -230,9 +233,9 @@ def _check_seqlens(cache_seqlens, batch: int, seqlen_q: int, cache_len: int,
                                                   f"than block_table's {cache_len // page_size}")
             raise ValueError(f"cache_seqlens[{bad}] = {int(cache_seqlens[bad])} is outside [0, S - M] = "
                              f"[0, {limit}] (cache length S={cache_len}, M={seqlen_q} active tokens){where}")
-        max_seqlen_k = hi + seqlen_q
+        bounds = (lo + seqlen_q, hi + seqlen_q)
     lengths = cache_seqlens.to(device=device, dtype=torch.int32)
-    return lengths, max_seqlen_k
+    return lengths, bounds
 
 
 def _check_hint(max_seqlen_k, seqlen_q: int, cache_len: int) -> int:
@@ -287,8 +290,9 @@ def check_inputs(q, k, v, k_cache, v_cache, cache_seqlens, gate=None, gate_v=Non
         raise ValueError("k_cache and v_cache must be distinct tensors, got the same memory for both")
 
     hint = None if max_seqlen_k is None else _check_hint(max_seqlen_k, seqlen_q, cache_len)
-    lengths, exact = _check_seqlens(cache_seqlens, batch, seqlen_q, cache_len, q.device,
-                                    None if block_table is None else k_cache.shape[1])
+    lengths, bounds = _check_seqlens(cache_seqlens, batch, seqlen_q, cache_len, q.device,
+                                     None if block_table is None else k_cache.shape[1])
+    shortest, exact = bounds or (None, None)
     if block_table is not None and lengths_on_host(block_table):
         _check_table_values(block_table, lengths if exact is not None else None, seqlen_q, k_cache.shape[1],
                             k_cache.shape[0])
@@ -309,4 +313,4 @@ def check_inputs(q, k, v, k_cache, v_cache, cache_seqlens, gate=None, gate_v=Non
 
     return Problem(q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache, cache_seqlens=lengths, gate=gate,
                    gate_v=gate_v, softmax_scale=float(softmax_scale), causal=causal, max_seqlen_k=exact,
-                   seqlen_k_hint=hint if exact is None else None, block_table=block_table)
+                   seqlen_k_hint=hint if exact is None else None, block_table=block_table, min_seqlen_k=shortest)

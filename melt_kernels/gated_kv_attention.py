@@ -39,8 +39,20 @@ def gated_kv_attention(q, k, v, k_cache, v_cache, cache_seqlens, gate=None, gate
         causal: active token i sees keys 0 .. L_b+i (bottom-right aligned);
             otherwise all active tokens see keys 0 .. L_b+M-1.
         return_lse: also return the log-sum-exp of the scaled scores.
-        backend: "auto", "triton", "cuda" or "reference" (see
-            ``melt_kernels.available_backends()``).
+        backend: "auto" (the default), "triton", "cuda", "composition" or
+            "reference".  "triton" and "cuda" are this package's kernels
+            (``melt_kernels.available_backends()`` lists those usable
+            here); "composition" is the blend written into the cache, then
+            PyTorch's own attention over it (contiguous caches, every row
+            at one length known on the host); "reference" is the definition
+            in PyTorch.  "auto" takes CPU tensors to the reference (to the
+            Triton kernels under TRITON_INTERPRET=1) and, on a GPU, the
+            fastest implementation the GPU pass measured on that GPU for
+            the call's regime (decode, chunk, training) and nearest shape,
+            from the committed table melt_kernels/auto_table.py; with no
+            row for it, "triton", then "cuda", then "reference".
+            ``melt_kernels.which_backend(...)`` takes this op's arguments and
+            says which implementation and plan a call runs, and why.
         max_seqlen_k: optional Python int, an upper bound on max_b(L_b) + M
             known on the host (as vLLM's ``max_seq_len``; ``MeltCache`` keeps
             the lengths on the host for it).  With ``cache_seqlens`` on the

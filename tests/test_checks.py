@@ -138,7 +138,7 @@ def test_auto_takes_the_backends_in_the_measured_order(monkeypatch):
     loaded = {name: backends.Backend(name, None, None) for name in backends.KERNEL_BACKENDS}
     refusals = {}
     monkeypatch.setattr(backends, "_usable", lambda name: None)
-    monkeypatch.setattr(backends, "_why_not", lambda name, problem: refusals.get(name))
+    monkeypatch.setattr(backends, "why_not", lambda name, problem: refusals.get(name))
     monkeypatch.setattr(backends, "_load", loaded.__getitem__)
     monkeypatch.setattr(backends, "triton_interpreted", lambda: True)
     assert backends.KERNEL_BACKENDS == ("triton", "cuda")

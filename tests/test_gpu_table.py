@@ -82,12 +82,45 @@ def test_gpu_summary_reads_every_sanitizer_tools_summary(tmp_path, log, counts, 
     assert f"| sanitizer | {status} | 42 | 60 | {numbers} |" in (out / "summary.md").read_text()
 
 
-def test_tune_key_numbers_name_each_shapes_best_plan():
-    rows = [dict(label="chunk", config="default", us=100.0, x_default=1.0),
-            dict(label="chunk", config={"block_n": 128}, us=80.0, x_default=0.8),
-            dict(label="chunk", config={"num_warps": 4}, us=None, x_default=None),
-            dict(label="decode", config="default", us=None, x_default=None),
-            dict(label="decode", config={"split_len": 512}, us=30.0, x_default=None)]
-    text = gpu_summary.key_numbers("tune", dict(tune=rows))
-    assert text == ("chunk: best {'block_n': 128} 0.80x default; "
-                    "decode: best {'split_len': 512} 30.0 us, the default failed")
+def _shape_summary(label, winner, us, failed=(), default_us=None):
+    ratios = dict(graph_x_flash=0.9, graph_x_cudnn=1.1, graph_x_composition=0.8, eager_x_flash=1.5,
+                  eager_x_composition=None)
+    return dict(regime=label.split()[0], label=label, ranked_by="graph_us", timed="graph: one call",
+                winner=winner, winner_us=us, winner_ratios=ratios, triton_default_us=default_us,
+                triton_default_ratios=ratios, failed=list(failed))
+
+
+def test_tune_key_numbers_count_the_winners_and_the_failures():
+    summary = [_shape_summary("decode B=1", "triton (fwd fold_merge=True)", 9.5, default_us=10.0),
+               _shape_summary("chunk B=4", "composition (default plan)", 40.0, ["triton (fwd block_n=128)"]),
+               _shape_summary("chunk B=1", "triton (default plan)", 150.0),
+               _shape_summary("training B=1", None, None)]
+    text = gpu_summary.key_numbers("tune", dict(tune=dict(summary=summary)))
+    assert text == ("4 shapes; auto runs triton at 2, composition at 1, none passed at 1; failed checks: "
+                    "chunk B=4: triton (fwd block_n=128) (the winners below)")
+    assert gpu_summary.key_numbers("tune", dict(tune=None)) == "no shape finished"
+
+
+def test_gpu_summary_shows_the_tournament_and_hands_back_the_table(tmp_path):
+    """The tune step's rows, winners and table reach results.json, the summary's winners table and
+    OUT/auto_table.py; a pass without the step has none of them."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    (work / "logs").mkdir(parents=True)
+    summary = [_shape_summary("decode B=1 M=1 L=8191", "triton (fwd fold_merge=True)", 29.1, default_us=30.2)]
+    table = {"GPU": dict(measured={}, rows=[])}
+    (work / "tournament.json").write_text(json.dumps(dict(meta={}, rows=[dict(candidate="x")], summary=summary,
+                                                          auto_table=table)))
+    (work / "auto_table.py").write_text("TABLE = {}\n")
+    (work / "steps.tsv").write_text("tune\t0\t120\tpassed\t240\n")
+    gpu_summary.main(["--work", str(work), "--out", str(out), "--steps", str(work / "steps.tsv")])
+    results = json.loads((out / "results.json").read_text())
+    assert results["tune"] == dict(rows=[dict(candidate="x")], summary=summary, auto_table=table)
+    text = (out / "summary.md").read_text()
+    assert "| decode | decode B=1 M=1 L=8191 | triton (fwd fold_merge=True) | 29.1 | 0.90 | 1.10 | 0.80 | 1.50 | n/a " \
+           "| 30.2 | none |" in text
+    assert (out / "auto_table.py").read_text() == "TABLE = {}\n"
+    (work / "tournament.json").unlink()
+    (work / "auto_table.py").unlink()
+    gpu_summary.main(["--work", str(work), "--out", str(tmp_path / "out2"), "--steps", str(work / "steps.tsv")])
+    assert "Tournament" not in (tmp_path / "out2" / "summary.md").read_text()
+    assert not (tmp_path / "out2" / "auto_table.py").exists()
