@@ -76,9 +76,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from melt_kernels import remote_code
-from melt_kernels.backends import select_backend
+from melt_kernels.backends import which_backend
 from melt_kernels.cache import LoopLMCache, MeltCache
-from melt_kernels.checks import check_inputs
 from melt_kernels.gated_kv_attention import gated_kv_attention
 from melt_kernels.paged_cache import PagedCache, PagePool
 from melt_kernels.reference import compute_dtype
@@ -662,7 +661,7 @@ class LoopedLM(nn.Module):
         q = weight.new_zeros(1, 1, c.num_attention_heads, c.head_dim)
         k = weight.new_zeros(1, 1, c.num_key_value_heads, c.head_dim)
         caches = [weight.new_zeros(1, 2, c.num_key_value_heads, c.head_dim) for _ in range(2)]
-        return select_backend(backend, check_inputs(q, k, k, *caches, 0, backend=backend)).name
+        return which_backend(q, k, k, *caches, 0, backend=backend).backend
 
     def new_cache(self, kind: str, batch: int, max_seqlen: int) -> Cache:
         """An empty "melt" or "looplm" cache for this model, on its device and in its dtype."""
