@@ -55,8 +55,8 @@ from gpu_summary import tournament_table
 from melt_kernels import backends
 from melt_kernels.autograd import run
 from melt_kernels.checks import check_inputs
-from melt_kernels.dispatch_table import (AutoTable, format_table, plan_items, plan_text, read_table,
-                                         table_problems)
+from melt_kernels.dispatch_table import AutoTable, format_table, plan_items, plan_text, read_table
+from melt_kernels.table_check import table_problems
 
 TABLE_FILE = os.path.join(os.path.dirname(melt_kernels.__file__), "auto_table.py")
 PEERS = ("sdpa_flash", "sdpa_cudnn", "unfused")

@@ -26,7 +26,8 @@ def test_dry_run_measures_every_row_of_the_op(tmp_path, script):
 
 
 def test_tournament_dry_run_checks_every_implementation_and_writes_a_table(tmp_path):
-    from melt_kernels.dispatch_table import read_table, table_problems
+    from melt_kernels.dispatch_table import read_table
+    from melt_kernels.table_check import table_problems
 
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     out, table = tmp_path / "tournament.json", tmp_path / "auto_table.py"

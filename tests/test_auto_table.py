@@ -13,8 +13,8 @@ import melt_kernels
 from melt_kernels import backends
 from melt_kernels.backends import choose, explain_backend, select_backend
 from melt_kernels.checks import check_inputs
-from melt_kernels.dispatch_table import (IMPLEMENTATIONS, AutoTable, format_table, plan_items, read_table,
-                                         table_problems)
+from melt_kernels.dispatch_table import IMPLEMENTATIONS, AutoTable, format_table, plan_items, read_table
+from melt_kernels.table_check import table_problems
 from utils import make_case
 
 GPU = "Test GPU 80GB"
