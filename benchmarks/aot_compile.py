@@ -1,19 +1,23 @@
-"""Ahead-of-time compile of every Triton launch configuration for Hopper (sm_90), without a GPU.
+"""Ahead-of-time compile of every Triton launch plan for Hopper (sm_90), without a GPU.
 
-The launchers (forward: decode or blend + chunk attention, merge; backward) are called on meta tensors for the problems derived from the
-planners' decision space (benchmarks/aot_problems.py: every dtype, head_dim 64, 80, 128, 256, every row tile,
-owner and split choice for GQA group sizes 1 to 32, chunks below and above the row tile, alignment, gate
-kinds, the causal flag, paged caches, the backward's tilings; a large batch; caches whose offsets need 64
-bits) with the planners' own choices for a 132-multiprocessor H200.  Each kernel launch they make is caught
-before it runs and kept once per Triton specialization; the same launch is then compiled by Triton's own JIT
-path (its argument binder, specialization and options) against a stand-in driver that names the target
-sm_90, so what compiles here is what a GPU would compile.  ptxas' report gives registers and spills; Triton's
-metadata the shared memory.  Fails (exit 1) on a compile error, on more than ``--max-spill`` bytes of spill
-stores per thread, or on more shared memory than a Hopper block may have.
+The launchers (forward: decode, or blend + chunk attention, and the merge; backward: preprocess, dK/dV, dQ, the
+blend's backward) are called on meta tensors for the problems derived from the planners' decision space
+(benchmarks/aot_problems.py: every dtype, head_dim 64, 80, 128, 256, every plan of either path and of the
+backward's two modes for GQA group sizes 1 to 32, alignment, gate kinds, the causal flag, dlse, paged caches,
+cache gradients, inference and training calls, the decode's folded merge, the GPU pass's headline shapes and
+the tune step's alternatives, caches whose offsets need 64 bits) with the planners' own choices for a
+132-multiprocessor H200.  Each kernel launch they make is caught before it runs and kept once per compile
+class (:func:`compile_class`: what changes the compiled code, not every integer Triton specializes on); the
+kept launch is then compiled by Triton's own JIT path (its argument binder, specialization and options)
+against a stand-in driver that names the target sm_90, so what compiles here is what a GPU would compile.
+ptxas' report gives registers and spills, Triton's metadata the shared memory, the TTGIR the dots' MMA
+layouts (benchmarks/ttgir_check.py).  Fails (exit 1) on a compile error, on more than ``--max-spill`` bytes
+of spill stores per thread, on more shared memory than a Hopper block may have, or on a dot whose MMA layout
+gives two warps the same rows or columns.
 
     python benchmarks/aot_compile.py --jobs 2              # everything, 2 worker processes
     python benchmarks/aot_compile.py --dtypes fp32 --head-dims 80 128 --match "G=32 M=1 "
-    python benchmarks/aot_compile.py --jobs 8 --json aot.json --md aot.md
+    python benchmarks/aot_compile.py --jobs 8 --json aot.json --md aot.md --headline-md headline.md
 
 Needs Triton with its NVIDIA backend (the PyPI wheel) and no GPU; TRITON_INTERPRET is ignored.
 """
@@ -121,6 +125,8 @@ def problem_launches(p: Problem, dtype: torch.dtype, head_dim: int) -> list[Laun
                     v_old=slots(p.side_outputs and isinstance(gate_v, torch.Tensor)))
         fwd_module.gated_kv_attention_fwd(q, k, v, k_cache, v_cache, lengths, gate_k, gate_v, scale, p.causal, s,
                                           **paged, **side, **fwd_overrides)
+        if not p.forward:
+            launches.clear()
         if p.backward:
             # The blend's chain rule folded in; dQ atomically (the default) and by its own kernel
             # (deterministic mode).
@@ -156,11 +162,12 @@ class Sm90Driver:
 def compile_class(launch: Launch) -> tuple:
     """What of a launch changes its compiled code in a way that matters: the kernel, its constexprs, the
     element types its pointers point to (as a set: which tensor a launcher lends an absent one's pointer is
-    not code), the options (warps, stages, FMA contraction), whether every pointer is 16-byte
-    aligned (an unaligned layout loads narrower and holds more registers) and whether the chunk length M is 1
-    (Triton's specialization of an integer 1 simplifies decode's row indexing).  Launches that differ only in
-    the rest of Triton's specialization (other integers that are 1 or divisible by 16: shapes and strides)
-    compile to the same plan with other address arithmetic: one of them stands for all."""
+    not code), the options (warps, stages, FMA contraction), whether every pointer is 16-byte aligned (an
+    unaligned layout loads narrower and holds more registers) and, for the forward's kernels (those that
+    split rows into (token, query head) by a constant G), whether the chunk length M is 1: Triton specializes
+    an integer 1, and one token is decode's common case.  Launches that differ only in the rest of Triton's
+    specialization (other integers that are 1 or divisible by 16: shapes and strides) compile to the same plan
+    with other address arithmetic: one of them stands for all."""
     binder = launch.fn.device_caches[0][4]
     _, specialization, options = binder(*launch.args, **launch.kwargs)
     constexprs, pointers, unaligned, unit_m = [], [], False, False
@@ -172,7 +179,8 @@ def compile_class(launch: Launch) -> tuple:
             unaligned |= attr != "D"
         elif param.name == "M":
             unit_m = kind == "constexpr"
-    return launch.fn.__name__, tuple(constexprs), frozenset(pointers), str(options), unaligned, unit_m
+    forward = any(name == "G" for name, _ in constexprs)
+    return launch.fn.__name__, tuple(constexprs), frozenset(pointers), str(options), unaligned, unit_m and forward
 
 
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
@@ -223,8 +231,9 @@ def _init_worker(cache_root: str) -> None:
 
 def collect(dtypes, head_dims, match=None, kernels=None) -> tuple[list[tuple[Launch, dict]], int]:
     """One launch per compile class (:func:`compile_class`) of the derived problems (aot_problems.py), and how
-    many launches the problems made.  A class's launch is the first one made, or a headline problem's (the
-    registers table of benchmarks/NOTES.md reads its row); each row counts the launches it stands for."""
+    many launches the problems made.  A class's launch is the first one made, or a headline problem's; each
+    row counts the launches it stands for and names the headline problems among them (the registers table
+    of benchmarks/NOTES.md)."""
     classes: dict[tuple, tuple[Launch, dict]] = {}
     made = 0
     for dname in dtypes:
@@ -237,12 +246,18 @@ def collect(dtypes, head_dims, match=None, kernels=None) -> tuple[list[tuple[Lau
                         continue
                     made += 1
                     key = compile_class(launch)
-                    row = dict(_describe(launch), problem=p.name, dtype=dname, head_dim=head_dim,
-                               headline=p in HEADLINE)
-                    if key not in classes or (row["headline"] and not classes[key][1]["headline"]):
-                        row["launches"] = classes[key][1]["launches"] if key in classes else 0
+                    headline = p in HEADLINE
+                    if key not in classes or (headline and not classes[key][1]["headline_problems"]):
+                        row = dict(_describe(launch), problem=p.name, dtype=dname, head_dim=head_dim,
+                                   launches=0, headline_problems=[])
+                        if key in classes:
+                            row.update(launches=classes[key][1]["launches"],
+                                       headline_problems=classes[key][1]["headline_problems"])
                         classes[key] = (launch, row)
-                    classes[key][1]["launches"] += 1
+                    row = classes[key][1]
+                    row["launches"] += 1
+                    if headline and p.name not in row["headline_problems"]:
+                        row["headline_problems"].append(p.name)
     return list(classes.values()), made
 
 
@@ -277,17 +292,19 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def headline_table(rows: list[dict], meta: dict) -> str:
-    """The headline problems' launches (benchmarks/NOTES.md's registers table), in the problems' order."""
-    order = {p.name: i for i, p in enumerate(HEADLINE)}
-    lines = [f"Triton {meta['triton']}, sm_90 ({meta['date']}; `python benchmarks/aot_compile.py --headline-md "
-             "FILE`); bf16, 16 heads x 128, one gate per head; backward launches of both modes.", "",
-             "| problem | kernel | tiles | warps, stages | regs | spill B | shared B | MMA layouts |",
+    """The launches of each headline problem (benchmarks/NOTES.md's registers table), in the problems' order."""
+    lines = [f"Triton {meta['triton']}, sm_90, {meta['date']} (`python benchmarks/aot_compile.py --headline-md "
+             "FILE`); bf16, 16 heads x 128, one gate per head; chunks as inference and as training calls (the "
+             "backward in both modes).", "",
+             "| problem | kernel | tiles | warps, stages | regs | spill B | shared | MMA layouts |",
              "|---|---|---|---|---|---|---|---|"]
-    for r in sorted((r for r in rows if r["headline"]), key=lambda r: order[r["problem"]]):
-        shared = f"{r['shared_bytes'] / 1024:.0f} KB" if r.get("shared_bytes") else r.get("shared_bytes")
-        lines.append(f"| {r['problem'].removeprefix('headline ')} | {r['kernel']} | {r['constants']} | "
-                     f"{r['num_warps']}, {r['num_stages']} | {r.get('registers')} | {r.get('spill_bytes')} | "
-                     f"{shared} | {r.get('mma') or ''} |")
+    for p in HEADLINE:
+        for r in (r for r in rows if p.name in r["headline_problems"]):
+            shared = r.get("shared_bytes")
+            shared = f"{shared / 1024:.0f} KB" if shared and shared >= 1024 else f"{shared} B"
+            lines.append(f"| {p.name.removeprefix('headline ')} | {r['kernel']} | {r['constants']} | "
+                         f"{r['num_warps']}, {r['num_stages']} | {r.get('registers')} | {r.get('spill_bytes')} | "
+                         f"{shared} | {r.get('mma') or r.get('error') or ''} |")
     return "\n".join(lines) + "\n"
 
 

@@ -10,11 +10,12 @@ atomically or by its own kernel, deterministic).  :func:`derived_problems` walks
 where an answer can change, read off the planners themselves (the row tiles from 16 up to the largest one the
 forward gives the dtype and head_dim, the decode/chunk boundary, a chunk just past the largest tile; long,
 short and empty prefixes at batch 1 and a batch that fills the machine), for GQA group sizes 1 to 32 (G is a
-compile-time constant of the forward kernels), and keeps one problem per distinct plan.  What the planners
-do not choose (gate kinds, the causal flag, dlse, paging, the cache gradients, the decode's folded merge,
-64-bit offsets) is compiled at every plan of G = 1 and at MQA decode; the alternatives the GPU pass's tune
-step times (:data:`TOURNAMENT`) at the headline shapes (:data:`HEADLINE`).  tests/test_aot_problems.py
-checks that every plan the planners give a wide grid of calls is among the derived problems'.
+compile-time constant of the forward kernels; :func:`groups_of`), and keeps one problem per distinct plan.
+What the planners do not choose (gate kinds, the causal flag, dlse, paging, the cache gradients, inference
+or training calls, the decode's folded merge, 64-bit offsets) is compiled at every plan of G = 1
+(:data:`VARIANTS`); the alternatives the GPU pass's tune step times (:data:`TOURNAMENT`) at the headline
+shapes (:data:`HEADLINE`).  tests/test_aot_problems.py checks that every plan the planners give a wide grid
+of calls is among the derived problems'.
 
 No Triton driver or environment change here: the tests import this module under the interpreter.
 """
@@ -69,7 +70,9 @@ class Problem:
     # A training call's forward writes the side outputs its backward reads (melt_kernels/autograd.py); an
     # inference call's does not.
     side_outputs: bool = True
-    # The backward (of a training call), in both modes: dQ atomically and deterministic.
+    # Whether the forward's launches are compiled (not for a problem kept for its backward plans only) and the
+    # backward's (of a training call), in both modes: dQ atomically and deterministic.
+    forward: bool = True
     backward: bool = True
     with_dlse: bool = False
     need_cache_grad: bool = True
@@ -81,6 +84,12 @@ class Problem:
     # Planner overrides, (name, value) pairs: the forward's (plan_forward) and the backward's (plan_bwd).
     fwd_overrides: tuple = ()
     bwd_overrides: tuple = ()
+
+    @property
+    def codes(self) -> tuple:
+        """The choices of the call that select code paths (constexprs) rather than plans."""
+        return (self.gate_k, self.gate_v, self.causal, self.side_outputs, self.with_dlse, self.need_cache_grad,
+                self.page_size)
 
     @property
     def groups(self) -> int:
@@ -185,8 +194,9 @@ def groups_of(dtype: torch.dtype) -> tuple:
 def _candidates(dtype: torch.dtype, head_dim: int) -> Iterator[Problem]:
     """Training calls at every chunk length of every G (:func:`groups_of`) at every prefix, at batch 1 and at
     a full batch; alignment, which the planners also choose from, at G = 1; the variants at every chunk
-    length of G = 1 (the folded merge of the decode path only); for float16 only those that change a plan
-    (paging, the backward's tiles; the folded merge), gates and masks compiling alike for both 16-bit types."""
+    length of G = 1 (the folded merge of the decode path only): at bfloat16 all, at the other dtypes those that
+    change a plan (paging, the backward's tiles; the folded merge), gates and masks selecting the same code
+    whatever the element type."""
     for unaligned in (False, True):
         tiles = row_tiles(dtype, head_dim, aligned=not unaligned)
         for groups in (groups_of(dtype) if not unaligned else (1,)):
@@ -196,7 +206,7 @@ def _candidates(dtype: torch.dtype, head_dim: int) -> Iterator[Problem]:
                         yield _problem(f"G={groups} M={m} L={prefix} B={batch}" + " unaligned" * unaligned, m,
                                        groups, prefix, batch, unaligned=unaligned)
     tiles = row_tiles(dtype, head_dim)
-    for variant in (VARIANTS if dtype != torch.float16 else VARIANTS[1:]):
+    for variant in (VARIANTS if dtype == torch.bfloat16 else VARIANTS[1:]):
         name = " ".join(f"{k}={v}" for k, v in variant.items() if k != "fwd_overrides")
         name += " fold_merge" * ("fwd_overrides" in variant)
         for m in chunk_lengths(1, tiles):
@@ -207,20 +217,23 @@ def _candidates(dtype: torch.dtype, head_dim: int) -> Iterator[Problem]:
 def derived_problems(dtype: torch.dtype, head_dim: int) -> Iterator[Problem]:
     """The problems that reach every choice of the planners for ``dtype`` and ``head_dim`` (module docstring):
     of the candidates, those that bring a forward plan not yet seen for their variant and G, or backward plans
-    not yet seen for their variant and prefix (the backward takes G at run time); the backward only for
-    those.  Then, for the headline dtype and head_dim, the headline problems and the tune step's alternatives;
-    and in any case caches whose offsets need 64 bits."""
+    not yet seen for their variant, prefix and batch (the backward takes G at run time); the forward only for
+    the former, the backward only for the latter.  Then, for the headline dtype and head_dim, the headline
+    problems and the tune step's alternatives; and in any case caches whose offsets need 64 bits."""
     seen = set()
+    default = Problem("", 1, 1, 1, 1, 1).codes
     for p in _candidates(dtype, head_dim):
-        variant = (p.gate_k, p.gate_v, p.causal, p.side_outputs, p.with_dlse, p.need_cache_grad, p.unaligned,
-                   p.page_size)
-        fwd_key = (variant, p.groups, plan_choices(p.fwd_plan(dtype, head_dim)))
+        variant = (p.codes, p.unaligned)
+        # One token (M = 1, which Triton specializes) and longer chunks at every plan of the default code at
+        # G = 1; other G and the variants at one chunk length per plan.
+        fwd_key = (variant, p.groups, plan_choices(p.fwd_plan(dtype, head_dim)),
+                   p.seqlen_q == 1 if p.codes == default and p.groups == 1 else None)
         # The prefix and the batch also decide whether the deterministic dQ splits (float32 partial sums) or
         # writes directly.
         bwd_key = (variant, p.prefix, p.batch, tuple(plan_choices(plan) for plan in p.bwd_plans(dtype, head_dim)))
         if fwd_key in seen and bwd_key in seen:
             continue
-        yield replace(p, backward=bwd_key not in seen)
+        yield replace(p, forward=fwd_key not in seen, backward=p.backward and bwd_key not in seen)
         seen.update((fwd_key, bwd_key))
     if (dtype, head_dim) == (DTYPES[HEADLINE_DTYPE], HEADLINE_HEAD_DIM):
         yield from HEADLINE
