@@ -330,7 +330,11 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as cache_root:
         context = multiprocessing.get_context("fork")
         with context.Pool(args.jobs, initializer=_init_worker, initargs=(cache_root,)) as pool:
-            rows = list(pool.imap(_compile_one, range(len(_WORK))))
+            rows = []
+            for row in pool.imap(_compile_one, range(len(_WORK))):
+                rows.append(row)
+                if len(rows) % 100 == 0:
+                    print(f"{len(rows)} compiled, {time.perf_counter() - start:.0f} s", flush=True)
     meta = dict(triton=triton.__version__, torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
                 target="cuda sm_90", jobs=args.jobs, max_spill=args.max_spill, launches=made,
                 seconds=time.perf_counter() - start,
