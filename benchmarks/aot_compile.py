@@ -1,19 +1,23 @@
-"""Ahead-of-time compile of every Triton launch configuration for Hopper (sm_90), without a GPU.
+"""Ahead-of-time compile of every Triton launch plan for Hopper (sm_90), without a GPU.
 
-The launchers (forward: decode or blend + chunk attention, merge; backward) are called on meta tensors for the problems derived from the
-planners' decision space (benchmarks/aot_problems.py: every dtype, head_dim 64, 80, 128, 256, every row tile,
-owner and split choice for GQA group sizes 1 to 32, chunks below and above the row tile, alignment, gate
-kinds, the causal flag, paged caches, the backward's tilings; a large batch; caches whose offsets need 64
-bits) with the planners' own choices for a 132-multiprocessor H200.  Each kernel launch they make is caught
-before it runs and kept once per Triton specialization; the same launch is then compiled by Triton's own JIT
-path (its argument binder, specialization and options) against a stand-in driver that names the target
-sm_90, so what compiles here is what a GPU would compile.  ptxas' report gives registers and spills; Triton's
-metadata the shared memory.  Fails (exit 1) on a compile error, on more than ``--max-spill`` bytes of spill
-stores per thread, or on more shared memory than a Hopper block may have.
+The launchers (forward: decode, or blend + chunk attention, and the merge; backward: preprocess, dK/dV, dQ, the
+blend's backward) are called on meta tensors for the problems derived from the planners' decision space
+(benchmarks/aot_problems.py: every dtype, head_dim 64, 80, 128, 256, every plan of either path and of the
+backward's two modes for GQA group sizes 1 to 32, alignment, gate kinds, the causal flag, dlse, paged caches,
+cache gradients, inference and training calls, the decode's folded merge, the GPU pass's headline shapes and
+the tune step's alternatives, caches whose offsets need 64 bits) with the planners' own choices for a
+132-multiprocessor H200.  Each kernel launch they make is caught before it runs and kept once per compile
+class (:func:`compile_class`: what changes the compiled code, not every integer Triton specializes on); the
+kept launch is then compiled by Triton's own JIT path (its argument binder, specialization and options)
+against a stand-in driver that names the target sm_90, so what compiles here is what a GPU would compile.
+ptxas' report gives registers and spills, Triton's metadata the shared memory, the TTGIR the dots' MMA
+layouts (benchmarks/ttgir_check.py).  Fails (exit 1) on a compile error, on more than ``--max-spill`` bytes
+of spill stores per thread, on more shared memory than a Hopper block may have, or on a dot whose MMA layout
+gives two warps the same rows or columns.
 
     python benchmarks/aot_compile.py --jobs 2              # everything, 2 worker processes
     python benchmarks/aot_compile.py --dtypes fp32 --head-dims 80 128 --match "G=32 M=1 "
-    python benchmarks/aot_compile.py --jobs 8 --json aot.json --md aot.md
+    python benchmarks/aot_compile.py --jobs 8 --json aot.json --md aot.md --headline-md headline.md
 
 Needs Triton with its NVIDIA backend (the PyPI wheel) and no GPU; TRITON_INTERPRET is ignored.
 """
@@ -26,6 +30,7 @@ import json
 import multiprocessing
 import os
 import re
+import resource
 import sys
 import tempfile
 import time
@@ -45,7 +50,8 @@ from melt_kernels.kernels import bwd as bwd_module  # noqa: E402
 from melt_kernels.kernels import fwd as fwd_module  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from aot_problems import DTYPES, H200_SMS, HEAD_DIMS, Problem, derived_problems  # noqa: E402
+import ttgir_check  # noqa: E402
+from aot_problems import DTYPES, H200_SMS, HEAD_DIMS, HEADLINE, Problem, derived_problems  # noqa: E402
 from melt_kernels.reference import BlendGrad  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -105,22 +111,36 @@ def problem_launches(p: Problem, dtype: torch.dtype, head_dim: int) -> list[Laun
     gates = {"head": empty(b, m, hkv, 1, dt=torch.float32), "channel": empty(b, m, hkv, head_dim, dt=torch.float32),
              "scalar": 0.5, "none": None}
     gate_k, gate_v = gates[p.gate_k], gates[p.gate_v]
-    lse = empty(b, hq, m, dt=torch.float32)
     scale = head_dim ** -0.5
+    fwd_overrides, bwd_overrides = dict(p.fwd_overrides), dict(p.bwd_overrides)
     with caught_launches(H200_SMS) as launches:
+        # A training call's forward, as melt_kernels/autograd.py makes it, writes the slots' values after the
+        # update (with a gate) and before it (with a gate tensor, whose gradient is wanted); an inference
+        # call's writes neither.
+        def slots(wanted):  # contiguous, as the autograd allocates them
+            return torch.empty((b, m, hkv, head_dim), dtype=dtype, device="meta") if wanted else None
+        side = dict(k_new=slots(p.side_outputs and gate_k is not None),
+                    v_new=slots(p.side_outputs and gate_v is not None),
+                    k_old=slots(p.side_outputs and isinstance(gate_k, torch.Tensor)),
+                    v_old=slots(p.side_outputs and isinstance(gate_v, torch.Tensor)))
         fwd_module.gated_kv_attention_fwd(q, k, v, k_cache, v_cache, lengths, gate_k, gate_v, scale, p.causal, s,
-                                          **paged)
+                                          **paged, **side, **fwd_overrides)
+        if not p.forward:
+            launches.clear()
         if p.backward:
+            # The blend's chain rule folded in; dQ atomically (the default) and by its own kernel
+            # (deterministic mode).
+            lse = empty(b, hq, m, dt=torch.float32)
             dlse = empty(b, hq, m, dt=torch.float32) if p.with_dlse else None
             grads = (torch.empty_like(k_cache), torch.empty_like(v_cache)) if p.need_cache_grad else (None, None)
-            # Training calls: the blend's backward folded in, dQ atomically (the default) and by its own
-            # kernel (deterministic mode).
-            blend = BlendGrad(k, v, empty(b, m, hkv, head_dim), empty(b, m, hkv, head_dim), gate_k, gate_v,
-                              True, True, p.need_cache_grad, p.need_cache_grad)
+            blend = BlendGrad(k, v, side["k_old"], side["v_old"], gate_k, gate_v, True, True, p.need_cache_grad,
+                              p.need_cache_grad)
+            k_new = k if side["k_new"] is None else side["k_new"]
+            v_new = v if side["v_new"] is None else side["v_new"]
             for deterministic in (False, True):
-                bwd_module.gated_kv_attention_bwd(q, k_cache, v_cache, k, v, lengths, out, lse, dout, dlse, scale,
-                                                  p.causal, *grads, s, **paged, blend=blend,
-                                                  deterministic=deterministic)
+                bwd_module.gated_kv_attention_bwd(q, k_cache, v_cache, k_new, v_new, lengths, out, lse, dout, dlse,
+                                                  scale, p.causal, *grads, s, **paged, blend=blend,
+                                                  deterministic=deterministic, **bwd_overrides)
     return launches
 
 
@@ -139,26 +159,47 @@ class Sm90Driver:
         return TARGET
 
 
-def specialization_key(launch: Launch) -> str:
-    """Triton's own cache key material for the launch: equal keys compile to the same binary."""
+def compile_class(launch: Launch) -> tuple:
+    """What of a launch changes its compiled code in a way that matters: the kernel, its constexprs, the
+    element types its pointers point to (as a set: which tensor a launcher lends an absent one's pointer is
+    not code), the options (warps, stages, FMA contraction), whether every pointer is 16-byte aligned (an
+    unaligned layout loads narrower and holds more registers) and, for the forward's kernels (those that
+    split rows into (token, query head) by a constant G), whether the chunk length M is 1: Triton specializes
+    an integer 1, and one token is decode's common case.  Launches that differ only in the rest of Triton's
+    specialization (other integers that are 1 or divisible by 16: shapes and strides) compile to the same plan
+    with other address arithmetic: one of them stands for all."""
     binder = launch.fn.device_caches[0][4]
     _, specialization, options = binder(*launch.args, **launch.kwargs)
-    return f"{launch.fn.__name__}|{tuple(specialization)}|{options}"
+    constexprs, pointers, unaligned, unit_m = [], [], False, False
+    for param, (kind, attr) in zip(launch.fn.params, specialization):
+        if param.is_constexpr:
+            constexprs.append((param.name, attr))
+        elif kind.startswith("*"):
+            pointers.append(kind)
+            unaligned |= attr != "D"
+        elif param.name == "M":
+            unit_m = kind == "constexpr"
+    forward = any(name == "G" for name, _ in constexprs)
+    return launch.fn.__name__, tuple(constexprs), frozenset(pointers), str(options), unaligned, unit_m and forward
 
 
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
-def compile_launch(launch: Launch) -> tuple[Optional[int], Optional[int], int]:
-    """(registers, spill-store bytes, shared bytes) of the launch compiled for sm_90 through Triton's JIT."""
+def compile_launch(launch: Launch) -> dict:
+    """Registers, spill-store bytes, shared bytes and the MMA layouts (benchmarks/ttgir_check.py) of the launch
+    compiled for sm_90 through Triton's JIT: one compile gives ptxas' report and the TTGIR."""
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
         kernel = launch.fn.run(*launch.args, grid=launch.grid, warmup=True, **launch.kwargs)
     report = log.getvalue()
     regs = [int(r) for r in _PTXAS_REGS.findall(report)]
     spills = [int(s) for s, _ in _PTXAS_SPILLS.findall(report)]
-    return (max(regs) if regs else None), (max(spills) if spills else None), int(kernel.metadata.shared)
+    ttgir = kernel.asm["ttgir"]
+    return dict(registers=max(regs) if regs else None, spill_bytes=max(spills) if spills else None,
+                shared_bytes=int(kernel.metadata.shared), mma=ttgir_check.layouts(ttgir),
+                replicated=ttgir_check.replicated(ttgir))
 
 
 def _describe(launch: Launch) -> dict:
@@ -176,8 +217,7 @@ def _compile_one(index: int) -> dict:
     launch, row = _WORK[index]
     start = time.perf_counter()
     try:
-        regs, spills, shared = compile_launch(launch)
-        row.update(registers=regs, spill_bytes=spills, shared_bytes=shared)
+        row.update(compile_launch(launch))
     except Exception as e:  # any compiler failure is a result to report, not a crash of the check
         row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]
     row["seconds"] = time.perf_counter() - start
@@ -190,9 +230,12 @@ def _init_worker(cache_root: str) -> None:
 
 
 def collect(dtypes, head_dims, match=None, kernels=None) -> tuple[list[tuple[Launch, dict]], int]:
-    """Every distinct launch (by Triton's specialization key) of the derived problems (aot_problems.py), and
-    how many launches the problems made before deduplication."""
-    seen, work, made = set(), [], 0
+    """One launch per compile class (:func:`compile_class`) of the derived problems (aot_problems.py), and how
+    many launches the problems made.  A class's launch is the first one made, or a headline problem's; each
+    row counts the launches it stands for and names the headline problems among them (the registers table
+    of benchmarks/NOTES.md)."""
+    classes: dict[tuple, tuple[Launch, dict]] = {}
+    made = 0
     for dname in dtypes:
         for head_dim in head_dims:
             for p in derived_problems(DTYPES[dname], head_dim):
@@ -202,12 +245,20 @@ def collect(dtypes, head_dims, match=None, kernels=None) -> tuple[list[tuple[Lau
                     if kernels is not None and launch.fn.__name__ not in kernels:
                         continue
                     made += 1
-                    key = specialization_key(launch)
-                    if key in seen:
-                        continue
-                    seen.add(key)
-                    work.append((launch, dict(_describe(launch), problem=p.name, dtype=dname, head_dim=head_dim)))
-    return work, made
+                    key = compile_class(launch)
+                    headline = p in HEADLINE
+                    if key not in classes or (headline and not classes[key][1]["headline_problems"]):
+                        row = dict(_describe(launch), problem=p.name, dtype=dname, head_dim=head_dim,
+                                   launches=0, headline_problems=[])
+                        if key in classes:
+                            row.update(launches=classes[key][1]["launches"],
+                                       headline_problems=classes[key][1]["headline_problems"])
+                        classes[key] = (launch, row)
+                    row = classes[key][1]
+                    row["launches"] += 1
+                    if headline and p.name not in row["headline_problems"]:
+                        row["headline_problems"].append(p.name)
+    return list(classes.values()), made
 
 
 def verdicts(rows: list[dict], max_spill: int) -> list[str]:
@@ -222,19 +273,38 @@ def verdicts(rows: list[dict], max_spill: int) -> list[str]:
             bad.append(f"{where}: {r['spill_bytes']} bytes of spill stores > {max_spill}")
         elif r["shared_bytes"] > MAX_SHARED_BYTES:
             bad.append(f"{where}: {r['shared_bytes']} bytes of shared memory > {MAX_SHARED_BYTES}")
+        bad.extend(f"{where}: replicated MMA: {line}" for line in r.get("replicated") or ())
     return bad
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# Triton AOT compile for sm_90: Triton {meta['triton']}, {meta['date']}", "",
-             f"{len(rows)} distinct launches in {meta['seconds']:.0f} s ({meta['jobs']} processes); "
-             f"limit {meta['max_spill']} bytes of spill stores, {MAX_SHARED_BYTES} bytes of shared memory.", "",
-             "| kernel | dtype | D | problem | tiles | warps | stages | regs | spill B | shared B | error |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"{len(rows)} distinct launches (of {meta['launches']}) in {meta['seconds']:.0f} s ({meta['jobs']} "
+             f"processes); limit {meta['max_spill']} bytes of spill stores, {MAX_SHARED_BYTES} bytes of shared "
+             "memory, no replicated MMA layout.", "",
+             "| kernel | dtype | D | problem | tiles | warps | stages | regs | spill B | shared B | MMA | error |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['kernel']} | {r['dtype']} | {r['head_dim']} | {r['problem']} | {r['constants']} | "
                      f"{r['num_warps']} | {r['num_stages']} | {r.get('registers')} | {r.get('spill_bytes')} | "
-                     f"{r.get('shared_bytes')} | {r.get('error') or ''} |")
+                     f"{r.get('shared_bytes')} | {r.get('mma') or ''} | {r.get('error') or ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def headline_table(rows: list[dict], meta: dict) -> str:
+    """The launches of each headline problem (benchmarks/NOTES.md's registers table), in the problems' order."""
+    lines = [f"Triton {meta['triton']}, sm_90, {meta['date']} (`python benchmarks/aot_compile.py --headline-md "
+             "FILE`); bf16, 16 heads x 128, one gate per head; chunks as inference and as training calls (the "
+             "backward in both modes).", "",
+             "| problem | kernel | tiles | warps, stages | regs | spill B | shared | MMA layouts |",
+             "|---|---|---|---|---|---|---|---|"]
+    for p in HEADLINE:
+        for r in (r for r in rows if p.name in r["headline_problems"]):
+            shared = r.get("shared_bytes")
+            shared = f"{shared / 1024:.0f} KB" if shared and shared >= 1024 else f"{shared} B"
+            lines.append(f"| {p.name.removeprefix('headline ')} | {r['kernel']} | {r['constants']} | "
+                         f"{r['num_warps']}, {r['num_stages']} | {r.get('registers')} | {r.get('spill_bytes')} | "
+                         f"{shared} | {r.get('mma') or r.get('error') or ''} |")
     return "\n".join(lines) + "\n"
 
 
@@ -248,6 +318,7 @@ def main(argv=None) -> int:
     parser.add_argument("--match", help="only the derived problems whose name holds this (e.g. 'G=32 M=1 ')")
     parser.add_argument("--json", help="write the rows and the verdict here")
     parser.add_argument("--md", help="write the markdown table here")
+    parser.add_argument("--headline-md", help="write the headline problems' table (benchmarks/NOTES.md) here")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
@@ -259,21 +330,32 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as cache_root:
         context = multiprocessing.get_context("fork")
         with context.Pool(args.jobs, initializer=_init_worker, initargs=(cache_root,)) as pool:
-            rows = list(pool.imap(_compile_one, range(len(_WORK))))
+            rows = []
+            for row in pool.imap(_compile_one, range(len(_WORK))):
+                rows.append(row)
+                if len(rows) % 100 == 0:
+                    print(f"{len(rows)} compiled, {time.perf_counter() - start:.0f} s", flush=True)
     meta = dict(triton=triton.__version__, torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
-                target="cuda sm_90", jobs=args.jobs, max_spill=args.max_spill,
-                seconds=time.perf_counter() - start)
+                target="cuda sm_90", jobs=args.jobs, max_spill=args.max_spill, launches=made,
+                seconds=time.perf_counter() - start,
+                # The workers' CPU time (ptxas included): what the compile costs whatever else the machine runs.
+                cpu_seconds=resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime
+                + resource.getrusage(resource.RUSAGE_CHILDREN).ru_stime)
     bad = verdicts(rows, args.max_spill)
     table = markdown(rows, meta)
     print(table)
     if args.md:
         with open(args.md, "w") as f:
             f.write(table)
+    if args.headline_md:
+        with open(args.headline_md, "w") as f:
+            f.write(headline_table(rows, meta))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, rows=rows, failures=bad), f, indent=1)
     worst = max((r["spill_bytes"] or 0 for r in rows if not r.get("error")), default=0)
-    print(f"{len(rows)} launches compiled in {meta['seconds']:.0f} s; most spill {worst} bytes; "
+    print(f"{len(rows)} launches compiled in {meta['seconds']:.0f} s ({meta['cpu_seconds']:.0f} s of CPU); most "
+          f"spill {worst} bytes; "
           f"most shared {max((r['shared_bytes'] or 0 for r in rows if not r.get('error')), default=0)} bytes")
     for line in bad:
         print("FAIL", line)
