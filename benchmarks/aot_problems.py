@@ -27,6 +27,7 @@ from typing import Iterator, Union
 
 import torch
 
+import tournament
 from melt_kernels.kernels.bwd import BwdPlan, plan_bwd
 from melt_kernels.kernels.decode import DECODE_ROWS
 from melt_kernels.kernels.fwd import Plan, path_of, plan_forward
@@ -159,15 +160,13 @@ HEADLINE = tuple(
     + [Problem(f"headline chunk B={b} M=500 L={prefix}" + " training" * training, b, 500, 16, 16, prefix + 500,
                gate_k="head", gate_v="head", side_outputs=training, backward=training)
        for training in (False, True) for b, prefix in ((4, 0), (4, 4500), (1, 9500))])
-# The alternatives the tune step times at those shapes (benchmarks/tune_fwd.py and benchmarks/NOTES.md,
-# issue 27; split lengths are run-time values): every one must compile within the spill limit.
+# The alternatives the tune step times at those shapes (benchmarks/tournament.py, whose lists these are; split
+# lengths are run-time values, and the backward's deterministic mode is compiled at every backward plan anyway):
+# every one must compile within the spill limit.
 TOURNAMENT = {
-    "decode": (FOLD_MERGE, (("block_r", 16), ("num_warps", 8)), (("block_r", 16), ("num_warps", 4)),
-               (("block_n", 128),), (("num_stages", 4),)),
-    "chunk": ((("num_stages", 3),), (("num_stages", 2),), (("block_n", 128),), (("block_n", 128), ("num_stages", 3)),
-              (("block_n", 32),), (("block_r", 64),), (("block_r", 64), ("num_warps", 4), ("num_stages", 3)),
-              (("num_warps", 4),)),
-    "backward": ((("block_m_kv", 16),), (("block_m_kv", 32),), (("block_n_kv", 64),), (("block_n_kv", 128),)),
+    "decode": tuple(tuple(o.items()) for o in tournament.DECODE),
+    "chunk": tuple(tuple(o.items()) for o in tournament.CHUNK),
+    "backward": tuple(tuple(o.items()) for o in tournament.BACKWARD if "deterministic" not in o),
 }
 
 

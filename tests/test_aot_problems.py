@@ -15,7 +15,7 @@ import torch
 from melt_kernels.kernels.decode import DECODE_ROWS
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-from aot_problems import (DTYPES, FOLD_MERGE, GROUPS, HEAD_DIMS, HEADLINE, HEADLINE_DTYPE,  # noqa: E402
+from aot_problems import (DTYPES, FOLD_MERGE, GROUPS, H200_SMS, HEAD_DIMS, HEADLINE, HEADLINE_DTYPE,  # noqa: E402
                           HEADLINE_HEAD_DIM, Problem, derived_problems, groups_of, plan_choices)
 
 SEQLENS = (1, 2, 3, 5, 8, 15, 16, 17, 21, 22, 31, 32, 33, 63, 64, 65, 100, 127, 128, 129, 255, 256, 300)
@@ -74,21 +74,31 @@ def test_every_backward_plan_is_compiled(dname, head_dim, unaligned, page_size):
     assert {dict(plan[1])["dq_atomic"] for plan in compiled} == {True, False}
 
 
-def test_the_tune_steps_alternatives_are_compiled():
-    """Every override benchmarks/tune_fwd.py times at its shapes (split lengths aside: run-time values) gives a
-    plan the derived set compiles at that shape's G."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-    import tune_fwd
+def test_the_tune_steps_alternatives_are_compiled(monkeypatch):
+    """Every Triton plan benchmarks/tournament.py times at its headline shapes (split lengths aside: run-time
+    values) is a plan the derived set compiles at that shape's G, planned for the H200's SM count as the
+    derived set is."""
+    import tournament
+    from melt_kernels.kernels import launch
+
+    monkeypatch.setattr(launch, "num_sms", lambda device: H200_SMS)
 
     dtype, head_dim = DTYPES[HEADLINE_DTYPE], HEADLINE_HEAD_DIM
-    compiled = _fwd_plans(derived_problems(dtype, head_dim), dtype, head_dim, with_groups=True)
+    derived = list(derived_problems(dtype, head_dim))
+    compiled_fwd = _fwd_plans(derived, dtype, head_dim, with_groups=True)
+    compiled_bwd = {plan_choices(plan) for p in derived if p.backward for plan in p.bwd_plans(dtype, head_dim)}
     tried = 0
-    for shape, configs in tune_fwd.shapes(False):
-        for overrides in configs:
-            overrides = tuple((k, v) for k, v in (overrides or {}).items() if k != "split_len")
-            p = Problem("tune", shape.batch, shape.seqlen_q, shape.heads_q, shape.heads_kv,
-                        shape.cache_len + shape.seqlen_q, fwd_overrides=overrides)
-            assert _fwd_plans([p], dtype, shape.head_dim, with_groups=True) <= compiled, (shape, overrides)
+    for shape in tournament.shapes(dry_run=False, full=False):
+        p = Problem("tune", shape.batch, shape.seqlen_q, shape.heads_q, shape.heads_kv,
+                    shape.cache_len + shape.seqlen_q)
+        for fwd, bwd in tournament.triton_plans(shape, dtype, torch.device("cuda"), few=False):
+            fwd = tuple((k, v) for k, v in fwd.items() if k != "split_len")
+            assert _fwd_plans([replace(p, fwd_overrides=fwd)], dtype, head_dim, with_groups=True) <= compiled_fwd, \
+                (shape, fwd)
+            if shape.kind == "training":
+                bwd = tuple((k, v) for k, v in bwd.items() if k != "deterministic")
+                assert {plan_choices(plan) for plan in replace(p, bwd_overrides=bwd).bwd_plans(dtype, head_dim)} \
+                    <= compiled_bwd, (shape, bwd)
             tried += 1
     assert tried > 10
 
