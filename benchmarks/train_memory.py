@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from loop_depth import PeakMemory, human, progress  # noqa: E402
 
+from melt_kernels.checks import BACKENDS  # noqa: E402
 from melt_kernels.model import GATES, LoopedLM, LoopedLMConfig  # noqa: E402
 from melt_kernels.ouro import to_melt  # noqa: E402
 from melt_kernels.threads import cpu_threads  # noqa: E402
@@ -70,7 +71,7 @@ def parse_args(argv):
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--gate", choices=GATES, default="latent")
     p.add_argument("--phases", nargs="+", choices=sorted(PHASES), default=["distill"])
-    p.add_argument("--backend", default="auto", choices=["auto", "triton", "cuda", "reference"])
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="FILE", help="write the records as JSON")

@@ -27,6 +27,7 @@ import time
 
 import torch
 
+from melt_kernels.checks import BACKENDS
 from melt_kernels.model import GATES, LoopedLM, LoopedLMConfig
 from melt_kernels.ouro import to_melt
 from melt_kernels.threads import cpu_threads
@@ -37,7 +38,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--backend", default="auto", choices=["auto", "triton", "cuda", "reference"],
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="gated_kv_attention backend (default auto: the fused kernels on a GPU)")
     p.add_argument("--loops", type=int, default=2, help="loop depth T (default 2)")
     p.add_argument("--layers", type=int, default=2)

@@ -17,7 +17,9 @@ a size these CPUs train, all with Ouro's architecture (melt_kernels.model.Looped
   gate: latent (the paper's), kv-head, kv-element (this package's);
 * melt-latent-fixed-chunks, melt-latent-fixed-1: melt-latent trained in fixed chunks of `chunk` and of 1;
 * ablations of melt-latent: no-interpolation (phase 2 only, for both phases' steps), no-alignment
-  (beta = 0), shared-lr (the gates at the base learning rate).
+  (beta = 0), shared-lr (the gates at the base learning rate);
+* melt-latent-4x: melt-latent with 4 times the post-training steps in both phases (whether the gap to the
+  LoopLM is a question of the post-training budget).
 
 For every row: held-out loss in bits per byte run in training-size chunks, decoded token by token (a model
 with one cache per layer and T > 1 depends on the chunking), and served (the first `prompt` bytes prefilled in
@@ -42,19 +44,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
-import os
 import platform
-import time
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from melt_kernels.model import LoopedLM, LoopedLMConfig, kv_bytes_per_token
-from melt_kernels.ouro import load_ouro, to_melt
-from melt_kernels.threads import cpu_threads
-from melt_kernels.train import Recipe, Trainer, distributed, evaluate, gate_retention, stdlib_corpus
+from melt_kernels.ouro import to_melt
+from melt_kernels.train import Recipe, comparison, evaluate, gate_retention, stdlib_corpus
+from melt_kernels.train.comparison import Comparison, Rows, Trained, WorkDir, add_run_arguments, sized
 
 
 DECODE_FULL = 16  # the serving schedule's decoded tail at full size: benchmarks/NOTES.md, issue 22
@@ -95,7 +94,7 @@ SIZES = {
 }
 ROWS = ("standard", "looplm", "looplm-last-loop", "last-step", "last-step-last-loop", "melt-latent", "melt-kv-head",
         "melt-kv-element", "melt-latent-fixed-chunks", "melt-latent-fixed-1", "melt-latent-no-interpolation",
-        "melt-latent-no-alignment", "melt-latent-shared-lr")
+        "melt-latent-no-alignment", "melt-latent-shared-lr", "melt-latent-4x")
 DESCRIPTIONS = {
     "standard": "standard transformer (T = 1), from scratch",
     "looplm": "LoopLM (T loops, one cache per loop), from scratch with Ouro's objective",
@@ -110,6 +109,7 @@ DESCRIPTIONS = {
     "melt-latent-no-interpolation": "MELT latent, no interpolated transition (phase 2 for all steps)",
     "melt-latent-no-alignment": "MELT latent, no attention alignment (beta = 0)",
     "melt-latent-shared-lr": "MELT latent, gates at the base learning rate",
+    "melt-latent-4x": "MELT latent, both phases with 4x the steps, serving schedule",
 }
 
 
@@ -121,22 +121,8 @@ def parse_args(argv):
                    help="rows to run (looplm is trained whenever a row needs it)")
     p.add_argument("--json", metavar="FILE", help='write {"rows": [...], ...} as JSON')
     p.add_argument("--plot", metavar="FILE.png", help="bar chart of the rows (needs matplotlib)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="CPU intra-op threads per process (default 1)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--backend", default="auto", choices=["auto", "triton", "cuda", "reference"])
-    p.add_argument("--progress", action="store_true", help="progress bars (main process)")
-    p.add_argument("--work-dir", metavar="DIR", help="keep finished rows and teachers here; a rerun resumes")
-    for field in dataclasses.fields(Size):
-        p.add_argument("--" + field.name.replace("_", "-"), type={"int": int, "float": float}[field.type],
-                       default=None, help=f"override the size's {field.name}")
+    add_run_arguments(p, Size)
     return p.parse_args(argv)
-
-
-def size_of(args) -> Size:
-    base = SIZES["quick" if args.quick else "full"]
-    changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(Size) if getattr(args, f.name) is not None}
-    return dataclasses.replace(base, **changes)
 
 
 def model_config(size: Size, loops: int) -> LoopedLMConfig:
@@ -146,141 +132,56 @@ def model_config(size: Size, loops: int) -> LoopedLMConfig:
                           max_position_embeddings=max(size.seq_len, 128))
 
 
-class WorkDir:
-    """The finished pieces of one run (``--work-dir``): ``run.json`` names the size and seed they belong to,
-    ``rows.jsonl`` holds a line per finished row, ``<teacher>/`` each pre-trained teacher with its
-    ``training.json`` (seconds, history).  Only the main process writes; every process reads."""
-
-    def __init__(self, path: Optional[str], fingerprint: dict, context):
-        self.path, self.context = path, context
-        self.done: dict[str, dict] = {}
-        if path is None:
-            return
-        run = os.path.join(path, "run.json")
-        if os.path.exists(run):
-            with open(run) as f:
-                held = json.load(f)
-            if held != fingerprint:
-                raise ValueError(f"--work-dir {path} holds a run of {held}, not of {fingerprint}: pass another "
-                                 "folder (or delete it)")
-            rows = os.path.join(path, "rows.jsonl")
-            if os.path.exists(rows):
-                with open(rows) as f:
-                    self.done = {row["model"]: row for row in map(json.loads, f)}
-        context.barrier()  # every process has read run.json before the main one may write it
-        if context.main and not os.path.exists(run):
-            os.makedirs(path, exist_ok=True)
-            with open(run, "w") as f:
-                json.dump(fingerprint, f, indent=1)
-
-    def add(self, row: dict) -> None:
-        if self.path is not None and self.context.main:
-            with open(os.path.join(self.path, "rows.jsonl"), "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    def teacher(self, name: str, train, backend: str) -> tuple[LoopedLM, float, list[dict]]:
-        """(model, training seconds, history) of the teacher kept under ``name``, or ``train()``'s, then
-        kept."""
-        folder = None if self.path is None else os.path.join(self.path, name)
-        if folder is not None and os.path.exists(os.path.join(folder, "training.json")):
-            with open(os.path.join(folder, "training.json")) as f:
-                training = json.load(f)
-            model = load_ouro(folder, device=self.context.device, backend=backend)
-            return model, training["seconds"], training["history"]
-        model, seconds, history = train()
-        if folder is not None and self.context.main:
-            model.save_pretrained(folder)
-            with open(os.path.join(folder, "training.json"), "w") as f:
-                json.dump({"seconds": seconds, "history": history}, f)
-        self.context.barrier()
-        return model, seconds, history
-
-
 class Replication:
     def __init__(self, args, context):
-        self.args, self.context, self.size = args, context, size_of(args)
+        self.args, self.context, self.size = args, context, sized(SIZES["quick" if args.quick else "full"], args)
         s = self.size
         corpus = stdlib_corpus()
         self.corpus = corpus.describe()
-        self.train, held = corpus.streams(s.seq_len)
+        train, held = corpus.streams(s.seq_len)
         self.held_out = held.windows(s.eval_sequences)
-        self.rows: list[dict] = []
+        pretraining = Recipe(seq_len=s.seq_len, chunk_size=s.seq_len, batch_size=s.batch,
+                             pretrain_steps=s.pretrain_steps, transition_steps=0, distill_steps=0, lr=s.pretrain_lr,
+                             warmup_steps=s.pretrain_steps // 10, schedule="cosine", exit_beta=s.exit_beta)
+        post_training = Recipe(seq_len=s.seq_len, chunk_size=s.chunk, batch_size=s.batch,
+                               transition_steps=s.transition_steps, distill_steps=s.distill_steps, lr=s.lr,
+                               gate_lr=s.gate_lr, decode_tokens=s.decode)
+        self.models = Comparison(train, pretraining, post_training, context=context, seed=args.seed,
+                                 backend=args.backend, progress=args.progress)
         self.looplm: Optional[LoopedLM] = None
         self.looplm_last_loop: Optional[LoopedLM] = None
         self.say = print if context.main else (lambda *a, **k: None)
         self.work = WorkDir(args.work_dir, {"size": dataclasses.asdict(self.size), "seed": args.seed}, context)
+        self.rows = Rows(self.work, self.show)
 
-    def new_model(self, loops: int) -> LoopedLM:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.args.seed)
-            return LoopedLM(model_config(self.size, loops), backend=self.args.backend).to(self.context.device)
-
-    def trainer(self, model, recipe, teacher=None) -> Trainer:
-        return Trainer(model, recipe, self.train, teacher=teacher, context=self.context, seed=self.args.seed,
-                       progress=self.args.progress)
-
-    def pretrain(self, loops: int, objective: str) -> tuple[LoopedLM, float, list[dict]]:
-        s = self.size
-        model = self.new_model(loops)
-        recipe = Recipe(seq_len=s.seq_len, chunk_size=s.seq_len, batch_size=s.batch, pretrain_steps=s.pretrain_steps,
-                        transition_steps=0, distill_steps=0, lr=s.pretrain_lr, warmup_steps=s.pretrain_steps // 10,
-                        schedule="cosine", pretrain_objective=objective, exit_beta=s.exit_beta)
-        start = time.perf_counter()
-        history = self.trainer(model, recipe).run()
-        return model, time.perf_counter() - start, history
-
-    def post_train(self, gate: str, **changes) -> tuple[LoopedLM, float, list[dict]]:
-        s = self.size
-        recipe = Recipe(seq_len=s.seq_len, chunk_size=s.chunk, batch_size=s.batch, transition_steps=s.transition_steps,
-                        distill_steps=s.distill_steps, lr=s.lr, gate_lr=s.gate_lr, decode_tokens=s.decode)
-        recipe = dataclasses.replace(recipe, **changes)
-        student = to_melt(self.looplm, gate)
-        start = time.perf_counter()
-        history = self.trainer(student, recipe, teacher=self.looplm).run()
-        return student, time.perf_counter() - start, history
-
-    def record(self, name: str, model: LoopedLM, cache: str, seconds: float, history: list[dict],
-               gate: Optional[str] = None) -> dict:
-        s = self.size
+    def record(self, name: str, trained: Trained, cache: str, gate: Optional[str] = None) -> dict:
+        s, model, history = self.size, trained.model, trained.history
         chunked = evaluate(model, cache, self.held_out, s.chunk, per_loop=True, context=self.context)
         decoded = evaluate(model, cache, self.held_out, 1, context=self.context)
         served = evaluate(model, cache, self.held_out, s.chunk, prompt=s.prompt, context=self.context)
         retention = gate_retention(model, self.held_out, s.chunk, context=self.context) if cache == "melt" else None
-        phases = {}
-        for r in history:
-            phases[r["phase"]] = phases.get(r["phase"], 0) + 1
         row = {"model": name, "description": DESCRIPTIONS[name], "loops": model.num_loops, "cache": cache,
                "gate": gate, "parameters": sum(p.numel() for p in model.parameters()),
                "eval_loss": chunked["bits_per_token"], "eval_loss_decode": decoded["bits_per_token"],
                "eval_loss_served": served["bits_per_token"], "eval_loss_per_loop": chunked["bits_per_token_per_loop"],
                "eval_tokens": chunked["tokens"],
                "kv_bytes_per_token": kv_bytes_per_token(model.config, cache, torch.float32),
-               "train_seconds": seconds, "steps": phases,
+               "train_seconds": trained.seconds, "steps": trained.steps,
                "final_kl": history[-1].get("kl") if history else None,
                "gate_retention": None if retention is None else sum(retention) / len(retention),
                "gate_retention_per_loop": retention}
-        self.rows.append(row)
-        self.work.add(row)
-        self.show(row)
+        self.rows.add(row)
         return row
 
-    def show(self, row: dict, kept: bool = False) -> None:
+    def show(self, row: dict, kept: bool) -> None:
         s = self.size
-        self.say(f"[{len(self.rows)}] {row['model']:<30} bits/byte {row['eval_loss']:.4f} (chunks of {s.chunk}), "
+        self.say(f"[{len(self.rows.list)}] {row['model']:<30} bits/byte {row['eval_loss']:.4f} (chunks of {s.chunk}), "
                  f"{row['eval_loss_decode']:.4f} (token by token), {row['eval_loss_served']:.4f} (served); "
                  f"per loop {', '.join(f'{b:.3f}' for b in row['eval_loss_per_loop'])}; "
                  f"{row['kv_bytes_per_token']:,} KV bytes/token; "
                  f"{row['train_seconds']:.0f} s" + (f"; gate retention {row['gate_retention']:.3g}"
                                                     if row["gate_retention"] is not None else "")
                  + (f" (kept in {self.work.path})" if kept else ""), flush=True)
-
-    def kept(self, name: str) -> bool:
-        """Whether row ``name`` finished in an earlier run in the work dir (then it is this run's next row)."""
-        row = self.work.done.get(name)
-        if row is not None:
-            self.rows.append(row)
-            self.show(row, kept=True)
-        return row is not None
 
     def run(self) -> dict:
         rows, s = self.args.rows, self.size
@@ -291,22 +192,23 @@ class Replication:
         self.say(f"# {s}", flush=True)
         missing = [r for r in rows if r not in self.work.done]
         backend = self.args.backend
-        if "standard" in rows and not self.kept("standard"):
-            model, seconds, history = self.pretrain(1, "last-loop")
-            self.record("standard", model, "looplm", seconds, history)
+        if "standard" in rows and not self.rows.kept("standard"):
+            self.record("standard", self.models.pretrain(model_config(s, 1)), "looplm")
         if any(r not in ("standard", "looplm-last-loop", "last-step-last-loop") for r in missing):
-            self.looplm, seconds, history = self.work.teacher("looplm", lambda: self.pretrain(s.loops, "ouro"),
-                                                              backend)
-        if "looplm" in rows and not self.kept("looplm"):
-            self.record("looplm", self.looplm, "looplm", seconds, history)
+            looplm = self.work.teacher(
+                "looplm", lambda: self.models.pretrain(model_config(s, s.loops), pretrain_objective="ouro"), backend)
+            self.looplm = looplm.model
+        if "looplm" in rows and not self.rows.kept("looplm"):
+            self.record("looplm", looplm, "looplm")
         if "looplm-last-loop" in missing or "last-step-last-loop" in missing:
-            self.looplm_last_loop, seconds, history = self.work.teacher(
-                "looplm-last-loop", lambda: self.pretrain(s.loops, "last-loop"), backend)
-        if "looplm-last-loop" in rows and not self.kept("looplm-last-loop"):
-            self.record("looplm-last-loop", self.looplm_last_loop, "looplm", seconds, history)
+            looplm_last_loop = self.work.teacher("looplm-last-loop",
+                                                 lambda: self.models.pretrain(model_config(s, s.loops)), backend)
+            self.looplm_last_loop = looplm_last_loop.model
+        if "looplm-last-loop" in rows and not self.rows.kept("looplm-last-loop"):
+            self.record("looplm-last-loop", looplm_last_loop, "looplm")
         for name, teacher in (("last-step", self.looplm), ("last-step-last-loop", self.looplm_last_loop)):
-            if name in rows and not self.kept(name):
-                self.record(name, to_melt(teacher, "latent"), "melt", 0.0, [], gate="latent (init)")
+            if name in rows and not self.rows.kept(name):
+                self.record(name, Trained(to_melt(teacher, "latent"), 0.0, []), "melt", gate="latent (init)")
         variants = {"melt-latent": ("latent", {}), "melt-kv-head": ("kv-head", {}),
                     "melt-kv-element": ("kv-element", {}),
                     "melt-latent-fixed-chunks": ("latent", dict(decode_tokens=0)),
@@ -314,12 +216,13 @@ class Replication:
                     "melt-latent-no-interpolation": ("latent", dict(
                         transition_steps=0, distill_steps=s.transition_steps + s.distill_steps)),
                     "melt-latent-no-alignment": ("latent", dict(beta=0.0)),
-                    "melt-latent-shared-lr": ("latent", dict(gate_lr=s.lr))}
+                    "melt-latent-shared-lr": ("latent", dict(gate_lr=s.lr)),
+                    "melt-latent-4x": ("latent", dict(transition_steps=4 * s.transition_steps,
+                                                      distill_steps=4 * s.distill_steps))}
         for name, (gate, changes) in variants.items():
-            if name in rows and not self.kept(name):
-                model, seconds, history = self.post_train(gate, **changes)
-                self.record(name, model, "melt", seconds, history, gate=gate)
-        return {"rows": self.rows, "size": dataclasses.asdict(s), "corpus": self.corpus,
+            if name in rows and not self.rows.kept(name):
+                self.record(name, self.models.post_train(self.looplm, gate, **changes), "melt", gate=gate)
+        return {"rows": self.rows.list, "size": dataclasses.asdict(s), "corpus": self.corpus,
                 "recipe": {"phase1": "interpolated K/V reads, KL", "phase2": "KL + beta x attention MSE",
                            "beta": Recipe().beta, "memory": Recipe().memory,
                            "teacher_objective": "Ouro Stage I: sum_t p(t|x) CE_t - exit_beta x H(p)",
@@ -369,28 +272,14 @@ def plot(result: dict, path: str) -> None:
     ax.set_ylabel("held-out bits per byte (lower is better)")
     ax.set_title("Python stdlib source, held-out files")
     ax.legend(fontsize=8)
-    kv.bar(list(x), [r["kv_bytes_per_token"] for r in rows], color="gray")
-    kv.set_xticks(list(x), names, rotation=35, ha="right", fontsize=8)
-    kv.set_ylabel("KV-cache bytes per token (float32)")
-    kv.set_title("cache per token")
+    comparison.kv_panel(kv, rows)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    with cpu_threads(args.threads):
-        with distributed.session(args.device) as context:
-            result = Replication(args, context).run()
-            if context.main:
-                print(table(result))
-                if args.json:
-                    with open(args.json, "w") as f:
-                        json.dump(result, f, indent=1)
-                if args.plot:
-                    plot(result, args.plot)
-            return result
+    return comparison.main(parse_args(argv), Replication, table, plot)
 
 
 if __name__ == "__main__":

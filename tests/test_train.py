@@ -608,7 +608,7 @@ def test_replicate_quick_writes_every_row(tmp_path, monkeypatch):
     assert list(rows) == ["standard", "looplm", "looplm-last-loop", "last-step", "last-step-last-loop",
                           "melt-latent", "melt-kv-head", "melt-kv-element", "melt-latent-fixed-chunks",
                           "melt-latent-fixed-1", "melt-latent-no-interpolation", "melt-latent-no-alignment",
-                          "melt-latent-shared-lr"]
+                          "melt-latent-shared-lr", "melt-latent-4x"]
     per_pass = rows["standard"]["kv_bytes_per_token"]
     for name, row in rows.items():
         for key in ("eval_loss", "eval_loss_decode", "eval_loss_served"):
@@ -625,6 +625,7 @@ def test_replicate_quick_writes_every_row(tmp_path, monkeypatch):
     assert rows["looplm"]["eval_loss_per_loop"] != rows["looplm-last-loop"]["eval_loss_per_loop"]
     assert rows["melt-latent-no-interpolation"]["steps"] == {"distill": 6}
     assert rows["melt-latent"]["steps"] == {"transition": 3, "distill": 3}
+    assert rows["melt-latent-4x"]["steps"] == {"transition": 12, "distill": 12}
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

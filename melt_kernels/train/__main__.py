@@ -48,6 +48,7 @@ import sys
 
 import torch
 
+from melt_kernels.checks import BACKENDS
 from melt_kernels.cli import ArgumentProblem, reading, reporting
 from melt_kernels.model import GATES
 from melt_kernels.ouro import DTYPES, copy_tokenizer, load_ouro, to_melt
@@ -112,7 +113,7 @@ def parser(prog="python -m melt_kernels.train") -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--backend", default="auto", choices=["auto", "triton", "cuda", "reference"])
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--threads", type=int, default=0, help="CPU intra-op threads per process (default: torch's)")
     p.add_argument("--no-progress", action="store_true")
     return p

@@ -15,8 +15,8 @@ from melt_kernels.train.distributed import Context
 
 @torch.no_grad()
 def evaluate(model: LoopedLM, kind: str, batch: Batch, chunk_size: Optional[int] = None, *,
-             prompt: Optional[int] = None, per_loop: bool = False, context: Optional[Context] = None,
-             rows_per_call: Optional[int] = None) -> dict:
+             prompt: Optional[int] = None, per_loop: bool = False, groups: Optional[torch.Tensor] = None,
+             context: Optional[Context] = None, rows_per_call: Optional[int] = None) -> dict:
     """Next-token loss of ``model`` on ``batch`` = (input_ids, targets), run chunk-wise on a fresh ``kind`` cache.
 
     ``chunk_size`` None runs each sequence as one chunk; 1 decodes token by
@@ -32,9 +32,21 @@ def evaluate(model: LoopedLM, kind: str, batch: Batch, chunk_size: Optional[int]
     per scored target), ``bits_per_token`` (the same in bits: bits per byte
     on a byte corpus), ``acc`` (greedy accuracy), ``tokens`` (scored
     targets) and ``cache_bytes`` (what one sequence's cache holds).
+    ``groups`` (the batch's shape, ints >= 0) labels every scored target
+    with a group, such as a task's difficulty: then ``acc_per_group`` is the
+    greedy accuracy of the targets of each label 0 .. max label (None for a
+    label with no target), with ``per_loop`` also ``acc_per_group_per_loop``
+    (every loop's head; [loop][label]).
     """
     context = context or Context(device=model.model.embed_tokens.weight.device)
     ids, targets = shard(batch, context.rank, context.world)
+    labels = None
+    if groups is not None:
+        if groups.shape != batch[1].shape or groups.dtype != torch.int64 or bool((groups < 0).any()):
+            raise ValueError(f"groups must be int64 labels >= 0 of the targets' shape {tuple(batch[1].shape)}, got "
+                             f"{tuple(groups.shape)} {groups.dtype}")
+        num_groups = int(groups.max()) + 1
+        labels = shard((groups,), context.rank, context.world)[0]
     if prompt is not None and not 0 < prompt < ids.shape[1]:
         raise ValueError(f"prompt must leave a continuation: 0 < prompt < {ids.shape[1]}, got {prompt}")
     if prompt is not None:
@@ -44,6 +56,8 @@ def evaluate(model: LoopedLM, kind: str, batch: Batch, chunk_size: Optional[int]
     model.eval()
     loops = model.num_loops if per_loop else 0
     sums = torch.zeros(3 + loops, dtype=torch.float64)  # nll, hits, scored, each loop's nll
+    # Per label: scored, hits, each loop's hits.
+    group_sums = None if labels is None else torch.zeros(2 + loops, num_groups, dtype=torch.float64)
     step = rows_per_call or ids.shape[0]
     cache_bytes = None
     try:
@@ -63,6 +77,14 @@ def evaluate(model: LoopedLM, kind: str, batch: Batch, chunk_size: Optional[int]
                 every = model.lm_head(hidden).to(logits.dtype)
                 values += [F.cross_entropy(every[t], want[scored], reduction="sum").item() for t in range(loops)]
             sums += torch.tensor(values, dtype=torch.float64)
+            if labels is not None:
+                label = labels[start:start + step][scored.cpu()]
+                hit = [logits[scored].argmax(-1) == want[scored]]
+                if per_loop:
+                    hit += [every[t].argmax(-1) == want[scored] for t in range(loops)]
+                group_sums[0] += torch.bincount(label, minlength=num_groups).double()
+                for row, h in enumerate(hit, 1):
+                    group_sums[row] += torch.bincount(label, weights=h.cpu().double(), minlength=num_groups)
             cache_bytes = cache.nbytes // rows.shape[0]
     finally:
         model.train(was_training)
@@ -73,6 +95,12 @@ def evaluate(model: LoopedLM, kind: str, batch: Batch, chunk_size: Optional[int]
               "cache_bytes": cache_bytes}
     if per_loop:
         result["bits_per_token_per_loop"] = [value / scored / math.log(2) for value in total[3:]]
+    if group_sums is not None:
+        counts, *hits = context.all_reduce_sum(group_sums).tolist()
+        rates = [[h / n if n else None for h, n in zip(row, counts)] for row in hits]
+        result["acc_per_group"] = rates[0]
+        if per_loop:
+            result["acc_per_group_per_loop"] = rates[1:]
     return result
 
 
