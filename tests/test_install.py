@@ -1,6 +1,7 @@
 """The package as users install and run it: no top-level name of another package, the `melt` command and its
 `python -m` forms, and what a transformers version the integration does not support says."""
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -49,8 +50,13 @@ def test_the_wheel_has_no_top_level_kernels(tmp_path):
     """The built wheel holds the Triton sources under melt_kernels/kernels/ only, and, installed on its own,
     imports them from there."""
     pytest.importorskip("setuptools")
+    # Built from a copy: setuptools writes build/ and *.egg-info into the tree it builds, and CI runs two suites
+    # of this checkout side by side.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv*", ".git", "build", "*.egg-info", "runs",
+                                                                "__pycache__", ".hypothesis", ".pytest_cache"))
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                           str(tmp_path), ROOT], capture_output=True, text=True, timeout=300,
+                           str(tmp_path), str(source)], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "MELT_BUILD_CUDA": "0"})
     assert done.returncode == 0, done.stderr
     (wheel,) = tmp_path.glob("*.whl")
@@ -58,8 +64,8 @@ def test_the_wheel_has_no_top_level_kernels(tmp_path):
     tops = {name.split("/")[0] for name in names if not name.split("/")[0].endswith((".dist-info", ".data"))}
     assert tops == {"melt_kernels"}, tops
     assert "melt_kernels/kernels/fwd.py" in names
-    sources = {os.path.relpath(os.path.join(folder, f), ROOT).replace(os.sep, "/")
-               for folder, _, files in os.walk(os.path.join(ROOT, "melt_kernels")) for f in files if f.endswith(".py")}
+    sources = {os.path.relpath(os.path.join(folder, f), source).replace(os.sep, "/")
+               for folder, _, files in os.walk(os.path.join(source, "melt_kernels")) for f in files if f.endswith(".py")}
     assert sources <= set(names), sorted(sources - set(names))  # every module of the package, subpackages too
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
     check = "import melt_kernels.kernels.launch as m; print(m.__file__)"
