@@ -8,7 +8,7 @@ merge, or one direct program per row) and alignment; the backward's (``plan_bwd`
 the head_dim, the chunk length (query tiles no taller than the chunk), alignment, paging and the mode (dQ
 atomically or by its own kernel, deterministic).  :func:`derived_problems` walks those inputs at the values
 where an answer can change, read off the planners themselves (the row tiles from 16 up to the largest one the
-forward gives the dtype and head_dim, the decode/chunk boundary, a chunk just past the largest tile; long,
+forward gives the dtype and head_dim, the decode/chunk boundary (per element size), a chunk just past the largest tile; long,
 short and empty prefixes at batch 1 and a batch that fills the machine), for GQA group sizes 1 to 32 (G is a
 compile-time constant of the forward kernels; :func:`groups_of`), and keeps one problem per distinct plan.
 What the planners do not choose (gate kinds, the causal flag, dlse, paging, the cache gradients, inference
@@ -29,7 +29,7 @@ import torch
 
 import tournament
 from melt_kernels.kernels.bwd import BwdPlan, plan_bwd
-from melt_kernels.kernels.decode import DECODE_ROWS
+from melt_kernels.kernels.decode import decode_rows
 from melt_kernels.kernels.fwd import Plan, path_of, plan_forward
 
 H200_SMS = 132
@@ -121,14 +121,14 @@ def plan_choices(plan: Union[Plan, BwdPlan]) -> tuple:
 def row_tiles(dtype: torch.dtype, head_dim: int, aligned: bool = True) -> list[int]:
     """The forward's row tiles for ``dtype`` and ``head_dim``: 16 up to the one it gives the most rows."""
     largest = plan_forward(1, 2**20, 1, 1, head_dim, 0, H200_SMS, dtype.itemsize, aligned=aligned).block_r
-    return [16 << i for i in range(max(largest, DECODE_ROWS).bit_length() - 4)]
+    return [16 << i for i in range(max(largest, decode_rows(dtype.itemsize)).bit_length() - 4)]
 
 
-def chunk_lengths(groups: int, tiles: list[int]) -> list[int]:
+def chunk_lengths(groups: int, tiles: list[int], most_decode_rows: int) -> list[int]:
     """M for G query heads per kv head: decode, the longest chunk each row tile holds, the longest the decode
-    path takes and the shortest past it, and one just past the largest tile (two row blocks, the second
-    partial)."""
-    edges = {max(1, DECODE_ROWS // groups), DECODE_ROWS // groups + 1}
+    path takes (``most_decode_rows`` rows) and the shortest past it, and one just past the largest tile (two
+    row blocks, the second partial)."""
+    edges = {max(1, most_decode_rows // groups), most_decode_rows // groups + 1}
     return sorted({1, tiles[-1] // groups + 1}.union(max(1, tile // groups) for tile in tiles).union(edges))
 
 
@@ -199,7 +199,7 @@ def _candidates(dtype: torch.dtype, head_dim: int) -> Iterator[Problem]:
     for unaligned in (False, True):
         tiles = row_tiles(dtype, head_dim, aligned=not unaligned)
         for groups in (groups_of(dtype) if not unaligned else (1,)):
-            for m in chunk_lengths(groups, tiles):
+            for m in chunk_lengths(groups, tiles, decode_rows(dtype.itemsize)):
                 for prefix in PREFIXES:
                     for batch in (1, FULL_BATCH):
                         yield _problem(f"G={groups} M={m} L={prefix} B={batch}" + " unaligned" * unaligned, m,
@@ -208,8 +208,9 @@ def _candidates(dtype: torch.dtype, head_dim: int) -> Iterator[Problem]:
     for variant in (VARIANTS if dtype == torch.bfloat16 else VARIANTS[1:]):
         name = " ".join(f"{k}={v}" for k, v in variant.items() if k != "fwd_overrides")
         name += " fold_merge" * ("fwd_overrides" in variant)
-        for m in chunk_lengths(1, tiles):
-            chunk = {"fwd_overrides": ()} if m > DECODE_ROWS else {}  # fold_merge is the decode path's
+        for m in chunk_lengths(1, tiles, decode_rows(dtype.itemsize)):
+            # fold_merge is the decode path's
+            chunk = {"fwd_overrides": ()} if m > decode_rows(dtype.itemsize) else {}
             yield _problem(f"{name} G=1 M={m}", m, 1, LONG_PREFIX, **dict(variant, **chunk))
 
 

@@ -130,7 +130,7 @@ def triton_plans(s: Shape, dtype, device, few: bool) -> list[tuple[dict, dict]]:
     def plan_of(o):
         return plan_forward(s.batch, s.seqlen_q, s.heads_q, s.heads_kv, s.head_dim, s.cache_len, num_sms(device),
                             torch.finfo(dtype).bits // 8, **o)
-    decode = path_of(s.seqlen_q, s.heads_q, s.heads_kv) == "decode"
+    decode = path_of(s.seqlen_q, s.heads_q, s.heads_kv, torch.finfo(dtype).bits // 8) == "decode"
     options = list(DECODE if decode else CHUNK)
     if decode:  # half the split length; double it where there are splits to merge
         default = plan_of({})

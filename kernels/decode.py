@@ -29,6 +29,14 @@ from melt_kernels.kernels.tile_ops import LN2, attend, blend_tile, round_to
 
 # Rows (M * G) one decode program holds; larger calls take the chunk path (a blend launch, then attention).
 DECODE_ROWS = 64
+# float32 multiplies on the FMA units, whose tiles live in registers: 64 rows spilled 0.8-2.7 KB per thread
+# at head_dim 80-256 (sm_90, Triton 3.9; benchmarks/aot_compile.py), 32 rows none.
+DECODE_ROWS_FP32 = 32
+
+
+def decode_rows(elem_size: int) -> int:
+    """The most rows (M * G) one decode program holds for elements of ``elem_size`` bytes."""
+    return DECODE_ROWS if elem_size <= 2 else DECODE_ROWS_FP32
 # Programs per multiprocessor the split count aims at: two keep a load stream in flight while one computes.
 PROGRAMS_PER_SM = 2
 # The shortest split, in key tiles: shorter ones cost more in partial results and merging than they gain.

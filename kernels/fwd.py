@@ -1,7 +1,7 @@
 """The forward launcher: the gated in-place update of the active slots and attention over the updated caches
 (docs/op.md#the-cache-update, docs/op.md#the-attention-read), by one of two paths.
 
-* decode (M * G <= DECODE_ROWS rows per kv head): one launch blends and attends (kernels/decode.py), and a
+* decode (M * G <= DECODE_ROWS rows per kv head, DECODE_ROWS_FP32 in float32): one launch blends and attends (kernels/decode.py), and a
   merge launch (kernels/merge.py) combines its splits unless one split covers the row or the last split
   merges them itself;
 * chunk: a blend launch (kernels/blend.py), then FlashAttention-2's attention over the cache
@@ -20,7 +20,7 @@ import triton
 
 from melt_kernels.kernels.blend import BLOCK_SLOTS, blend_grid, blend_kernel, gate_args
 from melt_kernels.kernels.chunk_fwd import ChunkPlan, chunk_attention_kernel, chunk_grid, plan_chunk
-from melt_kernels.kernels.decode import DECODE_ROWS, DecodePlan, decode_grid, decode_kernel, plan_decode
+from melt_kernels.kernels.decode import DecodePlan, decode_grid, decode_kernel, decode_rows, plan_decode
 from melt_kernels.kernels.launch import (aligned, arrival_counters, check_grids, device_guard, needs_wide_offsets,
                                          num_sms)
 from melt_kernels.kernels.merge import merge_block_rows, merge_grid, merge_kernel
@@ -33,20 +33,21 @@ _plan_decode = functools.lru_cache(maxsize=4096)(plan_decode)
 _plan_chunk = functools.lru_cache(maxsize=4096)(plan_chunk)
 
 
-def path_of(seqlen_q: int, heads_q: int, heads_kv: int) -> str:
-    """The path a call takes by default: decode when one program holds the rows of a kv head."""
-    return "decode" if seqlen_q * (heads_q // heads_kv) <= DECODE_ROWS else "chunk"
+def path_of(seqlen_q: int, heads_q: int, heads_kv: int, elem_size: int = 2) -> str:
+    """The path a call takes by default: decode when one program holds the rows of a kv head (for elements of
+    ``elem_size`` bytes)."""
+    return "decode" if seqlen_q * (heads_q // heads_kv) <= decode_rows(elem_size) else "chunk"
 
 
 def plan_forward(batch: int, seqlen_q: int, heads_q: int, heads_kv: int, head_dim: int, max_prefix: int, sms: int,
                  elem_size: int = 2, *, aligned: bool = True, path: Optional[str] = None, **overrides) -> Plan:
     """The plan of a call: its path (``path`` forces one) and that path's planner's choices."""
-    path = path or path_of(seqlen_q, heads_q, heads_kv)
+    path = path or path_of(seqlen_q, heads_q, heads_kv, elem_size)
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    if path == "decode" and seqlen_q * (heads_q // heads_kv) > DECODE_ROWS:
-        raise ValueError(f"the decode path holds at most {DECODE_ROWS} rows (M * Hq / Hkv) per program, "
-                         f"got {seqlen_q * (heads_q // heads_kv)}")
+    if path == "decode" and seqlen_q * (heads_q // heads_kv) > decode_rows(elem_size):
+        raise ValueError(f"the decode path holds at most {decode_rows(elem_size)} rows (M * Hq / Hkv) per program "
+                         f"for {elem_size}-byte elements, got {seqlen_q * (heads_q // heads_kv)}")
     planner = _plan_decode if path == "decode" else _plan_chunk
     return planner(batch, seqlen_q, heads_q, heads_kv, head_dim, max_prefix, sms, elem_size, aligned=aligned,
                    **overrides)

@@ -253,7 +253,8 @@ def regime(problem: Problem) -> str:
     """The table's regime of a call: "training", else the Triton forward's path, "decode" or "chunk"."""
     if needs_grad(problem):
         return "training"
-    return _fwd_module().path_of(problem.q.shape[1], problem.q.shape[2], problem.k.shape[2])
+    return _fwd_module().path_of(problem.q.shape[1], problem.q.shape[2], problem.k.shape[2],
+                                 problem.q.element_size())
 
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",

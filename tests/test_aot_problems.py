@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from melt_kernels.kernels.decode import DECODE_ROWS
+from melt_kernels.kernels.decode import decode_rows
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 from aot_problems import (DTYPES, FOLD_MERGE, GROUPS, H200_SMS, HEAD_DIMS, HEADLINE, HEADLINE_DTYPE,  # noqa: E402
@@ -23,10 +23,11 @@ PREFIXES = (0, 100, 256, 4096, 65536)
 BATCHES = (1, 7, 256)
 
 
-def _grid(groups_all, unaligned, fwd_overrides=()):
-    """The grid's calls; with ``fwd_overrides`` (the decode's fold_merge) those of the decode path only."""
+def _grid(groups_all, unaligned, fwd_overrides=(), dtype=torch.bfloat16):
+    """The grid's calls; with ``fwd_overrides`` (the decode's fold_merge) those of the decode path only (for
+    ``dtype``)."""
     for groups, m, prefix, batch in itertools.product(groups_all, SEQLENS, PREFIXES, BATCHES):
-        if not fwd_overrides or m * groups <= DECODE_ROWS:
+        if not fwd_overrides or m * groups <= decode_rows(dtype.itemsize):
             yield Problem("grid", batch, m, 2 * groups, 2, prefix + m, unaligned=unaligned,
                           fwd_overrides=fwd_overrides)
 
@@ -46,7 +47,7 @@ def test_every_forward_plan_is_compiled(dname, head_dim):
     assert _fwd_plans(_grid(groups_of(dtype), False), dtype, head_dim, with_groups=True) - compiled == set()
     for overrides in ((), FOLD_MERGE):
         plans = {key[:1] for key in compiled}
-        assert _fwd_plans(_grid(range(1, 33), False, overrides), dtype, head_dim) - plans == set()
+        assert _fwd_plans(_grid(range(1, 33), False, overrides, dtype), dtype, head_dim) - plans == set()
 
 
 @pytest.mark.parametrize("dname", list(DTYPES))
@@ -134,5 +135,5 @@ def test_the_folded_merge_is_compiled_where_decode_splits():
         compiled = _fwd_plans(derived_problems(dtype, head_dim), dtype, head_dim)
         folded = {plan for (plan,) in compiled if ("fold_merge", True) in plan[1]}
         splitting = {replace(p, fwd_overrides=FOLD_MERGE) for p in _grid(range(1, 33), False)
-                     if p.seqlen_q * p.groups <= DECODE_ROWS and not p.fwd_plan(dtype, head_dim).direct}
+                     if p.seqlen_q * p.groups <= decode_rows(dtype.itemsize) and not p.fwd_plan(dtype, head_dim).direct}
         assert splitting and {plan for (plan,) in _fwd_plans(splitting, dtype, head_dim)} <= folded

@@ -31,7 +31,7 @@ if not (triton_interpreted() or torch.cuda.is_available()):
     pytest.skip("the Triton kernels need a CUDA device, or TRITON_INTERPRET=1 to run on the CPU",
                 allow_module_level=True)
 
-from melt_kernels.kernels.decode import DECODE_ROWS, DecodePlan  # noqa: E402  (needs TRITON_INTERPRET first)
+from melt_kernels.kernels.decode import DECODE_ROWS, DECODE_ROWS_FP32, DecodePlan  # noqa: E402  (needs TRITON_INTERPRET first)
 from melt_kernels.kernels.fwd import gated_kv_attention_fwd, num_sms, path_of, plan_forward  # noqa: E402
 
 DEVICE = "cpu" if triton_interpreted() else "cuda"
@@ -43,7 +43,7 @@ def small(case, path=None):
     tiles on the chunk path, the fewest rows that hold a decode call's on the decode path."""
     b, m, hq, d = case.q.shape
     rows = m * (hq // case.k.shape[2])
-    if (path or path_of(m, hq, case.k.shape[2])) == "decode":
+    if (path or path_of(m, hq, case.k.shape[2], case.q.element_size())) == "decode":
         return dict(block_n=16, split_len=16, block_r=max(16, 1 << (rows - 1).bit_length()), path="decode")
     return dict(block_n=16, split_len=16, block_r=16, path="chunk")
 
@@ -268,6 +268,8 @@ def test_plans_fill_a_large_gpu():
     big_batch = plan_forward(64, 1, 16, 16, 128, 8192, 132)
     assert big_batch.splits == 1 and big_batch.direct
     assert not isinstance(plan_forward(1, DECODE_ROWS + 1, 1, 1, 128, 0, 132), DecodePlan)
+    assert isinstance(plan_forward(1, DECODE_ROWS_FP32, 1, 1, 128, 0, 132, 4), DecodePlan)
+    assert not isinstance(plan_forward(1, DECODE_ROWS_FP32 + 1, 1, 1, 128, 0, 132, 4), DecodePlan)
     chunk = plan_forward(8, 512, 32, 8, 128, 8192, 132)
     assert chunk.row_blocks == 16 and chunk.splits == 1
     assert plan_forward(4, 500, 16, 16, 128, 4500, 132).splits == 1  # 256 programs: two waves, no split
