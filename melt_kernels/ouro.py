@@ -38,9 +38,10 @@ PathLike = Union[str, os.PathLike]
 OURO_MODEL_TYPE = "ouro"
 ARCHITECTURES = {OURO_MODEL_TYPE: ["OuroForCausalLM"], CHECKPOINT_MODEL_TYPE: ["MeltForCausalLM"]}
 # config.json fields that hold no computation: bookkeeping, initialisation, a cache switch; Qwen2's
-# max_window_layers only matters with a sliding window, which is refused below.
+# max_window_layers only matters with a sliding window, which is refused below.  So do transformers' private
+# fields (a leading underscore: _name_or_path, and _commit_hash, which transformers 5.17 hands a config it loads).
 IGNORED_FIELDS = frozenset({"architectures", "auto_map", "model_type", "dtype", "torch_dtype", "transformers_version",
-                            "use_cache", "_name_or_path", "initializer_range", "max_window_layers"})
+                            "use_cache", "initializer_range", "max_window_layers"})
 # Fields accepted only with the value Ouro uses (None: the field may also be absent); anything else is
 # a feature this package does not implement.
 FIXED_FIELDS = {"hidden_act": "silu", "use_sliding_window": False, "sliding_window": None, "rope_scaling": None,
@@ -99,7 +100,7 @@ def config_fields(raw: dict) -> dict:
                 raise ValueError(f"config.json: layer_types={value!r} is not implemented (only full_attention)")
         elif name == "rope_parameters":  # transformers 5's spelling of rope_theta and rope_scaling
             values.update(_rope_parameters(value, raw))
-        elif name not in IGNORED_FIELDS:
+        elif name not in IGNORED_FIELDS and not name.startswith("_"):
             raise ValueError(f"config.json: field {name!r} is not implemented")
     return values
 

@@ -65,3 +65,41 @@ def test_compile_classes():
     made, kept, counted, named = rows["collect"]
     # The headline decode and its tune alternatives: fewer classes than launches, every launch counted.
     assert int(kept) < int(made) and counted == "True" and named == "True"
+
+
+_VERDICTS = r"""
+import aot_compile as ac
+
+row = dict(kernel="k", dtype="bf16", head_dim=128, problem="p", constants="", registers=200, shared_bytes=0,
+           spill_bytes=100, replicated=["%x: v3 [8, 1] on 64x16"])
+clean = dict(row, problem="q", spill_bytes=0, replicated=[])
+known = ac.known_entries([row, clean], 64)
+print("entries", list(known) == [ac.known_key(row)], known[ac.known_key(row)] == {"spill_bytes": 100, "replicated": True})
+bad, tolerated = ac.verdicts([row, clean], 64, known)
+print("tolerated", bad == [], len(tolerated) == 2)
+bad, _ = ac.verdicts([dict(row, spill_bytes=104)], 64, known)
+print("more", len(bad) == 1 and "104 bytes" in bad[0])
+bad, _ = ac.verdicts([row], 64, {})
+print("unknown", len(bad) == 2)
+bad, _ = ac.verdicts([dict(row, error="boom")], 64, known)
+print("error", len(bad) == 1 and "compile error" in bad[0])
+only_spill = ac.known_entries([dict(row, replicated=[])], 64)
+bad, _ = ac.verdicts([row], 64, only_spill)
+print("replicated", len(bad) == 1 and "replicated" in bad[0])
+"""
+
+
+def test_known_launches_are_tolerated_up_to_what_they_did():
+    """A launch in the known list passes with up to its recorded spill and, only if recorded, a replicated MMA
+    layout; anything more, any other launch, and any compile error fails."""
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton without its NVIDIA backend")
+    here = os.path.dirname(__file__)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(here, "..", "benchmarks"), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", _VERDICTS], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=here)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()}
+    assert rows == {name: ["True"] * n for name, n in
+                    (("entries", 2), ("tolerated", 2), ("more", 1), ("unknown", 1), ("error", 1),
+                     ("replicated", 1))}, done.stdout

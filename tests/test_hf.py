@@ -269,6 +269,18 @@ def test_transformers_refuses_what_load_ouro_refuses(saved, tmp_path, field, val
             load(tmp_path)
 
 
+def test_transformers_private_fields_are_bookkeeping(saved, tmp_path):
+    """Fields with a leading underscore are transformers' own (_commit_hash, which transformers 5.17 hands a
+    config it loads): read past, on every path, while an unknown public field is refused."""
+    from melt_kernels.ouro import config_fields
+
+    _, path = saved
+    config = json.loads((path / "config.json").read_text())
+    assert config_fields({**config, "_commit_hash": "abc"}) == config_fields(config)
+    with pytest.raises(ValueError, match="field 'commit_hash' is not implemented"):
+        config_fields({**config, "commit_hash": "abc"})
+
+
 def test_generate_without_cache_runs_each_step_as_one_chunk(saved):
     """use_cache=False: every step runs the whole sequence as one chunk on a fresh cache (for MELT, that is not
     decoding: each step is a one-chunk prefill), so the tokens are the argmax of one-chunk prefills."""
