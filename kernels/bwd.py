@@ -398,9 +398,10 @@ def plan_bwd(head_dim: int, seqlen_q: int, dtype: torch.dtype, interpreted: bool
                 bm_q, bn_q, w_q = 32, 32, 4
         # Query tiles no taller than the chunk (tl.dot needs 16 rows).
         m_cap = max(16, triton.next_power_of_2(seqlen_q))
-        if m_cap < bm_kv:
-            # A chunk shorter than the row tile: one stage for dK/dV.  Triton 3.6's software pipeliner fails
-            # ("PassManager::run failed") on the 16-bit causal-free 16-row tile with 2 or 3 stages (AOT, sm_90).
+        if m_cap <= bm_kv:
+            # A chunk within one row tile: dK/dV's loop over query tiles runs once, nothing to pipeline: one
+            # stage.  Triton 3.6's software pipeliner fails ("PassManager::run failed") on the 16-bit causal-free
+            # 16-row tile with 2 or 3 stages (AOT, sm_90): at M = 1 with the atomic dQ's 16-row tiles too.
             s_kv = 1
         bm_q = min(bm_q, m_cap)
         if dtype != torch.float32:
