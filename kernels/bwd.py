@@ -403,18 +403,19 @@ def plan_bwd(head_dim: int, seqlen_q: int, dtype: torch.dtype, interpreted: bool
             # stage.  Triton 3.6's software pipeliner fails ("PassManager::run failed") on the 16-bit causal-free
             # 16-row tile with 2 or 3 stages (AOT, sm_90): at M = 1 with the atomic dQ's 16-row tiles too.
             s_kv = 1
-        bm_q = min(bm_q, m_cap)
-        if dtype != torch.float32:
-            # A 16-bit tile of R rows (keys for dK/dV, queries for dQ) is one wgmma per 16 rows and warp: more
-            # warps than R / 16 issue the same instructions twice (benchmarks/ttgir_check.py).
-            w_kv = min(w_kv, max(4, bn_kv // 16))
-            w_q = min(w_q, max(4, bm_q // 16))
         tiles = dict(block_m_kv=min(bm_kv, m_cap), block_n_kv=bn_kv, warps_kv=w_kv, stages_kv=s_kv,
-                     block_m_q=bm_q, block_n_q=bn_q, warps_q=w_q, stages_q=s_q,
+                     block_m_q=min(bm_q, m_cap), block_n_q=bn_q, warps_q=w_q, stages_q=s_q,
                      block_m_pre=min(bm_pre, m_cap))
     overrides = dict(block_m_kv=block_m_kv, block_n_kv=block_n_kv, warps_kv=warps_kv, stages_kv=stages_kv,
                      block_m_q=block_m_q, block_n_q=block_n_q, warps_q=warps_q, stages_q=stages_q)
     tiles.update({name: value for name, value in overrides.items() if value is not None})
+    if not interpreted and dtype != torch.float32:
+        # A 16-bit tile of R rows (keys for dK/dV, queries for dQ) is one wgmma per 16 rows and warp: more
+        # warps than R / 16 issue the same instructions twice (benchmarks/ttgir_check.py), unless asked for.
+        if warps_kv is None:
+            tiles["warps_kv"] = min(tiles["warps_kv"], max(4, tiles["block_n_kv"] // 16))
+        if warps_q is None:
+            tiles["warps_q"] = min(tiles["warps_q"], max(4, tiles["block_m_q"] // 16))
     return BwdPlan(**tiles, dq_atomic=(not deterministic) if dq_atomic is None else dq_atomic)
 
 
