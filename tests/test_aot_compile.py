@@ -51,15 +51,21 @@ print("collect", made, len(work), sum(row["launches"] for _, row in work) == mad
 """
 
 
-def test_compile_classes():
+def run_with_aot_compile(code: str) -> dict:
+    """Runs ``code`` where benchmarks/aot_compile.py imports (a subprocess without TRITON_INTERPRET: the script
+    drops it and installs a stand-in driver) and returns its printed lines as {first word: the rest}."""
     pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton without its NVIDIA backend")
     here = os.path.dirname(__file__)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([os.path.join(here, "..", "benchmarks"), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", _CLASSES], env=env, capture_output=True, text=True, timeout=600,
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
                           cwd=here)
     assert done.returncode == 0, done.stderr[-4000:]
-    rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()}
+    return {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()}
+
+
+def test_compile_classes():
+    rows = run_with_aot_compile(_CLASSES)
     assert rows["incidental"] == ["True", "True"]
     assert rows["unaligned"] == ["True"] and rows["unit"] == ["M", "True"] and rows["plan"] == ["True"]
     made, kept, counted, named = rows["collect"]
@@ -92,14 +98,7 @@ print("replicated", len(bad) == 1 and "replicated" in bad[0])
 def test_known_launches_are_tolerated_up_to_what_they_did():
     """A launch in the known list passes with up to its recorded spill and, only if recorded, a replicated MMA
     layout; anything more, any other launch, and any compile error fails."""
-    pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton without its NVIDIA backend")
-    here = os.path.dirname(__file__)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.join(here, "..", "benchmarks"), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", _VERDICTS], env=env, capture_output=True, text=True, timeout=300,
-                          cwd=here)
-    assert done.returncode == 0, done.stderr[-4000:]
-    rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()}
+    rows = run_with_aot_compile(_VERDICTS)
     assert rows == {name: ["True"] * n for name, n in
                     (("entries", 2), ("tolerated", 2), ("more", 1), ("unknown", 1), ("error", 1),
-                     ("replicated", 1))}, done.stdout
+                     ("replicated", 1))}, rows
