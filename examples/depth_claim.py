@@ -330,11 +330,8 @@ def plot(result: dict, path: str) -> None:
         ax.set_ylim(0, 1.02)
         ax.set_title(title, fontsize=10)
     served.legend(fontsize=8)
-    comparison.kv_panel(kv, rows)
     fig.suptitle(f"{result['task']['name']}: held-out targets")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    comparison.save_figure(fig, kv, rows, path)
 
 
 def main(argv=None) -> dict:

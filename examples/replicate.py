@@ -272,10 +272,7 @@ def plot(result: dict, path: str) -> None:
     ax.set_ylabel("held-out bits per byte (lower is better)")
     ax.set_title("Python stdlib source, held-out files")
     ax.legend(fontsize=8)
-    comparison.kv_panel(kv, rows)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    comparison.save_figure(fig, kv, rows, path)
 
 
 def main(argv=None) -> dict:

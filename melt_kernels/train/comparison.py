@@ -203,3 +203,13 @@ def kv_panel(ax, rows: list[dict]) -> None:
     ax.set_xticks(range(len(rows)), [r["model"] for r in rows], rotation=35, ha="right", fontsize=8)
     ax.set_ylabel("KV-cache bytes per token (float32)")
     ax.set_title("cache per token")
+
+
+def save_figure(fig, kv_ax, rows: list[dict], path: str) -> None:
+    """Draws the rows' KV bytes (:func:`kv_panel`) on ``kv_ax``, then writes ``fig`` to ``path`` and closes it."""
+    import matplotlib.pyplot as plt
+
+    kv_panel(kv_ax, rows)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
