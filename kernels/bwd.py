@@ -26,7 +26,8 @@ The keys of row b are its settled prefix, positions 0 .. L_b - 1 of the live cac
 read from ``k_new`` / ``v_new`` (B, M, Hkv, D): the values the forward attended to, which later loops may
 since have overwritten in the caches.  Prefix key blocks feed the cache gradient and, with DQ_ATOMIC, dQ;
 without either they are skipped.  Grids are 1-D and checked before the first launch; batch, head and split offsets are 64-bit,
-offsets inside a (b, h) slice 32-bit unless WIDE.  The work is split by a bound on the lengths that may be
+offsets inside a (b, h) slice 32-bit unless WIDE
+(WIDE_Q: the query side's tensors, which the dK/dV kernel's inner loop reads).  The work is split by a bound on the lengths that may be
 too small (a max_seqlen_k hint): the last prefix block and the last dQ split of each row reach its true L_b.
 """
 from __future__ import annotations
@@ -174,7 +175,8 @@ def bwd_dkdv_kernel(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_tabl
                     softmax_scale, qk_scale, S, M, Hq, Hkv, G, prefix_blocks, key_blocks,
                     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                     IS_CAUSAL: tl.constexpr, PREFIX_DK: tl.constexpr, PREFIX_DV: tl.constexpr,
-                    DQ_ATOMIC: tl.constexpr, PAGED: tl.constexpr, UPCAST: tl.constexpr, WIDE: tl.constexpr):
+                    DQ_ATOMIC: tl.constexpr, PAGED: tl.constexpr, UPCAST: tl.constexpr, WIDE: tl.constexpr,
+                    WIDE_Q: tl.constexpr):
     """One program per key block of a (b, kv head): grid (key_blocks * B * Hkv,).
 
     Programs [0, prefix_blocks) take blocks of the settled prefix (rows of the live cache) and add their dK/dV
@@ -229,13 +231,13 @@ def bwd_dkdv_kernel(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_tabl
             p_dq = dq_acc + (i_b * M * Hq + i_hq) * D
             b_dk, b_dv = _dkdv_steps(b_dk, b_dv, b_k, b_v, o_n, m_n, p_q, p_do, lse + p_row, delta + p_row, p_dq,
                                      stride_qm, stride_dom, Hq * D, o_d, m_d, diag_lo, diag_hi, M, qk_scale,
-                                     softmax_scale, True, IS_CAUSAL, DQ_ATOMIC, EVEN_D, BM, UPCAST, WIDE)
+                                     softmax_scale, True, IS_CAUSAL, DQ_ATOMIC, EVEN_D, BM, UPCAST, WIDE_Q)
             b_dk, b_dv = _dkdv_steps(b_dk, b_dv, b_k, b_v, o_n, m_n, p_q, p_do, lse + p_row, delta + p_row, p_dq,
                                      stride_qm, stride_dom, Hq * D, o_d, m_d, diag_hi, body_hi, M, qk_scale,
-                                     softmax_scale, False, False, DQ_ATOMIC, EVEN_D, BM, UPCAST, WIDE)
+                                     softmax_scale, False, False, DQ_ATOMIC, EVEN_D, BM, UPCAST, WIDE_Q)
             b_dk, b_dv = _dkdv_steps(b_dk, b_dv, b_k, b_v, o_n, m_n, p_q, p_do, lse + p_row, delta + p_row, p_dq,
                                      stride_qm, stride_dom, Hq * D, o_d, m_d, body_hi, M, M, qk_scale,
-                                     softmax_scale, True, False, DQ_ATOMIC, EVEN_D, BM, UPCAST, WIDE)
+                                     softmax_scale, True, False, DQ_ATOMIC, EVEN_D, BM, UPCAST, WIDE_Q)
         b_dk *= softmax_scale
 
         m_nd = m_n[:, None] & m_d[None, :]
@@ -360,7 +362,7 @@ class BwdPlan:
 # dQ tiles at 128).  sm_90, Triton 3.9; registers of the headline plans: benchmarks/NOTES.md.
 _TILES_16BIT = {64: ((32, 128, 8, 2), (128, 64, 8, 2)),
                 128: ((32, 128, 8, 2), (128, 64, 8, 2)),
-                256: ((16, 32, 8, 2), (64, 32, 8, 2))}
+                256: ((32, 16, 4, 2), (32, 32, 4, 2))}
 _TILES_FP32 = {64: ((16, 64, 8, 1), (32, 64, 8, 2)),
                128: ((16, 32, 8, 1), (16, 64, 8, 2)),
                256: ((16, 16, 8, 1), (16, 16, 4, 2))}
@@ -375,7 +377,8 @@ def plan_bwd(head_dim: int, seqlen_q: int, dtype: torch.dtype, interpreted: bool
     more than once.  16-bit tensors that are not ``aligned`` (kernels/launch.py) load narrower and hold more
     registers: smaller key tiles; so do ``paged`` caches, whose key rows are addressed through the block table.
     Each choice stays within 64 bytes of spills for sm_90 with Triton 3.6 and the newest
-    (benchmarks/aot_compile.py).  ``dq_atomic`` defaults to not ``deterministic``."""
+    (benchmarks/aot_compile.py).  ``dq_atomic`` defaults to not ``deterministic``, except for 16-bit head_dims
+    over 128 on a GPU."""
     head_dim_p2 = max(16, triton.next_power_of_2(head_dim))
     if interpreted:
         tiles = dict(block_m_kv=16, block_n_kv=16, warps_kv=1, stages_kv=1, block_m_q=16, block_n_q=16, warps_q=1,
@@ -383,23 +386,27 @@ def plan_bwd(head_dim: int, seqlen_q: int, dtype: torch.dtype, interpreted: bool
     else:
         table = _TILES_FP32 if dtype == torch.float32 else _TILES_16BIT
         (bm_kv, bn_kv, w_kv, s_kv), (bm_q, bn_q, w_q, s_q) = table[max(64, head_dim_p2)]
-        atomic = (not deterministic) if dq_atomic is None else dq_atomic
+        if dq_atomic is None:
+            # At head_dim 256 the atomic dQ's [32, 256] float32 tile beside dK and dV spilled 200-560 bytes (16-bit,
+            # 4 warps): dQ by its own kernel there.
+            dq_atomic = not deterministic and not (dtype != torch.float32 and head_dim_p2 >= 256)
+        atomic = dq_atomic
         if atomic and dtype != torch.float32 and head_dim_p2 == 128:
             bm_kv = 16
         bm_pre = 32
-        if not aligned and dtype != torch.float32:
-            bn_kv = min(bn_kv, 64) if head_dim_p2 >= 128 else bn_kv
-            if head_dim_p2 >= 256:
-                # The preprocess's two [32, 256] rows of out and dout spilled 172 bytes (Triton 3.9).
-                bm_q, bn_q, w_q, bm_pre = 32, 32, 4, 16
         if paged:
             bn_kv = max(16, bn_kv // 2)
-            if head_dim_p2 >= 256 and dtype != torch.float32:
-                bm_q, bn_q, w_q = 32, 32, 4
+        if (paged or not aligned) and dtype != torch.float32 and head_dim_p2 >= 128:
+            # 64-key tiles on 4 warps (one warpgroup) spilled 68-716 bytes there: their two [64, D] float32
+            # accumulators beside the narrower loads' or the table's addresses.
+            bn_kv = min(bn_kv, 32)
+        if not aligned and dtype != torch.float32 and head_dim_p2 >= 256:
+            # The preprocess's two [32, 256] rows of out and dout spilled 172 bytes (Triton 3.9).
+            bm_pre = 16
         # Query tiles no taller than the chunk (tl.dot needs 16 rows).
         m_cap = max(16, triton.next_power_of_2(seqlen_q))
-        if m_cap <= bm_kv:
-            # A chunk within one row tile: dK/dV's loop over query tiles runs once, nothing to pipeline: one
+        if m_cap == 16:
+            # A chunk within one 16-row tile: dK/dV's loop over query tiles runs once, nothing to pipeline: one
             # stage.  Triton 3.6's software pipeliner fails ("PassManager::run failed") on the 16-bit causal-free
             # 16-row tile with 2 or 3 stages (AOT, sm_90): at M = 1 with the atomic dQ's 16-row tiles too.
             s_kv = 1
@@ -412,8 +419,13 @@ def plan_bwd(head_dim: int, seqlen_q: int, dtype: torch.dtype, interpreted: bool
     if not interpreted and dtype != torch.float32:
         # A 16-bit tile of R rows (keys for dK/dV, queries for dQ) is one wgmma per 16 rows and warp: more
         # warps than R / 16 issue the same instructions twice (benchmarks/ttgir_check.py), unless asked for.
-        if warps_kv is None:
-            tiles["warps_kv"] = min(tiles["warps_kv"], max(4, tiles["block_n_kv"] // 16))
+        if tiles["block_n_kv"] >= 64:
+            if warps_kv is None:
+                tiles["warps_kv"] = min(tiles["warps_kv"], max(4, tiles["block_n_kv"] // 16))
+        elif block_m_kv is None:
+            # Key tiles under 64 rows take mma v2, its warps along the query columns, 8 columns each: fewer
+            # would issue another warp's instructions.  Taller steps than a short chunk needs cost masked rows.
+            tiles["block_m_kv"] = max(tiles["block_m_kv"], 8 * tiles["warps_kv"])
         if warps_q is None:
             tiles["warps_q"] = min(tiles["warps_q"], max(4, tiles["block_m_q"] // 16))
     return BwdPlan(**tiles, dq_atomic=(not deterministic) if dq_atomic is None else dq_atomic)
@@ -540,9 +552,11 @@ def gated_kv_attention_bwd(q, k_cache, v_cache, k_new, v_new, cache_seqlens, out
     qk_scale = softmax_scale * LOG2E
     upcast = q.dtype == torch.bfloat16 and interpreted
     blocks = max(plan.block_m_kv, plan.block_n_kv, plan.block_m_q, plan.block_n_q)
-    wide = needs_wide_offsets([q, dout, out, k_new, v_new, partial] + ([] if paged else [k_cache, v_cache, dk_cache,
-                                                                                          dv_cache]),
-                              blocks, pools=[k_cache, v_cache, dk_cache, dv_cache] if paged else ())
+    # 64-bit offsets where a slice needs them, told apart for the query side (what the dK/dV kernel's inner
+    # loop loads: 64-bit offsets of its [BM, BD] tiles spilled 72-248 bytes) and for the caches.
+    wide_q = needs_wide_offsets([q, dout, out, k_new, v_new, partial], blocks)
+    wide = wide_q or needs_wide_offsets([] if paged else [k_cache, v_cache, dk_cache, dv_cache], blocks,
+                                        pools=[k_cache, v_cache, dk_cache, dv_cache] if paged else ())
     # Pools are addressed through the table: batch strides 0, page strides apart (unused when not paged).
     kv_strides = (*_row_strides(k_cache, paged), *_row_strides(v_cache, paged), *k_new.stride()[:3],
                   *v_new.stride()[:3])
@@ -554,7 +568,7 @@ def gated_kv_attention_bwd(q, k_cache, v_cache, k_new, v_new, cache_seqlens, out
         bwd_preprocess_kernel[grids["bwd_preprocess_kernel"]](
             out, dout, delta if dlse is None else dlse, delta, partial, *out.stride()[:3], *dout.stride()[:3],
             seqlen_q, heads_q, triton.cdiv(seqlen_q, plan.block_m_pre), D=head_dim, BM=plan.block_m_pre,
-            BD=head_dim_p2, HAS_DLSE=has_dlse, ZERO_DQ=plan.dq_atomic, WIDE=wide, num_warps=4,
+            BD=head_dim_p2, HAS_DLSE=has_dlse, ZERO_DQ=plan.dq_atomic, WIDE=wide_q, num_warps=4,
             enable_fp_fusion=True)
         bwd_dkdv_kernel[grids["bwd_dkdv_kernel"]](
             q, k_cache, v_cache, k_new, v_new, cache_seqlens, table, dout, lse, delta, dkc, dvc, dk_new, dv_new,
@@ -564,7 +578,7 @@ def gated_kv_attention_bwd(q, k_cache, v_cache, k_new, v_new, cache_seqlens, out
             prefix_blocks + triton.cdiv(seqlen_q, plan.block_n_kv),
             D=head_dim, BM=plan.block_m_kv, BN=plan.block_n_kv, BD=head_dim_p2, IS_CAUSAL=causal,
             PREFIX_DK=prefix_dk, PREFIX_DV=prefix_dv, DQ_ATOMIC=plan.dq_atomic, PAGED=paged, UPCAST=upcast,
-            WIDE=wide, num_warps=plan.warps_kv, num_stages=plan.stages_kv, enable_fp_fusion=True)
+            WIDE=wide, WIDE_Q=wide_q, num_warps=plan.warps_kv, num_stages=plan.stages_kv, enable_fp_fusion=True)
         if not plan.dq_atomic:
             bwd_dq_kernel[grids["bwd_dq_kernel"]](
                 q, k_cache, v_cache, k_new, v_new, cache_seqlens, table, dout, lse, delta, partial,

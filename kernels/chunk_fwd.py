@@ -140,7 +140,9 @@ def plan_chunk(batch: int, seqlen_q: int, heads_q: int, heads_kv: int, head_dim:
     """Tiles, warps, stages and splits of the attention launch; ``max_prefix`` bounds every row's L_b.
 
     16-bit inputs: FlashAttention-2's Hopper tiles, 128 rows x 64 keys with 8 warps (two warpgroups of 64
-    rows: no replicated MMA) up to head_dim 128, 64 x 32 at 256.  float32 multiplies in IEEE float32 on the
+    rows: no replicated MMA) up to head_dim 128, 128 x 32 at 256 (64 rows on 4 warps held 255 registers and
+    spilled up to 100 bytes; on 8 warps they replicated), 64 x 16 on 4 warps for unaligned tensors at 256
+    (128 x 16 spilled 92 bytes under Triton 3.6).  float32 multiplies in IEEE float32 on the
     FMA units: small tiles.  Tensors that are not ``aligned`` (kernels/launch.py) load narrower and hold more
     registers: smaller key tiles.  Each choice stays within 64 bytes of register spills for sm_90 with
     Triton 3.6 and the newest (benchmarks/aot_compile.py checks it in CI; registers in benchmarks/NOTES.md).
@@ -149,7 +151,10 @@ def plan_chunk(batch: int, seqlen_q: int, heads_q: int, heads_kv: int, head_dim:
     block_d = max(16, triton.next_power_of_2(head_dim))
     wide = elem_size > 2
     if block_r is None:
-        cap = (16 if block_d > 128 and not aligned else 32) if wide else (64 if block_d > 128 else 128)
+        if wide:
+            cap = 16 if block_d > 128 and not aligned else 32
+        else:
+            cap = 64 if block_d > 128 and not aligned else 128
         block_r = min(max(16, triton.next_power_of_2(rows)), cap)
     if block_n is None:
         if wide:
@@ -159,7 +164,9 @@ def plan_chunk(batch: int, seqlen_q: int, heads_q: int, heads_kv: int, head_dim:
         else:
             block_n = 64 if aligned else 32
     if num_warps is None:
-        num_warps = 8 if block_r * block_d >= 128 * 128 or wide else 4
+        # Two warpgroups only on 128 rows: on a 64-row tile the second would issue the first's wgmma
+        # (head_dim 256's 64 x 32 tiles did, benchmarks/ttgir_check.py).
+        num_warps = 8 if (block_r >= 128 and block_d >= 128) or wide else 4
     if num_stages is None:
         num_stages = 2 if block_d > 128 or wide else 3
     row_blocks = triton.cdiv(rows, block_r)

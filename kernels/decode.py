@@ -24,6 +24,7 @@ from typing import Optional
 import triton
 import triton.language as tl
 
+from melt_kernels.kernels.blend import BLOCK_SLOTS
 from melt_kernels.kernels.merge import merge_rows
 from melt_kernels.kernels.tile_ops import LN2, attend, blend_tile, round_to
 
@@ -37,6 +38,8 @@ DECODE_ROWS_FP32 = 32
 def decode_rows(elem_size: int) -> int:
     """The most rows (M * G) one decode program holds for elements of ``elem_size`` bytes."""
     return DECODE_ROWS if elem_size <= 2 else DECODE_ROWS_FP32
+# Active slots per step of the owner's blend: the blend launch's tile.
+SLOT_TILE = tl.constexpr(BLOCK_SLOTS)
 # Programs per multiprocessor the split count aims at: two keep a load stream in flight while one computes.
 PROGRAMS_PER_SM = 2
 # The shortest split, in key tiles: shorter ones cost more in partial results and merging than they gain.
@@ -74,8 +77,10 @@ def decode_kernel(
         VC = VC + i_b * s_vcb
     if is_owner:
         p_n = i_b * s_nb + i_h * s_nh
-        for i_0 in range(0, M, BLOCK_N):
-            o_a = i_0 + tl.arange(0, BLOCK_N)
+        # Slot tiles of the blend launch's height, not BLOCK_N: [64, D] old, fresh and gate tiles beside the
+        # attention's registers spilled 72-296 bytes at M = 16 (sm_90), and a 1-token decode loads 16 rows.
+        for i_0 in range(0, M, SLOT_TILE):
+            o_a = i_0 + tl.arange(0, SLOT_TILE)
             blend_tile(KC, K + i_b * s_kb + i_h * s_kh, GK + i_b * s_gkb + i_h * s_gkh, KN + p_n, KO + p_n, BT,
                        gk_alpha, gk_beta, o_a, o_a < M, L, S, s_kcb, s_kcn, s_km, s_gkm, s_gkd, s_nm, PAGE, NB,
                        GATE_K, SAVE_NEW_K, SAVE_OLD_K, PAGED, WIDE, D, BLOCK_D, FIX_BF16)
@@ -172,8 +177,14 @@ def plan_decode(batch: int, seqlen_q: int, heads_q: int, heads_kv: int, head_dim
     wide = elem_size > 2
     narrow = not aligned and not wide and block_d >= 128
     least = max(16, triton.next_power_of_2(rows))
+    # 16-bit head_dim 256 on unaligned tensors: a [64, 256] accumulator on one warpgroup beside the narrow loads
+    # spilled 84-124 bytes for 1-16 rows (Triton 3.6), so up to 32 rows the warps go along the keys of an
+    # unpadded row tile (mma v2; 64 rows would take a replicated wgmma).
+    along_keys = narrow and block_d > 128 and least <= 32
     if num_warps is None:
-        num_warps = 8 if wide else 4
+        num_warps = 8 if wide or along_keys else 4
+    if block_r is None and along_keys:
+        block_r = least
     if block_r is None:
         # Warps along rows: 16 rows per warp, padding included, so that each warp holds whole rows of the
         # scores (its own max and sum, and P stays in its registers for the next dot) and a 16-bit tile is one
@@ -188,8 +199,10 @@ def plan_decode(batch: int, seqlen_q: int, heads_q: int, heads_kv: int, head_dim
             # 32-row float32 tiles at head_dim 80-128 spill 470-720 bytes (sm_90, Triton 3.6 and 3.9) with 32
             # keys (MQA decode at G = 32, M = 8 at G = 4): 16 keys, none.
             block_n = 16 if block_d > 128 or (block_d > 64 and block_r > 16) else 32
+        elif along_keys:
+            block_n = 8 * num_warps  # 8 keys per warp: mma v2's narrowest
         elif narrow and block_d > 128:
-            block_n = 16 if block_r > 16 else 32
+            block_n = 16
         elif narrow:
             block_n = 32 if block_r > 32 else 64
         else:

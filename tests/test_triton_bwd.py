@@ -329,7 +329,8 @@ for dtype, head_dim, causal, wide, paged, atomic in [(torch.bfloat16, 128, True,
     block_d = max(16, 1 << (head_dim - 1).bit_length())
     common = dict(D=head_dim, BD=block_d, IS_CAUSAL=causal, PAGED=paged, UPCAST=False, WIDE=wide)
     compile_sm90(m.bwd_dkdv_kernel, NAMES[dtype], dict(
-        common, BM=p.block_m_kv, BN=p.block_n_kv, PREFIX_DK=True, PREFIX_DV=not causal, DQ_ATOMIC=p.dq_atomic),
+        common, BM=p.block_m_kv, BN=p.block_n_kv, PREFIX_DK=True, PREFIX_DV=not causal, DQ_ATOMIC=p.dq_atomic,
+        WIDE_Q=wide),
         num_warps=p.warps_kv, num_stages=p.stages_kv)
     compile_sm90(blend.blend_bwd_kernel, NAMES[dtype], dict(
         D=head_dim, GATE_K=GATE_TENSOR, GATE_V=GATE_NONE, GRAD_IN_K=True, GRAD_IN_V=causal, UPDATE_K=True,

@@ -75,7 +75,7 @@ chunk = compile_sm90(chunk_fwd.chunk_attention_kernel, "bf16", dict(
     BLOCK_N=64, BLOCK_D=128), num_warps=8, num_stages=3, enable_fp_fusion=True)
 dkdv = compile_sm90(bwd.bwd_dkdv_kernel, "bf16", dict(
     D=256, BM=16, BN=32, BD=256, IS_CAUSAL=True, PREFIX_DK=True, PREFIX_DV=True, DQ_ATOMIC=False, PAGED=False,
-    UPCAST=False, WIDE=False), num_warps=8, num_stages=2)
+    UPCAST=False, WIDE=False, WIDE_Q=False), num_warps=8, num_stages=2)
 for name, kernel in (("chunk", chunk), ("dkdv", dkdv)):
     print(name, "|", layouts(kernel.asm["ttgir"]), "|", len(replicated(kernel.asm["ttgir"])))
 """
