@@ -72,7 +72,10 @@ def test_every_backward_plan_is_compiled(dname, head_dim, unaligned, page_size):
               for plan in Problem("grid", 1, m, 2, 2, 4096, unaligned=unaligned, page_size=page_size)
               .bwd_plans(dtype, head_dim)}
     assert wanted - compiled == set()
-    assert {dict(plan[1])["dq_atomic"] for plan in compiled} == {True, False}
+    # Both dQ modes wherever the planner gives both (16-bit head_dim 256 takes the dQ kernel in either).
+    modes = {dict(plan[1])["dq_atomic"] for plan in wanted}
+    assert {dict(plan[1])["dq_atomic"] for plan in compiled} == modes
+    assert modes == {True, False} or (dtype != torch.float32 and head_dim == 256)
 
 
 def test_the_tune_steps_alternatives_are_compiled(monkeypatch):
