@@ -26,9 +26,9 @@ The keys of row b are its settled prefix, positions 0 .. L_b - 1 of the live cac
 read from ``k_new`` / ``v_new`` (B, M, Hkv, D): the values the forward attended to, which later loops may
 since have overwritten in the caches.  Prefix key blocks feed the cache gradient and, with DQ_ATOMIC, dQ;
 without either they are skipped.  Grids are 1-D and checked before the first launch; batch, head and split offsets are 64-bit,
-offsets inside a (b, h) slice 32-bit unless WIDE
-(WIDE_Q: the query side's tensors, which the dK/dV kernel's inner loop reads).  The work is split by a bound on the lengths that may be
-too small (a max_seqlen_k hint): the last prefix block and the last dQ split of each row reach its true L_b.
+offsets inside a (b, h) slice 32-bit unless WIDE (WIDE_Q for the query side's tensors, which the dK/dV kernel's
+inner loop reads).  The work is split by a bound on the lengths that may be too small (a max_seqlen_k hint):
+the last prefix block and the last dQ split of each row reach its true L_b.
 """
 from __future__ import annotations
 
@@ -380,18 +380,17 @@ def plan_bwd(head_dim: int, seqlen_q: int, dtype: torch.dtype, interpreted: bool
     (benchmarks/aot_compile.py).  ``dq_atomic`` defaults to not ``deterministic``, except for 16-bit head_dims
     over 128 on a GPU."""
     head_dim_p2 = max(16, triton.next_power_of_2(head_dim))
+    if dq_atomic is None:
+        # At head_dim 256 the atomic dQ's [32, 256] float32 tile beside dK and dV spilled 200-560 bytes (16-bit,
+        # 4 warps, sm_90): dQ by its own kernel there.
+        dq_atomic = not deterministic and (interpreted or dtype == torch.float32 or head_dim_p2 < 256)
     if interpreted:
         tiles = dict(block_m_kv=16, block_n_kv=16, warps_kv=1, stages_kv=1, block_m_q=16, block_n_q=16, warps_q=1,
                      stages_q=1, block_m_pre=16)
     else:
         table = _TILES_FP32 if dtype == torch.float32 else _TILES_16BIT
         (bm_kv, bn_kv, w_kv, s_kv), (bm_q, bn_q, w_q, s_q) = table[max(64, head_dim_p2)]
-        if dq_atomic is None:
-            # At head_dim 256 the atomic dQ's [32, 256] float32 tile beside dK and dV spilled 200-560 bytes (16-bit,
-            # 4 warps): dQ by its own kernel there.
-            dq_atomic = not deterministic and not (dtype != torch.float32 and head_dim_p2 >= 256)
-        atomic = dq_atomic
-        if atomic and dtype != torch.float32 and head_dim_p2 == 128:
+        if dq_atomic and dtype != torch.float32 and head_dim_p2 == 128:
             bm_kv = 16
         bm_pre = 32
         if paged:
@@ -428,7 +427,7 @@ def plan_bwd(head_dim: int, seqlen_q: int, dtype: torch.dtype, interpreted: bool
             tiles["block_m_kv"] = max(tiles["block_m_kv"], 8 * tiles["warps_kv"])
         if warps_q is None:
             tiles["warps_q"] = min(tiles["warps_q"], max(4, tiles["block_m_q"] // 16))
-    return BwdPlan(**tiles, dq_atomic=(not deterministic) if dq_atomic is None else dq_atomic)
+    return BwdPlan(**tiles, dq_atomic=dq_atomic)
 
 
 _plan = functools.lru_cache(maxsize=1024)(plan_bwd)

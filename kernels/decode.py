@@ -38,6 +38,8 @@ DECODE_ROWS_FP32 = 32
 def decode_rows(elem_size: int) -> int:
     """The most rows (M * G) one decode program holds for elements of ``elem_size`` bytes."""
     return DECODE_ROWS if elem_size <= 2 else DECODE_ROWS_FP32
+
+
 # Active slots per step of the owner's blend: the blend launch's tile.
 SLOT_TILE = tl.constexpr(BLOCK_SLOTS)
 # Programs per multiprocessor the split count aims at: two keep a load stream in flight while one computes.
@@ -183,14 +185,13 @@ def plan_decode(batch: int, seqlen_q: int, heads_q: int, heads_kv: int, head_dim
     along_keys = narrow and block_d > 128 and least <= 32
     if num_warps is None:
         num_warps = 8 if wide or along_keys else 4
-    if block_r is None and along_keys:
-        block_r = least
     if block_r is None:
         # Warps along rows: 16 rows per warp, padding included, so that each warp holds whole rows of the
         # scores (its own max and sum, and P stays in its registers for the next dot) and a 16-bit tile is one
         # warpgroup's wgmma.  With 16 rows and warps along keys (what one 16-row tile gives), every key tile
         # sends each row's max and sum through shared memory.  The padding's extra tensor work is free here.
-        block_r = max(least, 16 * num_warps) if not wide else least
+        # float32 tiles and those with warps along the keys are not padded.
+        block_r = least if wide or along_keys else max(least, 16 * num_warps)
     elif block_r < least:
         raise ValueError(f"block_r must hold the {rows} rows (M * Hq / Hkv) of the decode path: at least {least}, "
                          f"got {block_r}")

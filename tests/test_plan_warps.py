@@ -10,7 +10,6 @@ import torch
 
 from melt_kernels.kernels.bwd import plan_bwd
 from melt_kernels.kernels.chunk_fwd import ChunkPlan
-from melt_kernels.kernels.decode import DecodePlan
 from melt_kernels.kernels.fwd import plan_forward
 
 HEAD_DIMS = (64, 80, 128, 256)
@@ -55,5 +54,3 @@ def test_forward_plans_never_replicate(dtype):
         assert _warps_fit(plan.block_r, plan.block_n, plan.num_warps), where
         if isinstance(plan, ChunkPlan):
             assert plan.block_r >= 64, where  # chunks have more rows than one decode program holds
-        else:
-            assert isinstance(plan, DecodePlan)
